@@ -1,0 +1,12 @@
+"""Collectives over mpi4py for numpy arrays, torch tensors (CPU/CUDA) and CuPy arrays.
+
+    from dmlmpi import comm
+    y = comm.allreduce(x, op="sum", algorithm="auto")   # same kind, device and shape as x
+"""
+from .buffers import cuda_aware
+from .collectives import ALGORITHMS, allgather, allreduce, broadcast, choose_algorithm, reduce_scatter
+from .guard import CollectiveMismatchError
+from .ops import OPS
+
+__all__ = ["ALGORITHMS", "OPS", "CollectiveMismatchError", "allgather", "allreduce", "broadcast",
+           "choose_algorithm", "cuda_aware", "reduce_scatter"]

@@ -1,0 +1,227 @@
+"""Public collectives: allreduce, reduce_scatter, allgather, broadcast for numpy, torch and CuPy.
+
+Each call: check that all ranks agree (guard), flatten the input for MPI (buffers), run the chosen
+algorithm on dmlmpi's private communicator, and hand back an object of the input's kind and device.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+from . import guard as _guard
+from . import hierarchical, ring
+from .buffers import Flat, dtype_of, to_flat, to_result, write_back
+from .context import Context, context
+from .dtypes import DType
+from .ops import MPI_OPS, check_op, divide_in_place
+
+ALGORITHMS = ("auto", "ring", "mpi", "hierarchical")
+
+# Smallest message (bytes) for which `auto` takes the ring instead of native MPI_Allreduce, by world
+# size: crossover points measured with `python -m dmlmpi.bench allreduce` on the 2-core dev machine
+# (Open MPI 5 wheel). Native wins small messages (one C call, latency-optimal algorithms); the ring
+# wins large ones (no temporary buffer mapped afresh per call). Sizes between entries use the
+# nearest smaller world size. DMLMPI_RING_MIN_BYTES overrides.
+RING_MIN_BYTES = {2: 4 << 20, 4: 4 << 20, 8: 8 << 20}
+
+
+def choose_algorithm(nbytes: int, world: int, table: dict[int, int] | None = None) -> str:
+    """The algorithm `auto` runs for a message of `nbytes` on `world` ranks (a pure function)."""
+    if world == 1:
+        return "mpi"
+    override = os.environ.get("DMLMPI_RING_MIN_BYTES")
+    if override:
+        threshold = int(override)
+    else:
+        table = RING_MIN_BYTES if table is None else table
+        fitting = [w for w in table if w <= world]
+        threshold = table[max(fitting)] if fitting else table[min(table)]
+    return "ring" if nbytes >= threshold else "mpi"
+
+
+def _comm(comm: MPI.Comm | None) -> MPI.Comm:
+    """The user's communicator, COMM_WORLD by default."""
+    return MPI.COMM_WORLD if comm is None else comm
+
+
+def _check_algorithm(algorithm: str) -> str:
+    """Return `algorithm` if known, else ValueError."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"dmlmpi.comm: unknown algorithm {algorithm!r}; choose from {', '.join(ALGORITHMS)}")
+    return algorithm
+
+
+def _enter(ctx: Context, guard: bool | None, collective: str, length: int, dtype: DType,
+           op: str | None, algorithm: str, root: int = 0) -> None:
+    """Count this call and, if the guard is on, check that every rank made the same one."""
+    ctx.calls += 1
+    if _guard.enabled(guard):
+        _guard.check(ctx, _guard.signature(collective, length, dtype.code, op, algorithm, root, ctx.calls))
+
+
+def _numel(x: Any) -> int:
+    """Number of elements of any supported array."""
+    return int(math.prod(x.shape))
+
+
+def _upcast(data: Any, dtype: DType) -> Any:
+    """float16/bfloat16 data as float32 (exact), for MPI libraries that cannot reduce 16-bit floats."""
+    if isinstance(data, np.ndarray) and dtype.name == "float16":
+        return data.astype(np.float32)
+    if isinstance(data, np.ndarray):  # bfloat16 bits: the high half of a float32
+        return (data.astype(np.int32) << 16).view(np.float32)
+    if hasattr(data, "float"):  # torch device tensor (bfloat16 held as int16 bits)
+        import torch
+
+        return (data.view(torch.bfloat16) if dtype.name == "bfloat16" else data).float()
+    return data.astype("float32")  # CuPy float16
+
+
+def _downcast_into(dst: Any, wide: Any, dtype: DType) -> None:
+    """Round float32 `wide` to dst's 16-bit type (nearest even) and store it in dst."""
+    import torch
+
+    if isinstance(dst, np.ndarray) and dtype.name == "float16":
+        dst[...] = wide.astype(np.float16)
+    elif isinstance(dst, np.ndarray):
+        dst[...] = torch.from_numpy(wide).to(torch.bfloat16).view(torch.int16).numpy()
+    elif hasattr(dst, "copy_"):
+        dst.copy_(wide.to(torch.bfloat16).view(torch.int16) if dtype.name == "bfloat16" else wide.half())
+    else:
+        dst[...] = wide.astype(dst.dtype)
+
+
+def _native_allreduce(data: Any, comm: MPI.Comm, op: str, dtype: DType) -> None:
+    """MPI_Allreduce in place; 16-bit floats are reduced as float32 and rounded back."""
+    if dtype.mpi_native:
+        comm.Allreduce(MPI.IN_PLACE, data, op=MPI_OPS[op])
+        return
+    wide = _upcast(data, dtype)
+    comm.Allreduce(MPI.IN_PLACE, wide, op=MPI_OPS[op])
+    _downcast_into(data, wide, dtype)
+
+
+def _hierarchy(ctx: Context) -> tuple[MPI.Comm, MPI.Comm]:
+    """The (local, leaders) split of ctx's communicator, made once; DMLMPI_RANKS_PER_NODE fakes nodes."""
+    per_node = int(os.environ.get("DMLMPI_RANKS_PER_NODE", "0"))
+    if per_node not in ctx.nodes:
+        ctx.nodes[per_node] = hierarchical.split_nodes(ctx.comm, per_node)
+    return ctx.nodes[per_node]
+
+
+def allreduce_flat(data: Any, dtype: DType, op: str, algorithm: str, ctx: Context) -> None:
+    """Run one all-reduce algorithm in place on a 1-D buffer (no guard, no conversion)."""
+    comm = ctx.comm
+    if algorithm == "auto":
+        algorithm = choose_algorithm(len(data) * dtype.storage.itemsize, comm.Get_size())
+    if comm.Get_size() > 1 and len(data) > 0:
+        if algorithm == "mpi":
+            _native_allreduce(data, comm, op, dtype)
+        elif algorithm == "ring":
+            ring.allreduce_inplace(data, comm, op, dtype)
+        else:
+            local, leaders = _hierarchy(ctx)
+            hierarchical.allreduce_inplace(data, local, leaders, op, dtype)
+    if op == "avg":
+        divide_in_place(data, comm.Get_size(), dtype)
+
+
+def allreduce(x: Any, op: str = "sum", algorithm: str = "auto", comm: MPI.Comm | None = None,
+              inplace: bool = False, guard: bool | None = None) -> Any:
+    """Reduce `x` element-wise over all ranks; every rank gets the result (same kind and device as x)."""
+    check_op(op)
+    _check_algorithm(algorithm)
+    dtype = dtype_of(x)
+    ctx = context(_comm(comm))
+    _enter(ctx, guard, "allreduce", _numel(x), dtype, op, algorithm)
+    flat = to_flat(x, copy=not inplace)
+    allreduce_flat(flat.data, dtype, op, algorithm, ctx)
+    return write_back(flat, x) if inplace else to_result(flat, flat.data, flat.shape)
+
+
+def _row_bounds(shape: tuple[int, ...], n: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Row bounds and element bounds of each rank's share when dimension 0 is split over n ranks."""
+    rows = ring.chunk_bounds(shape[0], n)
+    row = int(math.prod(shape[1:]))
+    return rows, [(a * row, b * row) for a, b in rows]
+
+
+def reduce_scatter(x: Any, op: str = "sum", algorithm: str = "auto", comm: MPI.Comm | None = None,
+                   guard: bool | None = None) -> Any:
+    """Reduce `x` over all ranks and give rank r its rows of dimension 0 (split by ring.chunk_bounds)."""
+    check_op(op)
+    _check_algorithm(algorithm)
+    dtype = dtype_of(x)
+    ctx = context(_comm(comm))
+    _enter(ctx, guard, "reduce_scatter", _numel(x), dtype, op, algorithm)
+    n, r = ctx.comm.Get_size(), ctx.comm.Get_rank()
+    shape = tuple(x.shape) or (1,)
+    rows, bounds = _row_bounds(shape, n)
+    flat = to_flat(x, copy=True)
+    start, stop = bounds[r]
+    chosen = choose_algorithm(len(flat.data) * dtype.storage.itemsize, n) if algorithm == "auto" else algorithm
+    if n > 1 and chosen == "ring":
+        ring.reduce_scatter_inplace(flat.data, ctx.comm, op, dtype, bounds)
+        mine = flat.data[start:stop]
+    elif n > 1:
+        # native (hierarchical has no reduce-scatter of its own): MPI_Reduce_scatter with counts
+        mine = _native_reduce_scatter(flat, ctx.comm, op, dtype, bounds)
+    else:
+        mine = flat.data
+    if op == "avg":
+        divide_in_place(mine, n, dtype)
+    return to_result(flat, mine, (rows[r][1] - rows[r][0],) + shape[1:])
+
+
+def _native_reduce_scatter(flat: Flat, comm: MPI.Comm, op: str, dtype: DType,
+                           bounds: list[tuple[int, int]]) -> Any:
+    """MPI_Reduce_scatter with per-rank counts; 16-bit floats go through float32."""
+    counts = [b - a for a, b in bounds]
+    start, stop = bounds[comm.Get_rank()]
+    data = flat.data if dtype.mpi_native else _upcast(flat.data, dtype)
+    out = data[start:stop].copy() if hasattr(data, "copy") else data[start:stop].clone()
+    comm.Reduce_scatter(data, out, recvcounts=counts, op=MPI_OPS[op])
+    if dtype.mpi_native:
+        return out
+    narrow = flat.data[start:stop]
+    _downcast_into(narrow, out, dtype)
+    return narrow
+
+
+def allgather(x: Any, algorithm: str = "auto", comm: MPI.Comm | None = None, guard: bool | None = None) -> Any:
+    """Concatenate every rank's `x` (same shape on all ranks) along dimension 0, in rank order."""
+    _check_algorithm(algorithm)
+    dtype = dtype_of(x)
+    ctx = context(_comm(comm))
+    _enter(ctx, guard, "allgather", _numel(x), dtype, None, algorithm)
+    n, r = ctx.comm.Get_size(), ctx.comm.Get_rank()
+    shape = tuple(x.shape) or (1,)
+    flat = to_flat(x, copy=False)
+    m = len(flat.data)
+    out = ring._empty_like(flat.data, n * m)
+    chosen = choose_algorithm(n * m * dtype.storage.itemsize, n) if algorithm == "auto" else algorithm
+    if chosen == "ring" or n == 1:
+        # place our block, then pass blocks around the ring (n-1 steps)
+        out[r * m:(r + 1) * m] = flat.data
+        ring.allgather_inplace(out, ctx.comm, [(i * m, (i + 1) * m) for i in range(n)])
+    else:
+        ctx.comm.Allgather(flat.data, out)
+    return to_result(flat, out, (n * shape[0],) + shape[1:])
+
+
+def broadcast(x: Any, root: int = 0, comm: MPI.Comm | None = None, inplace: bool = False,
+              guard: bool | None = None) -> Any:
+    """Every rank gets root's `x` (same kind and device); with inplace=True, written into x."""
+    dtype = dtype_of(x)
+    ctx = context(_comm(comm))
+    if not 0 <= root < ctx.comm.Get_size():
+        raise ValueError(f"dmlmpi.comm.broadcast: root {root} is not a rank of a {ctx.comm.Get_size()}-rank communicator")
+    _enter(ctx, guard, "broadcast", _numel(x), dtype, None, "mpi", root)
+    flat = to_flat(x, copy=not inplace)
+    if ctx.comm.Get_size() > 1 and len(flat.data) > 0:
+        ctx.comm.Bcast(flat.data, root=root)
+    return write_back(flat, x) if inplace else to_result(flat, flat.data, flat.shape)

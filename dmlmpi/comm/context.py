@@ -1,0 +1,34 @@
+"""Per-communicator state kept with the communicator itself, through MPI attribute caching.
+
+dmlmpi talks on a private duplicate of the user's communicator (so its messages can never match
+the user's own), counts the collectives made on it (for the guard's call-order check), and keeps
+the node split that hierarchical all-reduce needs. MPI's attribute cache ties all of this to the
+communicator's lifetime without a module-level registry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mpi4py import MPI
+
+_KEYVAL: list[int] = []  # the attribute key, created once per process on first use
+
+
+@dataclass
+class Context:
+    """dmlmpi's state for one user communicator."""
+
+    comm: MPI.Comm  # private duplicate that carries dmlmpi traffic
+    calls: int = 0  # collectives entered so far on this communicator
+    nodes: dict[int, tuple[MPI.Comm, MPI.Comm]] = field(default_factory=dict)  # ranks_per_node -> (local, leaders)
+
+
+def context(comm: MPI.Comm) -> Context:
+    """The Context of `comm`, created (collectively: it duplicates comm) on first use."""
+    if not _KEYVAL:
+        _KEYVAL.append(MPI.Comm.Create_keyval())
+    ctx = comm.Get_attr(_KEYVAL[0])
+    if ctx is None:
+        ctx = Context(comm.Dup())
+        comm.Set_attr(_KEYVAL[0], ctx)
+    return ctx

@@ -1,0 +1,80 @@
+"""Ring collectives: reduce-scatter and all-gather in n-1 neighbour exchanges each.
+
+Every rank sends to its right neighbour and receives from its left one at each step, so every
+link carries 1/n of the data per step and each rank moves 2(n-1)/n of the array in total,
+whatever n is: the bandwidth-optimal all-reduce (Patarasuk & Yuan 2009; Horovod, NCCL, Baidu).
+The functions work on 1-D numpy arrays, or on device arrays when the MPI is CUDA-aware.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from mpi4py import MPI
+
+from .dtypes import DType
+from .ops import reduce_into
+
+TAG_RS, TAG_AG = 101, 102
+
+
+def chunk_bounds(length: int, n: int) -> list[tuple[int, int]]:
+    """Split range(length) into n contiguous chunks; the first length % n chunks get one more."""
+    base, extra = divmod(length, n)
+    bounds, start = [], 0
+    for i in range(n):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def _empty_like(a: Any, n: int) -> Any:
+    """An uninitialised 1-D array of n elements, of a's kind, dtype and device."""
+    if hasattr(a, "new_empty"):
+        return a.new_empty(n)  # torch
+    mod = __import__(type(a).__module__.split(".")[0])  # numpy or cupy
+    return mod.empty(n, dtype=a.dtype)
+
+
+def reduce_scatter_inplace(work: Any, comm: MPI.Comm, op: str, dtype: DType,
+                           bounds: list[tuple[int, int]] | None = None) -> tuple[int, int]:
+    """Ring reduce-scatter over `work`; afterwards work[start:stop] of this rank's chunk is fully reduced.
+
+    Rank r ends up owning chunk r of `bounds` (default chunk_bounds(len(work), size)); returns it.
+    """
+    n, r = comm.Get_size(), comm.Get_rank()
+    bounds = chunk_bounds(len(work), n) if bounds is None else bounds
+    if n == 1:
+        return bounds[0]
+    right, left = (r + 1) % n, (r - 1) % n
+    tmp = _empty_like(work, max(b - a for a, b in bounds))  # one receive buffer, reused every step
+    for step in range(n - 1):
+        # step s: pass our partial sum of chunk r-s-1 to the right; take the left's partial of
+        # chunk r-s-2 and add our own elements to it. After n-1 steps chunk r has every rank's term.
+        s0, s1 = bounds[(r - step - 1) % n]
+        r0, r1 = bounds[(r - step - 2) % n]
+        incoming = tmp[: r1 - r0]
+        comm.Sendrecv(work[s0:s1], dest=right, sendtag=TAG_RS, recvbuf=incoming, source=left, recvtag=TAG_RS)
+        reduce_into(work[r0:r1], incoming, op, dtype)
+    return bounds[r]
+
+
+def allgather_inplace(work: Any, comm: MPI.Comm, bounds: list[tuple[int, int]] | None = None) -> None:
+    """Ring all-gather: each rank starts with its chunk r of `work` and ends with every chunk."""
+    n, r = comm.Get_size(), comm.Get_rank()
+    if n == 1:
+        return
+    bounds = chunk_bounds(len(work), n) if bounds is None else bounds
+    right, left = (r + 1) % n, (r - 1) % n
+    for step in range(n - 1):
+        # step s: forward chunk r-s (ours at s=0, then the one just received) to the right,
+        # and receive chunk r-s-1 from the left straight into its place
+        s0, s1 = bounds[(r - step) % n]
+        r0, r1 = bounds[(r - step - 1) % n]
+        comm.Sendrecv(work[s0:s1], dest=right, sendtag=TAG_AG, recvbuf=work[r0:r1], source=left, recvtag=TAG_AG)
+
+
+def allreduce_inplace(work: Any, comm: MPI.Comm, op: str, dtype: DType) -> None:
+    """Ring all-reduce = ring reduce-scatter, then ring all-gather of the reduced chunks."""
+    reduce_scatter_inplace(work, comm, op, dtype)
+    allgather_inplace(work, comm)

