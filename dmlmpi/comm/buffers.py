@@ -44,6 +44,7 @@ def kind_of(x: Any) -> str:
 
 def dtype_of(x: Any) -> DType:
     """The DType of an array of any supported kind."""
+    kind_of(x)  # TypeError for anything that is not an array
     return lookup(str(x.dtype).replace("torch.", ""))
 
 
@@ -156,19 +157,27 @@ def to_flat(x: Any, copy: bool, device_direct: bool | None = None) -> Flat:
         data = x.reshape(-1).copy() if copy else cupy.ascontiguousarray(x).reshape(-1)
     else:
         data = x.detach().reshape(-1).clone() if copy else x.detach().contiguous().reshape(-1)
+        if dtype.name == "bfloat16":
+            import torch
+
+            data = data.view(torch.int16)  # MPI and the CUDA array interface know no bfloat16
     return Flat(data, kind, dtype, shape, device, True)
 
 
+def _address(a: Any) -> int:
+    """Address of the first element of a numpy, torch or CuPy array."""
+    if isinstance(a, np.ndarray):
+        return int(a.ctypes.data)
+    return int(a.data.ptr) if kind_of(a) == "cupy" else int(a.data_ptr())
+
+
 def shares_memory(flat: Flat, x: Any) -> bool:
-    """True when writing flat.data already wrote `x`."""
+    """True when writing flat.data already wrote `x` (x contiguous and flattened without a copy)."""
     if flat.kind == "numpy":
-        return np.shares_memory(flat.data, x)
-    if flat.on_device or flat.kind == "torch" and not is_gpu(x):
-        ptr = flat.data.data.ptr if flat.kind == "cupy" else (
-            flat.data.ctypes.data if isinstance(flat.data, np.ndarray) else flat.data.data_ptr())
-        base = x.data.ptr if flat.kind == "cupy" else x.data_ptr()
-        return ptr == base and _is_contiguous(x)
-    return False
+        return bool(np.shares_memory(flat.data, x))
+    if is_gpu(x) and not flat.on_device:
+        return False  # staged through host memory
+    return _address(flat.data) == _address(x) and _is_contiguous(x)
 
 
 def _is_contiguous(x: Any) -> bool:
@@ -194,7 +203,7 @@ def to_result(flat: Flat, data: Any, shape: tuple[int, ...]) -> Any:
             t = t.view(torch.bfloat16)
         t = t.to(flat.device) if flat.device is not None and flat.device.type != "cpu" else t
     else:
-        t = data
+        t = data.view(torch.bfloat16) if flat.dtype.name == "bfloat16" and data.dtype == torch.int16 else data
     return t.reshape(shape)
 
 

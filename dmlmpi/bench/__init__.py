@@ -1,0 +1,1 @@
+"""`python -m dmlmpi.bench KIND ...`: measured tables, side by side with the peers, in one run."""

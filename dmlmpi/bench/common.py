@@ -1,0 +1,80 @@
+"""What every benchmark shares: timing over ranks, medians with min and max, tables and JSON."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from mpi4py import MPI
+
+
+@dataclass
+class Timing:
+    """Seconds per call over several samples: the median and the extremes."""
+
+    median: float
+    min: float
+    max: float
+    samples: int
+
+
+def calls_per_sample(fn: Callable[[], Any], comm: MPI.Comm, target_s: float = 0.02, cap: int = 2000) -> int:
+    """How many back-to-back calls make one sample last about target_s (agreed by all ranks)."""
+    fn()  # warm up: first-touch pages, connections, caches
+    comm.Barrier()
+    t0 = time.perf_counter()
+    fn()
+    one = time.perf_counter() - t0
+    # all ranks must loop the same number of times: take the slowest rank's estimate
+    one = comm.allreduce(one, op=MPI.MAX)
+    return max(1, min(cap, int(target_s / max(one, 1e-7))))
+
+
+def time_collective(fn: Callable[[], Any], comm: MPI.Comm, samples: int = 7, target_s: float = 0.02) -> Timing:
+    """Time `fn` (a collective every rank calls) as the slowest rank's seconds per call, per sample."""
+    k = calls_per_sample(fn, comm, target_s)
+    per_call = []
+    for _ in range(samples):
+        comm.Barrier()  # start each sample together
+        t0 = time.perf_counter()
+        for _ in range(k):
+            fn()
+        elapsed = (time.perf_counter() - t0) / k
+        per_call.append(comm.allreduce(elapsed, op=MPI.MAX))  # a collective ends when its last rank does
+    return Timing(statistics.median(per_call), min(per_call), max(per_call), samples)
+
+
+def human_bytes(n: int) -> str:
+    """4096 -> '4K', 67108864 -> '64M'."""
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
+def parse_bytes(text: str) -> int:
+    """'4K' -> 4096, '64M' -> 67108864, '100' -> 100."""
+    text = text.strip().upper().removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A fixed-width text table: columns are (key, header, format spec)."""
+    cells = [[h for _, h, _ in columns]] + [[format(r[k], f) if f else str(r[k]) for k, _, f in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(path: str, records: Sequence[dict[str, Any]]) -> None:
+    """Write benchmark records as a JSON list (atomically: temp file + rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(list(records), f, indent=1)
+    os.replace(tmp, path)

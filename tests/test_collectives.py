@@ -1,0 +1,296 @@
+"""dmlmpi.comm collectives against MPI's own Allreduce, at whatever world size mpiexec gives."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+
+from dmlmpi import comm
+from dmlmpi.comm.fusion import allreduce_fused
+
+pytestmark = pytest.mark.mpi
+
+WORLD = MPI.COMM_WORLD
+RANK, SIZE = WORLD.Get_rank(), WORLD.Get_size()
+ALGOS = ["ring", "mpi", "hierarchical", "auto"]
+OPS = ["sum", "avg", "min", "max", "prod"]
+NP_DTYPES = ["float16", "float32", "float64", "int32", "int64"]
+LENGTHS = [0, 1, max(1, SIZE - 1), 7, 1001]
+MPI_OP = {"sum": MPI.SUM, "avg": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX, "prod": MPI.PROD}
+
+
+def rank_data(length: int, dtype: str, rank: int, exact: bool) -> np.ndarray:
+    """This rank's input: small integers (exact in every dtype) or random floats."""
+    rng = np.random.default_rng(1000 + rank)
+    if exact or not dtype.startswith("float"):
+        # values in 1..3 keep products of up to 8 ranks exact even in float16
+        return rng.integers(1, 4, size=length).astype(dtype)
+    return rng.standard_normal(length).astype(dtype)
+
+
+def reference(x: np.ndarray, op: str) -> np.ndarray:
+    """MPI's own Allreduce of x (float16 reduced in float64 and rounded)."""
+    wide = x.astype(np.float64) if x.dtype == np.float16 else x.copy()
+    WORLD.Allreduce(MPI.IN_PLACE, wide, op=MPI_OP[op])
+    if op == "avg":
+        wide = wide / SIZE if x.dtype.kind == "f" else wide // SIZE
+    return wide.astype(x.dtype)
+
+
+def same_bits_everywhere(y: np.ndarray) -> bool:
+    """True when every rank holds exactly the same bytes."""
+    return len(set(WORLD.allgather(np.ascontiguousarray(y).tobytes()))) == 1
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", NP_DTYPES)
+def test_allreduce_numpy_exact(algorithm: str, op: str, dtype: str) -> None:
+    """Small-integer data: every algorithm equals MPI_Allreduce exactly, for every length."""
+    for length in LENGTHS:
+        x = rank_data(length, dtype, RANK, exact=True)
+        before = x.copy()
+        y = comm.allreduce(x, op=op, algorithm=algorithm)
+        assert isinstance(y, np.ndarray) and y.dtype == x.dtype and y.shape == x.shape
+        np.testing.assert_array_equal(y, reference(before, op), err_msg=f"length {length}")
+        np.testing.assert_array_equal(x, before)  # out of place leaves the input alone
+        assert same_bits_everywhere(y)
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("op", ["sum", "avg", "prod"])
+def test_allreduce_random_floats(algorithm: str, dtype: str, op: str) -> None:
+    """Random floats: equal to MPI within float tolerance, and identical bits on all ranks."""
+    x = rank_data(10_000, dtype, RANK, exact=False)
+    y = comm.allreduce(x, op=op, algorithm=algorithm)
+    rtol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(y, reference(x, op), rtol=rtol, atol=rtol)
+    assert same_bits_everywhere(y)
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64", "int32", "int64"])
+@pytest.mark.parametrize("op", OPS)
+def test_allreduce_torch(algorithm: str, dtype: str, op: str) -> None:
+    """torch tensors (bfloat16 too): same kind, dtype, shape back; equal to MPI on the same values."""
+    tdtype = getattr(torch, dtype)
+    base = torch.from_numpy(rank_data(3 * 7, "float32", RANK, exact=True)).reshape(3, 7)
+    x = base.to(tdtype)
+    y = comm.allreduce(x, op=op, algorithm=algorithm)
+    assert isinstance(y, torch.Tensor) and y.dtype == tdtype and y.shape == x.shape and y.device == x.device
+    ref = torch.from_numpy(reference(base.numpy().astype(np.float64), op))
+    if op == "avg" and not tdtype.is_floating_point:
+        ref = torch.from_numpy(reference(base.numpy().astype(np.int64), op)).to(torch.float64)
+    tol = {"bfloat16": 1e-2, "float16": 1e-3}.get(dtype, 1e-6)
+    torch.testing.assert_close(y.to(torch.float64), ref.to(torch.float64), rtol=tol, atol=tol)
+    assert same_bits_everywhere(y.view(torch.int16).numpy() if dtype == "bfloat16" else y.numpy())
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+def test_allreduce_in_place_and_non_contiguous(algorithm: str) -> None:
+    """inplace=True writes into the input, also through non-contiguous views (numpy and torch)."""
+    a = np.arange(40, dtype=np.float64).reshape(5, 8) + RANK
+    view = a[:, ::3]  # non-contiguous
+    expect = reference(np.ascontiguousarray(view), "sum")
+    out = comm.allreduce(view, algorithm=algorithm, inplace=True)
+    assert out is view
+    np.testing.assert_array_equal(a[:, ::3], expect)
+    np.testing.assert_array_equal(a[:, 1], np.arange(40.0).reshape(5, 8)[:, 1] + RANK)  # untouched column
+    t = torch.arange(40, dtype=torch.float32).reshape(5, 8).t() + RANK  # transposed
+    expect_t = reference(t.contiguous().numpy(), "max")
+    comm.allreduce(t, op="max", algorithm=algorithm, inplace=True)
+    np.testing.assert_array_equal(t.contiguous().numpy(), expect_t)
+    c = np.arange(10, dtype=np.int32) * (RANK + 1)  # contiguous: reduced in place without copies
+    comm.allreduce(c, algorithm=algorithm, inplace=True)
+    np.testing.assert_array_equal(c, np.arange(10) * SIZE * (SIZE + 1) // 2)
+
+
+def test_hierarchical_over_simulated_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes of 2 ranks (the last one short on odd worlds): same answer as MPI, identical bits."""
+    monkeypatch.setenv("DMLMPI_RANKS_PER_NODE", "2")
+    for length in LENGTHS:
+        x = rank_data(length, "int64", RANK, exact=True)
+        y = comm.allreduce(x, algorithm="hierarchical", comm=WORLD)
+        np.testing.assert_array_equal(y, reference(x, "sum"))
+    z = rank_data(5000, "float32", RANK, exact=False)
+    yz = comm.allreduce(z, algorithm="hierarchical")
+    np.testing.assert_allclose(yz, reference(z, "sum"), rtol=1e-5, atol=1e-5)
+    assert same_bits_everywhere(yz)
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "mpi", "auto"])
+@pytest.mark.parametrize("rows", [0, 1, 5, 2 * SIZE + 1])
+def test_reduce_scatter(algorithm: str, rows: int) -> None:
+    """Rank r gets its rows (earlier ranks one more on uneven splits) of the full reduction."""
+    x = rank_data(rows * 3, "int64", RANK, exact=True).reshape(rows, 3)
+    full = reference(x, "sum")
+    mine = comm.reduce_scatter(x, algorithm=algorithm)
+    base, extra = divmod(rows, SIZE)
+    start = RANK * base + min(RANK, extra)
+    stop = start + base + (1 if RANK < extra else 0)
+    np.testing.assert_array_equal(mine, full[start:stop])
+    t = comm.reduce_scatter(torch.from_numpy(x.astype(np.float32)), op="avg", algorithm=algorithm)
+    assert isinstance(t, torch.Tensor)
+    np.testing.assert_allclose(t.numpy(), full[start:stop] / SIZE, rtol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "mpi", "auto"])
+def test_allgather(algorithm: str) -> None:
+    """Blocks of every rank, concatenated along dimension 0 in rank order."""
+    x = np.full((2, 3), RANK, dtype=np.int32)
+    y = comm.allgather(x, algorithm=algorithm)
+    np.testing.assert_array_equal(y, np.repeat(np.arange(SIZE), 2)[:, None] * np.ones((1, 3), np.int32))
+    t = comm.allgather(torch.tensor([float(RANK)], dtype=torch.bfloat16), algorithm=algorithm)
+    assert t.dtype == torch.bfloat16 and t.tolist() == [float(r) for r in range(SIZE)]
+    assert comm.allgather(np.zeros(0), algorithm=algorithm).shape == (0,)
+
+
+def test_broadcast() -> None:
+    """Root's values everywhere, out of place and in place, from every root."""
+    for root in range(SIZE):
+        x = np.arange(6, dtype=np.float64).reshape(2, 3) * (RANK + 1)
+        y = comm.broadcast(x, root=root)
+        np.testing.assert_array_equal(y, np.arange(6.0).reshape(2, 3) * (root + 1))
+        t = torch.full((4,), float(RANK), dtype=torch.float16)
+        assert comm.broadcast(t, root=root, inplace=True) is t
+        assert t.tolist() == [float(root)] * 4
+    with pytest.raises(ValueError, match="root"):
+        comm.broadcast(np.zeros(1), root=SIZE)
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 256, 25 << 20])
+def test_fused_allreduce(bucket_bytes: int) -> None:
+    """Many tensors of mixed shapes and dtypes: fused results equal one all-reduce each."""
+    rng = np.random.default_rng(7 + RANK)
+    tensors = [torch.from_numpy(rng.integers(0, 5, size=s).astype(np.float32)) for s in [(3, 4), (7,), (1,), (2, 2, 2)]]
+    tensors += [torch.arange(5, dtype=torch.int64) * RANK, torch.ones(3, dtype=torch.bfloat16) * RANK]
+    tensors += [torch.from_numpy(rng.standard_normal(1000).astype(np.float32))]
+    expect = [comm.allreduce(t, op="avg") for t in tensors]
+    got = allreduce_fused(tensors, op="avg", bucket_bytes=bucket_bytes)
+    for g, e, t in zip(got, expect, tensors):
+        assert g.dtype == t.dtype and g.shape == t.shape
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+    allreduce_fused(tensors, op="avg", bucket_bytes=bucket_bytes, inplace=True)
+    for g, t in zip(got, tensors):
+        torch.testing.assert_close(t, g, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_numpy() -> None:
+    """Fusion of numpy arrays returns numpy arrays of the original shapes."""
+    arrays = [np.full((2, 3), RANK, np.float64), np.full(4, RANK, np.float64)]
+    out = allreduce_fused(arrays, op="sum")
+    assert [o.shape for o in out] == [(2, 3), (4,)]
+    assert all(np.all(o == SIZE * (SIZE - 1) / 2) for o in out)
+
+
+@pytest.mark.skipif(SIZE < 2, reason="a mismatch needs two ranks")
+class TestGuard:
+    """Ranks that disagree get the same clear error on every rank, never a hang or garbage."""
+
+    def _expect_mismatch(self, fn, *words: str) -> str:
+        with pytest.raises(comm.CollectiveMismatchError) as info:
+            fn()
+        text = str(info.value)
+        for w in words:
+            assert w in text, text
+        return text
+
+    def test_length(self) -> None:
+        text = self._expect_mismatch(lambda: comm.allreduce(np.ones(10 + (RANK == SIZE - 1))), "length")
+        assert f"rank {SIZE - 1} 11" in text
+
+    def test_dtype(self) -> None:
+        dtype = np.float64 if RANK == 0 else np.float32
+        text = self._expect_mismatch(lambda: comm.allreduce(np.ones(4, dtype)), "dtype")
+        assert "rank 0 float64" in text and "float32" in text
+
+    def test_op(self) -> None:
+        self._expect_mismatch(lambda: comm.allreduce(np.ones(4), op="max" if RANK == 1 else "sum"),
+                              "op", "rank 1 max")
+
+    def test_collective_order(self) -> None:
+        fn = (lambda: comm.broadcast(np.ones(4))) if RANK == 0 else (lambda: comm.allreduce(np.ones(4)))
+        self._expect_mismatch(fn, "collective", "rank 0 broadcast")
+
+    def test_fused_lists(self) -> None:
+        tensors = [np.ones(3)] * (2 if RANK == 0 else 3)
+        self._expect_mismatch(lambda: allreduce_fused(tensors), "length")
+
+    def test_still_usable_after_mismatch(self) -> None:
+        with pytest.raises(comm.CollectiveMismatchError):
+            comm.allreduce(np.ones(2 + RANK))
+        np.testing.assert_array_equal(comm.allreduce(np.ones(3)), np.full(3, SIZE))
+
+    def test_guard_off(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("DMLMPI_GUARD", "0")
+        np.testing.assert_array_equal(comm.allreduce(np.ones(3)), np.full(3, SIZE))
+        assert comm.allreduce(np.ones(3), guard=True).sum() == 3 * SIZE
+
+
+def test_bad_arguments() -> None:
+    """Unsupported ops, algorithms and dtypes are refused before any communication."""
+    with pytest.raises(ValueError, match="unsupported op 'mean'"):
+        comm.allreduce(np.ones(2), op="mean")
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        comm.allreduce(np.ones(2), algorithm="tree")
+    with pytest.raises(TypeError, match="unsupported dtype 'uint8'"):
+        comm.allreduce(np.ones(2, np.uint8))
+    with pytest.raises(TypeError, match="numpy array, torch tensor or CuPy array"):
+        comm.allreduce([1.0, 2.0])
+
+
+def test_subcommunicator() -> None:
+    """An explicit communicator: even and odd ranks reduce separately."""
+    sub = WORLD.Split(RANK % 2, RANK)
+    members = [r for r in range(SIZE) if r % 2 == RANK % 2]
+    y = comm.allreduce(np.array([RANK], np.int64), comm=sub, algorithm="ring")
+    assert y.tolist() == [sum(members)]
+    sub.Free()
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@requires_cuda
+@pytest.mark.parametrize("direct", ["0", "1"])
+@pytest.mark.parametrize("algorithm", ALGOS)
+def test_torch_cuda(direct: str, algorithm: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA tensors: staged through host memory (0) or handed to a CUDA-aware MPI (1)."""
+    if direct == "1" and not comm.cuda_aware():
+        pytest.skip("this MPI is not CUDA-aware")
+    monkeypatch.setenv("DMLMPI_CUDA_AWARE", direct)
+    device = torch.device("cuda", 0)
+    for dtype in (torch.float32, torch.bfloat16, torch.int64):
+        x = (torch.arange(1000, device=device) % 3 + RANK).to(dtype)
+        y = comm.allreduce(x * 1, algorithm=algorithm)  # x*1: produced by a kernel just launched
+        assert y.device == device and y.dtype == dtype
+        expect = ((torch.arange(1000) % 3) * SIZE + SIZE * (SIZE - 1) // 2).to(dtype)
+        assert torch.equal(y.cpu(), expect)
+        comm.allreduce(x, algorithm=algorithm, inplace=True)
+        assert torch.equal(x.cpu(), expect)
+
+
+@requires_cuda
+def test_cupy() -> None:
+    """CuPy arrays come back as CuPy arrays with MPI's answer."""
+    cupy = pytest.importorskip("cupy")
+    x = cupy.arange(100, dtype=cupy.float32) + RANK
+    y = comm.allreduce(x)
+    assert isinstance(y, cupy.ndarray)
+    np.testing.assert_array_equal(cupy.asnumpy(y), np.arange(100) * SIZE + SIZE * (SIZE - 1) / 2)
+
+
+def test_cuda_aware_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DMLMPI_CUDA_AWARE forces the answer either way; otherwise the library is asked."""
+    monkeypatch.setenv("DMLMPI_CUDA_AWARE", "1")
+    assert comm.cuda_aware() is True
+    monkeypatch.setenv("DMLMPI_CUDA_AWARE", "0")
+    assert comm.cuda_aware() is False
+    monkeypatch.delenv("DMLMPI_CUDA_AWARE")
+    assert isinstance(comm.cuda_aware(), bool)
+    if "Open MPI" in MPI.Get_library_version() and os.environ.get("DMLMPI_EXPECT_CUDA_AWARE") is None:
+        assert comm.cuda_aware() is False  # the PyPI Open MPI wheel is built without CUDA
