@@ -100,7 +100,7 @@ class MPIPlugin:
     def __init__(self, config: pytest.Config, MPI: Any, timeout: float) -> None:
         self.MPI, self.timeout = MPI, timeout
         self.rank, self.size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
-        self._stderr_fd = os.dup(sys.__stderr__.fileno())  # the real stderr, for _abort's message
+        self._stderr_fd = os.dup(2)  # the real stderr, for _abort's message (pytest captures fd 2)
         # Our own communicator (collective over all ranks, made once): test code's traffic on
         # COMM_WORLD can never match the plugin's messages. Idup so that a missing rank cannot hang us.
         self.comm, request = MPI.COMM_WORLD.Idup()
@@ -208,7 +208,8 @@ class MPIPlugin:
 
     def pytest_report_header(self) -> str:
         """One header line on rank 0's report."""
-        return f"dmlmpi: {self.size} MPI ranks combined, per-test timeout {self.timeout:g} s"
+        limit = "none" if math.isinf(self.timeout) else f"{self.timeout:g} s"
+        return f"dmlmpi: {self.size} MPI ranks combined, per-test timeout {limit}"
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         """Check that every rank collected the same items; else fail the run (on rank 0's report)."""

@@ -226,9 +226,14 @@ class TestGuard:
         np.testing.assert_array_equal(comm.allreduce(np.ones(3)), np.full(3, SIZE))
 
     def test_guard_off(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # DMLMPI_GUARD is read when dmlmpi first meets a communicator: use a new one
         monkeypatch.setenv("DMLMPI_GUARD", "0")
-        np.testing.assert_array_equal(comm.allreduce(np.ones(3)), np.full(3, SIZE))
-        assert comm.allreduce(np.ones(3), guard=True).sum() == 3 * SIZE
+        fresh = WORLD.Dup()
+        np.testing.assert_array_equal(comm.allreduce(np.ones(3), comm=fresh), np.full(3, SIZE))
+        assert comm.allreduce(np.ones(3), comm=fresh, guard=True).sum() == 3 * SIZE
+        with pytest.raises(comm.CollectiveMismatchError):  # the call's own setting wins
+            comm.allreduce(np.ones(3 + RANK), comm=fresh, guard=True)
+        fresh.Free()
 
 
 def test_bad_arguments() -> None:

@@ -28,6 +28,7 @@ class Flat:
     shape: tuple[int, ...]
     device: Any  # torch.device / CuPy device id; None for numpy
     on_device: bool  # data is device memory handed to MPI directly
+    is_view: bool  # data shares memory with the input: writing it wrote the input
 
 
 def kind_of(x: Any) -> str:
@@ -42,10 +43,16 @@ def kind_of(x: Any) -> str:
     raise TypeError(f"dmlmpi.comm: expected a numpy array, torch tensor or CuPy array, got {type(x).__name__}")
 
 
+_DTYPE_MEMO: dict[Any, DType] = {}  # numpy/torch dtype object -> DType (str(dtype) costs microseconds)
+
+
 def dtype_of(x: Any) -> DType:
     """The DType of an array of any supported kind."""
     kind_of(x)  # TypeError for anything that is not an array
-    return lookup(str(x.dtype).replace("torch.", ""))
+    found = _DTYPE_MEMO.get(x.dtype)
+    if found is None:
+        found = _DTYPE_MEMO[x.dtype] = lookup(str(x.dtype).replace("torch.", ""))
+    return found
 
 
 def is_gpu(x: Any) -> bool:
@@ -136,53 +143,35 @@ def _device_to_host(x: Any, kind: str, dtype: DType) -> np.ndarray:
     return host
 
 
-def to_flat(x: Any, copy: bool, device_direct: bool | None = None) -> Flat:
-    """Flatten `x` for MPI; with copy=False the result shares memory with `x` whenever it can."""
-    kind, dtype = kind_of(x), dtype_of(x)
+def _contiguous(x: Any, kind: str) -> bool:
+    """C-contiguity for numpy, torch or CuPy arrays."""
+    return bool(x.is_contiguous()) if kind == "torch" else bool(x.flags.c_contiguous)
+
+
+def to_flat(x: Any, copy: bool, dtype: DType | None = None, device_direct: bool | None = None) -> Flat:
+    """Flatten `x` for MPI; with copy=False the result shares memory with a contiguous `x`."""
+    kind = kind_of(x)
+    dtype = dtype_of(x) if dtype is None else dtype
     shape = tuple(x.shape)
+    view = not copy and _contiguous(x, kind)  # else one gathering copy
     if not is_gpu(x):
         host = _host_view(x, kind, dtype)
-        # a view when contiguous (in place), else one gathering copy; copy=True always copies
-        data = np.array(host, copy=True).reshape(-1) if copy else np.ascontiguousarray(host).reshape(-1)
-        device = x.device if kind == "torch" else None
-        return Flat(data, kind, dtype, shape, device, False)
+        data = host.reshape(-1) if view else np.array(host, copy=True).reshape(-1)
+        return Flat(data, kind, dtype, shape, x.device if kind == "torch" else None, False, view)
     device = x.device
     direct = cuda_aware() if device_direct is None else device_direct
     if not direct:
-        return Flat(_device_to_host(x, kind, dtype), kind, dtype, shape, device, False)
+        return Flat(_device_to_host(x, kind, dtype), kind, dtype, shape, device, False, False)
     sync_device(x)
     if kind == "cupy":
-        import cupy
-
-        data = x.reshape(-1).copy() if copy else cupy.ascontiguousarray(x).reshape(-1)
+        data = x.reshape(-1) if view else x.reshape(-1).copy()
     else:
-        data = x.detach().reshape(-1).clone() if copy else x.detach().contiguous().reshape(-1)
+        data = x.detach().reshape(-1) if view else x.detach().reshape(-1).clone()
         if dtype.name == "bfloat16":
             import torch
 
             data = data.view(torch.int16)  # MPI and the CUDA array interface know no bfloat16
-    return Flat(data, kind, dtype, shape, device, True)
-
-
-def _address(a: Any) -> int:
-    """Address of the first element of a numpy, torch or CuPy array."""
-    if isinstance(a, np.ndarray):
-        return int(a.ctypes.data)
-    return int(a.data.ptr) if kind_of(a) == "cupy" else int(a.data_ptr())
-
-
-def shares_memory(flat: Flat, x: Any) -> bool:
-    """True when writing flat.data already wrote `x` (x contiguous and flattened without a copy)."""
-    if flat.kind == "numpy":
-        return bool(np.shares_memory(flat.data, x))
-    if is_gpu(x) and not flat.on_device:
-        return False  # staged through host memory
-    return _address(flat.data) == _address(x) and _is_contiguous(x)
-
-
-def _is_contiguous(x: Any) -> bool:
-    """Contiguity for torch or CuPy arrays."""
-    return bool(x.flags.c_contiguous) if kind_of(x) == "cupy" else bool(x.is_contiguous())
+    return Flat(data, kind, dtype, shape, device, True, view)
 
 
 def to_result(flat: Flat, data: Any, shape: tuple[int, ...]) -> Any:
@@ -209,7 +198,7 @@ def to_result(flat: Flat, data: Any, shape: tuple[int, ...]) -> Any:
 
 def write_back(flat: Flat, x: Any) -> Any:
     """Put flat.data's values into `x` in place (a no-op when they share memory); return x."""
-    if shares_memory(flat, x):
+    if flat.is_view:
         return x
     if flat.kind == "numpy":
         x[...] = flat.data.reshape(x.shape)

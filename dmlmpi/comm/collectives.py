@@ -29,13 +29,13 @@ ALGORITHMS = ("auto", "ring", "mpi", "hierarchical")
 RING_MIN_BYTES = {2: 4 << 20, 4: 4 << 20, 8: 8 << 20}
 
 
-def choose_algorithm(nbytes: int, world: int, table: dict[int, int] | None = None) -> str:
+def choose_algorithm(nbytes: int, world: int, table: dict[int, int] | None = None,
+                     override: int | None = None) -> str:
     """The algorithm `auto` runs for a message of `nbytes` on `world` ranks (a pure function)."""
     if world == 1:
         return "mpi"
-    override = os.environ.get("DMLMPI_RING_MIN_BYTES")
-    if override:
-        threshold = int(override)
+    if override is not None:
+        threshold = override
     else:
         table = RING_MIN_BYTES if table is None else table
         fitting = [w for w in table if w <= world]
@@ -59,7 +59,7 @@ def _enter(ctx: Context, guard: bool | None, collective: str, length: int, dtype
            op: str | None, algorithm: str, root: int = 0) -> None:
     """Count this call and, if the guard is on, check that every rank made the same one."""
     ctx.calls += 1
-    if _guard.enabled(guard):
+    if ctx.guard if guard is None else guard:
         _guard.check(ctx, _guard.signature(collective, length, dtype.code, op, algorithm, root, ctx.calls))
 
 
@@ -117,7 +117,7 @@ def allreduce_flat(data: Any, dtype: DType, op: str, algorithm: str, ctx: Contex
     """Run one all-reduce algorithm in place on a 1-D buffer (no guard, no conversion)."""
     comm = ctx.comm
     if algorithm == "auto":
-        algorithm = choose_algorithm(len(data) * dtype.storage.itemsize, comm.Get_size())
+        algorithm = choose_algorithm(len(data) * dtype.storage.itemsize, comm.Get_size(), override=ctx.ring_min_bytes)
     if comm.Get_size() > 1 and len(data) > 0:
         if algorithm == "mpi":
             _native_allreduce(data, comm, op, dtype)
@@ -138,7 +138,7 @@ def allreduce(x: Any, op: str = "sum", algorithm: str = "auto", comm: MPI.Comm |
     dtype = dtype_of(x)
     ctx = context(_comm(comm))
     _enter(ctx, guard, "allreduce", _numel(x), dtype, op, algorithm)
-    flat = to_flat(x, copy=not inplace)
+    flat = to_flat(x, copy=not inplace, dtype=dtype)
     allreduce_flat(flat.data, dtype, op, algorithm, ctx)
     return write_back(flat, x) if inplace else to_result(flat, flat.data, flat.shape)
 
@@ -163,7 +163,8 @@ def reduce_scatter(x: Any, op: str = "sum", algorithm: str = "auto", comm: MPI.C
     rows, bounds = _row_bounds(shape, n)
     flat = to_flat(x, copy=True)
     start, stop = bounds[r]
-    chosen = choose_algorithm(len(flat.data) * dtype.storage.itemsize, n) if algorithm == "auto" else algorithm
+    chosen = (choose_algorithm(len(flat.data) * dtype.storage.itemsize, n, override=ctx.ring_min_bytes)
+              if algorithm == "auto" else algorithm)
     if n > 1 and chosen == "ring":
         ring.reduce_scatter_inplace(flat.data, ctx.comm, op, dtype, bounds)
         mine = flat.data[start:stop]
@@ -203,7 +204,8 @@ def allgather(x: Any, algorithm: str = "auto", comm: MPI.Comm | None = None, gua
     flat = to_flat(x, copy=False)
     m = len(flat.data)
     out = ring._empty_like(flat.data, n * m)
-    chosen = choose_algorithm(n * m * dtype.storage.itemsize, n) if algorithm == "auto" else algorithm
+    chosen = (choose_algorithm(n * m * dtype.storage.itemsize, n, override=ctx.ring_min_bytes)
+              if algorithm == "auto" else algorithm)
     if chosen == "ring" or n == 1:
         # place our block, then pass blocks around the ring (n-1 steps)
         out[r * m:(r + 1) * m] = flat.data

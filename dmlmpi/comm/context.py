@@ -7,6 +7,7 @@ communicator's lifetime without a module-level registry.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from mpi4py import MPI
@@ -21,6 +22,22 @@ class Context:
     comm: MPI.Comm  # private duplicate that carries dmlmpi traffic
     calls: int = 0  # collectives entered so far on this communicator
     nodes: dict[int, tuple[MPI.Comm, MPI.Comm]] = field(default_factory=dict)  # ranks_per_node -> (local, leaders)
+    # settings read from the environment once, when dmlmpi first uses the communicator
+    # (an os.environ lookup per call would cost about a microsecond each)
+    guard: bool = field(default_factory=lambda: _env_flag("DMLMPI_GUARD", True))
+    ring_min_bytes: int | None = field(default_factory=lambda: _env_int("DMLMPI_RING_MIN_BYTES"))
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    """A boolean environment setting: 0/false/off/no are false."""
+    value = os.environ.get(name)
+    return default if value is None else value.strip().lower() not in ("0", "false", "off", "no")
+
+
+def _env_int(name: str) -> int | None:
+    """An integer environment setting, or None when unset."""
+    value = os.environ.get(name)
+    return None if value in (None, "") else int(value)
 
 
 def context(comm: MPI.Comm) -> Context:

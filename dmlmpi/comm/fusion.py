@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 from mpi4py import MPI
 
-from .buffers import dtype_of, kind_of, shares_memory, to_flat, to_result
+from .buffers import dtype_of, kind_of, to_flat, to_result
 from .collectives import _check_algorithm, _comm, _enter, allreduce_flat
 from .context import context
 from .ops import check_op
@@ -73,10 +73,10 @@ def allreduce_fused(tensors: Sequence[Any], op: str = "sum", algorithm: str = "a
         packed = pack(members)  # a fresh buffer, so it can be reduced in place
         dtype = dtype_of(members[0])
         _enter(ctx, guard, "allreduce_fused", int(math.prod(packed.shape)), dtype, op, algorithm)
-        flat = to_flat(packed, copy=False)
+        flat = to_flat(packed, copy=False, dtype=dtype)
         allreduce_flat(flat.data, dtype, op, algorithm, ctx)
         # host and CUDA-aware buffers were reduced in place; staged GPU data comes back from the host
-        whole = packed if shares_memory(flat, packed) else to_result(flat, flat.data, (len(flat.data),))
+        whole = packed if flat.is_view else to_result(flat, flat.data, (len(flat.data),))
         offset = 0
         for i, t in zip(bucket, members):
             n = int(math.prod(t.shape))

@@ -8,9 +8,8 @@ fail with a truncation error on some ranks only, or silently return garbage inst
 """
 from __future__ import annotations
 
-import os
+from array import array
 
-import numpy as np
 from mpi4py import MPI
 
 from .context import Context
@@ -26,18 +25,15 @@ class CollectiveMismatchError(RuntimeError):
     """Ranks entered a collective with different arguments (or in a different order)."""
 
 
-def enabled(guard: bool | None) -> bool:
-    """The guard setting: the call's own, else DMLMPI_GUARD (default on; 0/false/off disables)."""
-    if guard is not None:
-        return guard
-    return os.environ.get("DMLMPI_GUARD", "1").strip().lower() not in ("0", "false", "off", "no")
+_COLLECTIVE_CODES = {name: i + 1 for i, name in enumerate(COLLECTIVES)}
+_ALGORITHM_CODES = {name: i + 1 for i, name in enumerate(ALGORITHMS)}
 
 
 def signature(collective: str, length: int, dtype_code: int, op: str | None, algorithm: str,
-              root: int, call: int) -> np.ndarray:
+              root: int, call: int) -> list[int]:
     """The integers that must agree across ranks for one collective call."""
-    return np.array([COLLECTIVES.index(collective) + 1, length, dtype_code,
-                     OP_CODES.get(op or "", 0), ALGORITHMS.index(algorithm) + 1, root, call], dtype=np.int64)
+    return [_COLLECTIVE_CODES[collective], length, dtype_code, OP_CODES.get(op or "", 0),
+            _ALGORITHM_CODES[algorithm], root, call]
 
 
 def _describe(value: int, name: str) -> str:
@@ -71,20 +67,16 @@ def mismatch_message(signatures: list[list[int]]) -> str:
     return "ranks entered a collective with different arguments -- " + " | ".join(parts)
 
 
-def check(ctx: Context, sig: np.ndarray) -> None:
+def check(ctx: Context, sig: list[int]) -> None:
     """Raise CollectiveMismatchError on every rank unless all ranks passed the same signature."""
-    both = np.concatenate([sig, -sig])
+    k = len(sig)
+    both = array("q", sig + [-v for v in sig])  # int64; cheaper to build than a numpy array
     # one small collective: the max of each field and the max of its negation (= -min)
     ctx.comm.Allreduce(MPI.IN_PLACE, both, op=MPI.MAX)
-    k = len(sig)
-    if np.array_equal(both[:k], -both[k:]):
+    folded = both.tolist()
+    if folded[:k] == [-v for v in folded[k:]]:
         return
     # error path only: gather all signatures so the message can say who differs and how
-    signatures = ctx.comm.allgather(sig.tolist())
-    raise CollectiveMismatchError(f"dmlmpi.comm ({sig_name(sig)} on rank {ctx.comm.Get_rank()} of "
+    signatures = ctx.comm.allgather(sig)
+    raise CollectiveMismatchError(f"dmlmpi.comm ({COLLECTIVES[sig[0] - 1]} on rank {ctx.comm.Get_rank()} of "
                                   f"{ctx.comm.Get_size()}): {mismatch_message(signatures)}")
-
-
-def sig_name(sig: np.ndarray) -> str:
-    """The collective's name from its signature."""
-    return COLLECTIVES[int(sig[0]) - 1]

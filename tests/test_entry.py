@@ -1,0 +1,48 @@
+"""An exception on one rank of a dmlmpi entry point ends the whole job promptly, naming the rank."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from dmlmpi.testing import run_mpi
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("nprocs,bad", [(2, 0), (3, 2)])
+def test_exception_aborts_job(nprocs: int, bad: int) -> None:
+    """The other ranks are blocked in a collective; the job still ends fast and non-zero."""
+    result = run_mpi(nprocs, [os.path.join(ROOT, "tests", "cases", "raise_on_one_rank.py"), str(bad)],
+                     timeout=60, cwd=ROOT)
+    assert not result.timed_out, result.stdout
+    assert result.returncode != 0
+    assert f"dmlmpi: rank {bad} of {nprocs}: raised RuntimeError: deliberate failure" in result.stdout
+    assert result.elapsed < 45, result.elapsed
+
+
+def test_bad_option_fails_on_every_rank() -> None:
+    """A bad value for the training job is refused before training, with a non-zero exit."""
+    result = run_mpi(3, ["-m", "dmlmpi.train", "--epochs", "0"], timeout=60, cwd=ROOT)
+    assert not result.timed_out and result.returncode != 0
+    assert "--epochs must be positive" in result.stdout
+
+
+def test_allreduce_bench_smoke(tmp_path) -> None:
+    """`python -m dmlmpi.bench allreduce` on 3 ranks: table, targets, JSON records and a PNG."""
+    out_json, out_png = tmp_path / "ar.json", tmp_path / "ar.png"
+    result = run_mpi(3, ["-m", "dmlmpi.bench", "allreduce", "--sizes", "4K,64K", "--samples", "2",
+                         "--sample-seconds", "0.002", "--json", str(out_json), "--plot", str(out_png)],
+                     timeout=180, cwd=ROOT)
+    assert result.returncode == 0, result.stdout
+    assert "busbw(GB/s)" in result.stdout and "# targets" in result.stdout
+    records = json.loads(out_json.read_text())
+    keys = {"algorithm", "ranks", "bytes", "dtype", "time_s_median", "time_s_min", "time_s_max",
+            "algbw_GBps", "busbw_GBps"}
+    assert all(keys <= set(r) for r in records)
+    algos = {r["algorithm"] for r in records}
+    assert {"auto", "ring", "mpi", "hierarchical", "native", "gloo", "fusion:fused"} <= algos
+    assert all(r["wrong"] == 0 and r["ranks"] == 3 for r in records)
+    assert all(r["time_s_min"] <= r["time_s_median"] <= r["time_s_max"] for r in records)
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,72 @@
+"""Pure pieces, no MPI traffic: chunking, bucket plans, algorithm choice, guard messages, launch env."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dmlmpi import mpienv
+from dmlmpi.comm import choose_algorithm
+from dmlmpi.comm.fusion import plan_buckets
+from dmlmpi.comm.guard import mismatch_message, signature
+from dmlmpi.comm.ring import chunk_bounds
+from dmlmpi.data import global_batches, rank_share
+
+
+@pytest.mark.parametrize("length", [0, 1, 2, 5, 7, 100, 1001])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
+def test_chunk_bounds_cover_everything_once(length: int, n: int) -> None:
+    bounds = chunk_bounds(length, n)
+    assert len(bounds) == n and bounds[0][0] == 0 and bounds[-1][1] == length
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    sizes = [b - a for a, b in bounds]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_plan_buckets_respects_limit_order_and_keys() -> None:
+    sizes = [40, 40, 40, 100, 8, 8]
+    keys = ["f32", "f32", "i64", "f32", "i64", "f32"]
+    plan = plan_buckets(sizes, keys, bucket_bytes=80)
+    assert sorted(i for b in plan for i in b) == list(range(6))
+    for b in plan:
+        assert len({keys[i] for i in b}) == 1
+        assert sum(sizes[i] for i in b) <= 80 or len(b) == 1
+        assert b == sorted(b)
+    assert [0, 1] in plan and [3] in plan and [2, 4] in plan and [5] in plan
+
+
+def test_choose_algorithm_crossover() -> None:
+    table = {2: 1000, 8: 5000}
+    assert choose_algorithm(999, 2, table) == "mpi" and choose_algorithm(1000, 2, table) == "ring"
+    assert choose_algorithm(4000, 4, table) == "ring"  # nearest smaller world size: 2
+    assert choose_algorithm(4000, 8, table) == "mpi"
+    assert choose_algorithm(1 << 30, 1, table) == "mpi"
+    assert choose_algorithm(10, 8, override=10) == "ring"  # DMLMPI_RING_MIN_BYTES
+
+
+def test_mismatch_message_names_ranks_and_fields() -> None:
+    a = signature("allreduce", 10, 3, "sum", "auto", 0, 5)
+    b = signature("allreduce", 12, 4, "sum", "auto", 0, 5)
+    text = mismatch_message([a, a, b])
+    assert "length: ranks 0,1 10; rank 2 12" in text
+    assert "dtype: ranks 0,1 float32; rank 2 float64" in text
+    assert "op" not in text.split("--")[1]
+
+
+def test_launch_env_as_root_and_user() -> None:
+    root = mpienv.launch_env({}, euid=0)
+    assert root["OMPI_ALLOW_RUN_AS_ROOT"] == "1" and root["PRTE_ALLOW_RUN_AS_ROOT_CONFIRM"] == "1"
+    assert root["PRTE_MCA_rmaps_default_mapping_policy"] == ":oversubscribe"
+    user = mpienv.launch_env({"PATH": "/bin"}, euid=1000)
+    assert "OMPI_ALLOW_RUN_AS_ROOT" not in user and user["PATH"] == "/bin"
+    mine = mpienv.launch_env({"PRTE_MCA_rmaps_default_mapping_policy": "slot"}, euid=1000)
+    assert mine["PRTE_MCA_rmaps_default_mapping_policy"] == "slot"  # the user's own setting wins
+
+
+def test_global_batches_split_over_ranks() -> None:
+    batches = global_batches(103, 10, epoch=1, seed=3, drop_last=False)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(103))
+    assert not np.array_equal(flat, np.concatenate(global_batches(103, 10, epoch=2, seed=3, drop_last=False)))
+    for world in (1, 3, 4):
+        parts = [rank_share(batches[0], r, world) for r in range(world)]
+        assert np.array_equal(np.concatenate(parts), batches[0])
