@@ -18,29 +18,13 @@ from .buffers import Flat, dtype_of, to_flat, to_result, write_back
 from .context import Context, context
 from .dtypes import DType
 from .ops import MPI_OPS, check_op, divide_in_place
+from .select import choose_algorithm
 
 ALGORITHMS = ("auto", "ring", "mpi", "hierarchical")
 
-# Smallest message (bytes) for which `auto` takes the ring instead of native MPI_Allreduce, by world
-# size: crossover points measured with `python -m dmlmpi.bench allreduce` on the 2-core dev machine
-# (Open MPI 5 wheel). Native wins small messages (one C call, latency-optimal algorithms); the ring
-# wins large ones (no temporary buffer mapped afresh per call). Sizes between entries use the
-# nearest smaller world size. DMLMPI_RING_MIN_BYTES overrides.
-RING_MIN_BYTES = {2: 4 << 20, 4: 4 << 20, 8: 8 << 20}
-
-
-def choose_algorithm(nbytes: int, world: int, table: dict[int, int] | None = None,
-                     override: int | None = None) -> str:
-    """The algorithm `auto` runs for a message of `nbytes` on `world` ranks (a pure function)."""
-    if world == 1:
-        return "mpi"
-    if override is not None:
-        threshold = override
-    else:
-        table = RING_MIN_BYTES if table is None else table
-        fitting = [w for w in table if w <= world]
-        threshold = table[max(fitting)] if fitting else table[min(table)]
-    return "ring" if nbytes >= threshold else "mpi"
+def _auto(ctx: Context, nbytes: int) -> str:
+    """What `auto` runs for nbytes on ctx's communicator (its crossover was fixed when ctx was made)."""
+    return "mpi" if ctx.size == 1 or nbytes < ctx.ring_min_bytes else "ring"
 
 
 def _comm(comm: MPI.Comm | None) -> MPI.Comm:
@@ -116,18 +100,18 @@ def _hierarchy(ctx: Context) -> tuple[MPI.Comm, MPI.Comm]:
 def allreduce_flat(data: Any, dtype: DType, op: str, algorithm: str, ctx: Context) -> None:
     """Run one all-reduce algorithm in place on a 1-D buffer (no guard, no conversion)."""
     comm = ctx.comm
-    if algorithm == "auto":
-        algorithm = choose_algorithm(len(data) * dtype.storage.itemsize, comm.Get_size(), override=ctx.ring_min_bytes)
-    if comm.Get_size() > 1 and len(data) > 0:
+    if algorithm == "auto" and ctx.size > 1:
+        algorithm = _auto(ctx, len(data) * dtype.storage.itemsize)
+    if ctx.size > 1 and len(data) > 0:
         if algorithm == "mpi":
             _native_allreduce(data, comm, op, dtype)
         elif algorithm == "ring":
-            ring.allreduce_inplace(data, comm, op, dtype)
+            ring.allreduce_inplace(data, comm, op, dtype, scratch=ctx.scratch)
         else:
             local, leaders = _hierarchy(ctx)
             hierarchical.allreduce_inplace(data, local, leaders, op, dtype)
     if op == "avg":
-        divide_in_place(data, comm.Get_size(), dtype)
+        divide_in_place(data, ctx.size, dtype)
 
 
 def allreduce(x: Any, op: str = "sum", algorithm: str = "auto", comm: MPI.Comm | None = None,
@@ -163,10 +147,9 @@ def reduce_scatter(x: Any, op: str = "sum", algorithm: str = "auto", comm: MPI.C
     rows, bounds = _row_bounds(shape, n)
     flat = to_flat(x, copy=True)
     start, stop = bounds[r]
-    chosen = (choose_algorithm(len(flat.data) * dtype.storage.itemsize, n, override=ctx.ring_min_bytes)
-              if algorithm == "auto" else algorithm)
+    chosen = _auto(ctx, len(flat.data) * dtype.storage.itemsize) if algorithm == "auto" else algorithm
     if n > 1 and chosen == "ring":
-        ring.reduce_scatter_inplace(flat.data, ctx.comm, op, dtype, bounds)
+        ring.reduce_scatter_inplace(flat.data, ctx.comm, op, dtype, bounds, scratch=ctx.scratch)
         mine = flat.data[start:stop]
     elif n > 1:
         # native (hierarchical has no reduce-scatter of its own): MPI_Reduce_scatter with counts
@@ -203,9 +186,8 @@ def allgather(x: Any, algorithm: str = "auto", comm: MPI.Comm | None = None, gua
     shape = tuple(x.shape) or (1,)
     flat = to_flat(x, copy=False)
     m = len(flat.data)
-    out = ring._empty_like(flat.data, n * m)
-    chosen = (choose_algorithm(n * m * dtype.storage.itemsize, n, override=ctx.ring_min_bytes)
-              if algorithm == "auto" else algorithm)
+    out = ring._empty_like(n * m, flat.data)
+    chosen = _auto(ctx, n * m * dtype.storage.itemsize) if algorithm == "auto" else algorithm
     if chosen == "ring" or n == 1:
         # place our block, then pass blocks around the ring (n-1 steps)
         out[r * m:(r + 1) * m] = flat.data

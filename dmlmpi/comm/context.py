@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 from mpi4py import MPI
+
+from .select import ring_threshold
 
 _KEYVAL: list[int] = []  # the attribute key, created once per process on first use
 
@@ -20,12 +24,28 @@ class Context:
     """dmlmpi's state for one user communicator."""
 
     comm: MPI.Comm  # private duplicate that carries dmlmpi traffic
+    size: int = 1
+    rank: int = 0
     calls: int = 0  # collectives entered so far on this communicator
     nodes: dict[int, tuple[MPI.Comm, MPI.Comm]] = field(default_factory=dict)  # ranks_per_node -> (local, leaders)
     # settings read from the environment once, when dmlmpi first uses the communicator
     # (an os.environ lookup per call would cost about a microsecond each)
     guard: bool = field(default_factory=lambda: _env_flag("DMLMPI_GUARD", True))
-    ring_min_bytes: int | None = field(default_factory=lambda: _env_int("DMLMPI_RING_MIN_BYTES"))
+    ring_min_bytes: int = 0  # auto's ring/native crossover for this size (DMLMPI_RING_MIN_BYTES overrides)
+    buffers: dict[Any, Any] = field(default_factory=dict)  # reusable host buffers, by (purpose, dtype)
+
+    def scratch(self, n: int, like: Any) -> Any:
+        """A reusable uninitialised 1-D host buffer of n elements of like's dtype (grown on demand).
+
+        Reusing it avoids mapping fresh pages (and taking their page faults) on every large call.
+        """
+        if not isinstance(like, np.ndarray):
+            return like.new_empty(n) if hasattr(like, "new_empty") else type(like)(n, dtype=like.dtype)
+        key = ("scratch", like.dtype)
+        buf = self.buffers.get(key)
+        if buf is None or len(buf) < n:
+            buf = self.buffers[key] = np.empty(n, dtype=like.dtype)
+        return buf[:n]
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -46,6 +66,9 @@ def context(comm: MPI.Comm) -> Context:
         _KEYVAL.append(MPI.Comm.Create_keyval())
     ctx = comm.Get_attr(_KEYVAL[0])
     if ctx is None:
-        ctx = Context(comm.Dup())
+        size = comm.Get_size()
+        override = _env_int("DMLMPI_RING_MIN_BYTES")
+        ctx = Context(comm.Dup(), size, comm.Get_rank(),
+                      ring_min_bytes=ring_threshold(size) if override is None else override)
         comm.Set_attr(_KEYVAL[0], ctx)
     return ctx

@@ -45,18 +45,30 @@ def plan_buckets(nbytes: Sequence[int], keys: Sequence[Any], bucket_bytes: int) 
     return sorted(buckets, key=lambda b: b[0])
 
 
-def pack(tensors: Sequence[Any]) -> Any:
-    """Concatenate same-kind tensors into one new contiguous 1-D array on their device."""
+def pack(tensors: Sequence[Any], out: Any = None) -> Any:
+    """Concatenate same-kind tensors into one contiguous 1-D array on their device (into `out` if given)."""
     kind = kind_of(tensors[0])
     if kind == "numpy":
-        return np.concatenate([np.ravel(t) for t in tensors])
+        return np.concatenate([np.ravel(t) for t in tensors], out=out)
     if kind == "cupy":
         import cupy
 
-        return cupy.concatenate([t.ravel() for t in tensors])
+        return cupy.concatenate([t.ravel() for t in tensors], out=out)
     import torch
 
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
+    return torch.cat([t.detach().reshape(-1) for t in tensors], out=out)
+
+
+def _bucket_buffer(ctx: Any, members: Sequence[Any], length: int) -> Any:
+    """A bucket-sized buffer kept on the communicator's context and reused by later calls.
+
+    Only for in-place calls: their results are copied out, so the next call may overwrite it.
+    """
+    key = ("bucket", _group_key(members[0]), length)
+    buf = ctx.buffers.get(key)
+    if buf is None:
+        buf = ctx.buffers[key] = pack(members)  # first call: allocate by packing
+    return buf
 
 
 def allreduce_fused(tensors: Sequence[Any], op: str = "sum", algorithm: str = "auto",
@@ -70,7 +82,10 @@ def allreduce_fused(tensors: Sequence[Any], op: str = "sum", algorithm: str = "a
     results: list[Any] = list(tensors)
     for bucket in plan_buckets(sizes, [_group_key(t) for t in tensors], bucket_bytes):
         members = [tensors[i] for i in bucket]
-        packed = pack(members)  # a fresh buffer, so it can be reduced in place
+        length = sum(int(math.prod(t.shape)) for t in members)
+        # in place: pack into a kept buffer (no fresh pages per call); else a fresh one, since the
+        # results handed back are views of it
+        packed = pack(members, out=_bucket_buffer(ctx, members, length)) if inplace else pack(members)
         dtype = dtype_of(members[0])
         _enter(ctx, guard, "allreduce_fused", int(math.prod(packed.shape)), dtype, op, algorithm)
         flat = to_flat(packed, copy=False, dtype=dtype)

@@ -7,7 +7,7 @@ The functions work on 1-D numpy arrays, or on device arrays when the MPI is CUDA
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from mpi4py import MPI
 
@@ -28,7 +28,7 @@ def chunk_bounds(length: int, n: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _empty_like(a: Any, n: int) -> Any:
+def _empty_like(n: int, a: Any) -> Any:
     """An uninitialised 1-D array of n elements, of a's kind, dtype and device."""
     if hasattr(a, "new_empty"):
         return a.new_empty(n)  # torch
@@ -36,8 +36,11 @@ def _empty_like(a: Any, n: int) -> Any:
     return mod.empty(n, dtype=a.dtype)
 
 
+Scratch = Callable[[int, Any], Any]  # (n, like) -> a 1-D buffer of n elements of like's dtype
+
+
 def reduce_scatter_inplace(work: Any, comm: MPI.Comm, op: str, dtype: DType,
-                           bounds: list[tuple[int, int]] | None = None) -> tuple[int, int]:
+                           bounds: list[tuple[int, int]] | None = None, scratch: Scratch | None = None) -> tuple[int, int]:
     """Ring reduce-scatter over `work`; afterwards work[start:stop] of this rank's chunk is fully reduced.
 
     Rank r ends up owning chunk r of `bounds` (default chunk_bounds(len(work), size)); returns it.
@@ -47,7 +50,8 @@ def reduce_scatter_inplace(work: Any, comm: MPI.Comm, op: str, dtype: DType,
     if n == 1:
         return bounds[0]
     right, left = (r + 1) % n, (r - 1) % n
-    tmp = _empty_like(work, max(b - a for a, b in bounds))  # one receive buffer, reused every step
+    # one receive buffer for all steps (reused across calls when the caller keeps one)
+    tmp = (scratch or _empty_like)(max(b - a for a, b in bounds), work)
     for step in range(n - 1):
         # step s: pass our partial sum of chunk r-s-1 to the right; take the left's partial of
         # chunk r-s-2 and add our own elements to it. After n-1 steps chunk r has every rank's term.
@@ -74,7 +78,7 @@ def allgather_inplace(work: Any, comm: MPI.Comm, bounds: list[tuple[int, int]] |
         comm.Sendrecv(work[s0:s1], dest=right, sendtag=TAG_AG, recvbuf=work[r0:r1], source=left, recvtag=TAG_AG)
 
 
-def allreduce_inplace(work: Any, comm: MPI.Comm, op: str, dtype: DType) -> None:
+def allreduce_inplace(work: Any, comm: MPI.Comm, op: str, dtype: DType, scratch: Scratch | None = None) -> None:
     """Ring all-reduce = ring reduce-scatter, then ring all-gather of the reduced chunks."""
-    reduce_scatter_inplace(work, comm, op, dtype)
+    reduce_scatter_inplace(work, comm, op, dtype, scratch=scratch)
     allgather_inplace(work, comm)

@@ -1,0 +1,28 @@
+"""Which all-reduce algorithm `auto` runs: pure functions of message size and world size.
+
+Crossover points were measured with `python -m dmlmpi.bench allreduce` on the 2-core development
+machine (Open MPI 5 wheel): native MPI_Allreduce wins small messages (one C call, latency-optimal
+algorithms); the ring wins large ones (Open MPI maps a fresh temporary buffer per call and pays its
+page faults; the ring reuses one chunk-sized buffer).
+"""
+from __future__ import annotations
+
+# smallest message (bytes) for which `auto` takes the ring, by world size; sizes between entries use
+# the nearest smaller world size (DMLMPI_RING_MIN_BYTES overrides the table)
+RING_MIN_BYTES = {2: 32 << 20, 4: 32 << 20, 8: 32 << 20}
+
+
+def ring_threshold(world: int, table: dict[int, int] | None = None) -> int:
+    """Smallest message in bytes that `auto` sends through the ring on `world` ranks."""
+    table = RING_MIN_BYTES if table is None else table
+    fitting = [w for w in table if w <= world]
+    return table[max(fitting)] if fitting else table[min(table)]
+
+
+def choose_algorithm(nbytes: int, world: int, table: dict[int, int] | None = None,
+                     override: int | None = None) -> str:
+    """The algorithm `auto` runs for a message of `nbytes` on `world` ranks."""
+    if world == 1:
+        return "mpi"
+    threshold = ring_threshold(world, table) if override is None else override
+    return "ring" if nbytes >= threshold else "mpi"
