@@ -174,9 +174,16 @@ def test_fused_allreduce(bucket_bytes: int) -> None:
     for g, e, t in zip(got, expect, tensors):
         assert g.dtype == t.dtype and g.shape == t.shape
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+    copies = [t.clone() for t in tensors]
     allreduce_fused(tensors, op="avg", bucket_bytes=bucket_bytes, inplace=True)
     for g, t in zip(got, tensors):
         torch.testing.assert_close(t, g, rtol=1e-6, atol=1e-6)
+    # a second in-place call reuses the kept bucket buffers: still right, nothing stale
+    for c in copies:
+        c.mul_(2)
+    allreduce_fused(copies, op="avg", bucket_bytes=bucket_bytes, inplace=True)
+    for g, c in zip(got, copies):
+        torch.testing.assert_close(c, 2 * g, rtol=1e-6, atol=1e-6)
 
 
 def test_fused_numpy() -> None:
