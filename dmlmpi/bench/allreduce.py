@@ -37,6 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-fusion", action="store_true", help="skip the fusion measurement")
     p.add_argument("--json", help="write one record per (algorithm, bytes) to this path")
     p.add_argument("--plot", help="draw busbw against size per algorithm to this PNG")
+    p.add_argument("--markdown", action="store_true", help="also print the medians as a Markdown table")
     args = p.parse_args(argv)
     for a in args.algorithms.split(","):
         if a not in ALGOS:
@@ -146,14 +147,28 @@ def targets(records: list[dict[str, Any]]) -> list[str]:
         if ("auto-noguard", b) in by and ("auto", b) in by:
             cost = by[("auto", b)]["time_s_median"] - by[("auto-noguard", b)]["time_s_median"]
             lines.append(f"guard cost at {human_bytes(b):>4}: {cost * 1e6:+8.1f} us per call")
-    f, e = by.get(("fusion:fused", None)), None
     fus = [r for r in records if r["algorithm"] == "fusion:fused"]
     one = [r for r in records if r["algorithm"] == "fusion:one-call-each"]
     if fus and one:
         ratio = one[0]["time_s_median"] / fus[0]["time_s_median"]
         lines.append(f"fusion: fused is {ratio:.1f}x faster than one call each (>=5x: {'PASS' if ratio >= 5 else 'MISS'})")
-    del f, e
     return lines
+
+
+def markdown(records: list[dict[str, Any]]) -> str:
+    """Median microseconds per size and algorithm (min-max below), with auto's ratio to native."""
+    algos = [a for a in ALGOS if any(r["algorithm"] == a for r in records)]
+    by = {(r["algorithm"], r["bytes"]): r for r in records}
+    sizes = sorted({r["bytes"] for r in records if not r["algorithm"].startswith("fusion")})
+    lines = ["| size | " + " | ".join(algos) + " | auto / native |", "|---" * (len(algos) + 2) + "|"]
+    for b in sizes:
+        cells = []
+        for a in algos:
+            r = by.get((a, b))
+            cells.append("" if r is None else f"{r['time_s_median'] * 1e6:.0f} ({r['time_s_min'] * 1e6:.0f}-{r['time_s_max'] * 1e6:.0f})")
+        ratio = by[("auto", b)]["time_s_median"] / by[("native", b)]["time_s_median"] if ("auto", b) in by and ("native", b) in by else float("nan")
+        lines.append(f"| {human_bytes(b)} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+    return "\n".join(lines)
 
 
 def plot(records: list[dict[str, Any]], path: str) -> None:
@@ -196,6 +211,8 @@ def main(argv: list[str]) -> int:
                                   ("spread", "min-max(us)", ""), ("algbw_GBps", "algbw(GB/s)", ".3f"),
                                   ("busbw_GBps", "busbw(GB/s)", ".3f"), ("wrong", "#wrong", "")]))
         print("\n".join(["", "# targets (medians of this run)"] + targets(records)))
+        if args.markdown:
+            print("\n" + markdown(records))
         if args.json:
             write_json(args.json, records)
         if args.plot:

@@ -154,7 +154,7 @@ def to_flat(x: Any, copy: bool, dtype: DType | None = None, device_direct: bool 
     dtype = dtype_of(x) if dtype is None else dtype
     shape = tuple(x.shape)
     view = not copy and _contiguous(x, kind)  # else one gathering copy
-    if not is_gpu(x):
+    if kind == "numpy" or (kind == "torch" and not x.is_cuda):
         host = _host_view(x, kind, dtype)
         data = host.reshape(-1) if view else np.array(host, copy=True).reshape(-1)
         return Flat(data, kind, dtype, shape, x.device if kind == "torch" else None, False, view)

@@ -47,6 +47,20 @@ def _enter(ctx: Context, guard: bool | None, collective: str, length: int, dtype
         _guard.check(ctx, _guard.signature(collective, length, dtype.code, op, algorithm, root, ctx.calls))
 
 
+def _begin(x: Any, comm: MPI.Comm | None, guard: bool | None, collective: str, op: str | None,
+           algorithm: str, root: int = 0) -> tuple[Context, DType]:
+    """Validate the arguments, find the communicator's context, and pass the guard."""
+    if op is not None:
+        check_op(op)
+    _check_algorithm(algorithm)
+    dtype = dtype_of(x)
+    ctx = context(_comm(comm))
+    if not 0 <= root < ctx.size:
+        raise ValueError(f"dmlmpi.comm.{collective}: root {root} is not a rank of a {ctx.size}-rank communicator")
+    _enter(ctx, guard, collective, _numel(x), dtype, op, algorithm, root)
+    return ctx, dtype
+
+
 def _numel(x: Any) -> int:
     """Number of elements of any supported array."""
     return int(math.prod(x.shape))
@@ -117,11 +131,7 @@ def allreduce_flat(data: Any, dtype: DType, op: str, algorithm: str, ctx: Contex
 def allreduce(x: Any, op: str = "sum", algorithm: str = "auto", comm: MPI.Comm | None = None,
               inplace: bool = False, guard: bool | None = None) -> Any:
     """Reduce `x` element-wise over all ranks; every rank gets the result (same kind and device as x)."""
-    check_op(op)
-    _check_algorithm(algorithm)
-    dtype = dtype_of(x)
-    ctx = context(_comm(comm))
-    _enter(ctx, guard, "allreduce", _numel(x), dtype, op, algorithm)
+    ctx, dtype = _begin(x, comm, guard, "allreduce", op, algorithm)
     flat = to_flat(x, copy=not inplace, dtype=dtype)
     allreduce_flat(flat.data, dtype, op, algorithm, ctx)
     return write_back(flat, x) if inplace else to_result(flat, flat.data, flat.shape)
@@ -137,12 +147,8 @@ def _row_bounds(shape: tuple[int, ...], n: int) -> tuple[list[tuple[int, int]], 
 def reduce_scatter(x: Any, op: str = "sum", algorithm: str = "auto", comm: MPI.Comm | None = None,
                    guard: bool | None = None) -> Any:
     """Reduce `x` over all ranks and give rank r its rows of dimension 0 (split by ring.chunk_bounds)."""
-    check_op(op)
-    _check_algorithm(algorithm)
-    dtype = dtype_of(x)
-    ctx = context(_comm(comm))
-    _enter(ctx, guard, "reduce_scatter", _numel(x), dtype, op, algorithm)
-    n, r = ctx.comm.Get_size(), ctx.comm.Get_rank()
+    ctx, dtype = _begin(x, comm, guard, "reduce_scatter", op, algorithm)
+    n, r = ctx.size, ctx.rank
     shape = tuple(x.shape) or (1,)
     rows, bounds = _row_bounds(shape, n)
     flat = to_flat(x, copy=True)
@@ -178,11 +184,8 @@ def _native_reduce_scatter(flat: Flat, comm: MPI.Comm, op: str, dtype: DType,
 
 def allgather(x: Any, algorithm: str = "auto", comm: MPI.Comm | None = None, guard: bool | None = None) -> Any:
     """Concatenate every rank's `x` (same shape on all ranks) along dimension 0, in rank order."""
-    _check_algorithm(algorithm)
-    dtype = dtype_of(x)
-    ctx = context(_comm(comm))
-    _enter(ctx, guard, "allgather", _numel(x), dtype, None, algorithm)
-    n, r = ctx.comm.Get_size(), ctx.comm.Get_rank()
+    ctx, dtype = _begin(x, comm, guard, "allgather", None, algorithm)
+    n, r = ctx.size, ctx.rank
     shape = tuple(x.shape) or (1,)
     flat = to_flat(x, copy=False)
     m = len(flat.data)
@@ -200,12 +203,8 @@ def allgather(x: Any, algorithm: str = "auto", comm: MPI.Comm | None = None, gua
 def broadcast(x: Any, root: int = 0, comm: MPI.Comm | None = None, inplace: bool = False,
               guard: bool | None = None) -> Any:
     """Every rank gets root's `x` (same kind and device); with inplace=True, written into x."""
-    dtype = dtype_of(x)
-    ctx = context(_comm(comm))
-    if not 0 <= root < ctx.comm.Get_size():
-        raise ValueError(f"dmlmpi.comm.broadcast: root {root} is not a rank of a {ctx.comm.Get_size()}-rank communicator")
-    _enter(ctx, guard, "broadcast", _numel(x), dtype, None, "mpi", root)
+    ctx, _ = _begin(x, comm, guard, "broadcast", None, "mpi", root)
     flat = to_flat(x, copy=not inplace)
-    if ctx.comm.Get_size() > 1 and len(flat.data) > 0:
+    if ctx.size > 1 and len(flat.data) > 0:
         ctx.comm.Bcast(flat.data, root=root)
     return write_back(flat, x) if inplace else to_result(flat, flat.data, flat.shape)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 # smallest message (bytes) for which `auto` takes the ring, by world size; sizes between entries use
 # the nearest smaller world size (DMLMPI_RING_MIN_BYTES overrides the table)
-RING_MIN_BYTES = {2: 32 << 20, 4: 32 << 20, 8: 32 << 20}
+RING_MIN_BYTES = {2: 32 << 20, 4: 16 << 20, 8: 32 << 20}
 
 
 def ring_threshold(world: int, table: dict[int, int] | None = None) -> int:
