@@ -18,7 +18,7 @@ import numpy as np
 from .dtypes import DType, lookup
 
 
-@dataclass
+@dataclass(slots=True)
 class Flat:
     """A tensor as one contiguous 1-D buffer, with what is needed to hand back the same kind."""
 
@@ -152,11 +152,14 @@ def to_flat(x: Any, copy: bool, dtype: DType | None = None, device_direct: bool 
     """Flatten `x` for MPI; with copy=False the result shares memory with a contiguous `x`."""
     kind = kind_of(x)
     dtype = dtype_of(x) if dtype is None else dtype
-    shape = tuple(x.shape)
+    shape = x.shape  # a tuple (torch.Size is one too)
     view = not copy and _contiguous(x, kind)  # else one gathering copy
     if kind == "numpy" or (kind == "torch" and not x.is_cuda):
         host = _host_view(x, kind, dtype)
-        data = host.reshape(-1) if view else np.array(host, copy=True).reshape(-1)
+        if view:
+            data = host if host.ndim == 1 else host.reshape(-1)
+        else:
+            data = np.array(host, copy=True).reshape(-1)
         return Flat(data, kind, dtype, shape, x.device if kind == "torch" else None, False, view)
     device = x.device
     direct = cuda_aware() if device_direct is None else device_direct

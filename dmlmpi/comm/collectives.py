@@ -63,7 +63,7 @@ def _begin(x: Any, comm: MPI.Comm | None, guard: bool | None, collective: str, o
 
 def _numel(x: Any) -> int:
     """Number of elements of any supported array."""
-    return int(math.prod(x.shape))
+    return x.size if isinstance(x, np.ndarray) else int(math.prod(x.shape))
 
 
 def _upcast(data: Any, dtype: DType) -> Any:
