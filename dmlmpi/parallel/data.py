@@ -1,0 +1,218 @@
+"""DataParallel: every rank holds the whole model; gradients are averaged over ranks during backward.
+
+The semantics are PyTorch DDP's: parameters and buffers are broadcast from rank 0 at start; after
+`loss.backward()` returns, every `.grad` holds the average over ranks; nothing else to call.
+
+How: parameters are grouped, in reverse registration order (roughly the order backward produces
+their gradients), into buckets of up to `bucket_mb` MiB. A hook on each parameter copies its fresh
+gradient into its bucket; when a bucket is full it is handed to a communication thread, which
+all-reduces it (ring, native or hierarchical, through dmlmpi.comm) while backward goes on computing
+earlier layers. Buckets are launched strictly in bucket order, so every rank issues the same
+collectives in the same order even when some parameters get no gradient on some ranks. When
+backward ends, buckets still waiting (parameters without a gradient count as zeros) are launched,
+all are awaited, and the averages are copied back into `.grad`.
+"""
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from typing import Any, Callable, Iterator
+
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from dmlmpi import comm as dcomm
+from dmlmpi.comm.fusion import plan_buckets
+
+COMPRESSION = {None: None, "none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class CommThread:
+    """One background thread that runs submitted communication jobs in submission order."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[tuple[Callable[[], Any], "Future"] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="dmlmpi-comm", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        """Take jobs one by one; MPI calls release the GIL, so backward keeps computing meanwhile."""
+        while (item := self._jobs.get()) is not None:
+            job, future = item
+            try:
+                future.set(job(), None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                future.set(None, exc)
+
+    def submit(self, job: Callable[[], Any]) -> "Future":
+        """Queue `job`; the returned Future's result() waits for it."""
+        future = Future()
+        self._jobs.put((job, future))
+        return future
+
+    def close(self) -> None:
+        """Stop the thread after the jobs already queued."""
+        self._jobs.put(None)
+        self._thread.join()
+
+
+class Future:
+    """The result of a CommThread job."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def set(self, value: Any, error: BaseException | None) -> None:
+        """Record the outcome (called by the communication thread)."""
+        self._value, self._error = value, error
+        self._done.set()
+
+    def result(self) -> Any:
+        """Wait for the job; re-raise its exception here."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class Bucket:
+    """A flat gradient buffer for a group of parameters, and which of them have arrived."""
+
+    def __init__(self, params: list[nn.Parameter], dtype: torch.dtype) -> None:
+        self.params = params
+        sizes = [p.numel() for p in params]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.buffer = torch.zeros(sum(sizes), dtype=dtype, device=params[0].device)
+        self.arrived = [False] * len(params)  # which gradients this backward pass has delivered
+        self.pending = len(params)
+        self.future: Future | None = None
+
+    def reset(self) -> None:
+        """Ready for the next backward pass."""
+        self.arrived = [False] * len(self.params)
+        self.pending = len(self.params)
+        self.future = None
+
+    def view(self, i: int) -> torch.Tensor:
+        """The slot of the i-th parameter, shaped like it."""
+        p = self.params[i]
+        return self.buffer[self.offsets[i]:self.offsets[i] + p.numel()].view_as(p)
+
+
+class DataParallel(nn.Module):
+    """Wrap `module` so that backward averages its gradients over the ranks of `comm`."""
+
+    def __init__(self, module: nn.Module, comm: MPI.Comm | None = None, bucket_mb: float = 25.0,
+                 algorithm: str = "auto", compression: str | None = None, broadcast_buffers: bool = True) -> None:
+        super().__init__()
+        if compression not in COMPRESSION:
+            raise ValueError(f"DataParallel: compression must be one of none, fp16, bf16; got {compression!r}")
+        if algorithm not in dcomm.ALGORITHMS:
+            raise ValueError(f"DataParallel: unknown algorithm {algorithm!r}; choose from {', '.join(dcomm.ALGORITHMS)}")
+        if bucket_mb <= 0:
+            raise ValueError(f"DataParallel: bucket_mb must be positive, got {bucket_mb}")
+        self.module = module
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.algorithm = algorithm
+        self.broadcast_buffers = broadcast_buffers
+        self._wire_dtype = COMPRESSION[compression]
+        self._sync = True
+        self._backward_queued = False
+        self._thread = CommThread()
+        self._broadcast_state()
+        self._buckets, self._where = self._make_buckets(int(bucket_mb * (1 << 20)))
+        for p in self.module.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._on_grad)
+
+    # -- start -------------------------------------------------------------------------------
+    def _broadcast_state(self) -> None:
+        """Every rank starts from rank 0's parameters and buffers."""
+        with torch.no_grad():
+            for t in list(self.module.parameters()) + list(self.module.buffers()):
+                # broadcast from rank 0, written into the tensor's own memory
+                dcomm.broadcast(t.data, root=0, comm=self.comm, inplace=True)
+
+    def _make_buckets(self, bucket_bytes: int) -> tuple[list[Bucket], dict[nn.Parameter, tuple[int, int]]]:
+        """Buckets over the parameters in reverse order, grouped by device and dtype."""
+        params = [p for p in self.module.parameters() if p.requires_grad][::-1]
+        dtypes = [self._wire_dtype or p.dtype for p in params]
+        plan = plan_buckets([p.numel() * d.itemsize for p, d in zip(params, dtypes)],
+                            [(p.device, d) for p, d in zip(params, dtypes)], bucket_bytes)
+        buckets = [Bucket([params[i] for i in idx], dtypes[idx[0]]) for idx in plan]
+        where = {p: (b, i) for b, bucket in enumerate(buckets) for i, p in enumerate(bucket.params)}
+        return buckets, where
+
+    # -- during backward ---------------------------------------------------------------------
+    def _on_grad(self, p: nn.Parameter) -> None:
+        """A parameter's gradient is ready: copy it into its bucket; launch buckets that are full."""
+        if not self._sync:
+            return  # no_sync(): gradients just accumulate in .grad
+        if not self._backward_queued:
+            # run _finish once, when the autograd engine has finished this backward pass
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+            self._backward_queued = True
+        b, i = self._where[p]
+        bucket = self._buckets[b]
+        bucket.view(i).copy_(p.grad)
+        bucket.arrived[i] = True
+        bucket.pending -= 1
+        self._launch_ready()
+
+    def _launch_ready(self, flush: bool = False) -> None:
+        """Launch buckets in bucket order while the next one is full (or all of them, when flushing)."""
+        for bucket in self._buckets:
+            if bucket.future is not None:
+                continue
+            if bucket.pending > 0 and not flush:
+                return  # an earlier bucket is incomplete: later ones wait, so all ranks keep one order
+            if bucket.pending > 0:
+                # parameters that got no gradient in this pass contribute what .grad holds (zeros
+                # if none): every rank still reduces every bucket, so nobody waits forever
+                for i, p in enumerate(bucket.params):
+                    if not bucket.arrived[i]:
+                        bucket.view(i).copy_(p.grad) if p.grad is not None else bucket.view(i).zero_()
+            bucket.future = self._thread.submit(self._allreduce_job(bucket.buffer))
+
+    def _allreduce_job(self, buffer: torch.Tensor) -> Callable[[], Any]:
+        """The communication thread's job: average one bucket over the ranks, in place."""
+        return lambda: dcomm.allreduce(buffer, op="avg", algorithm=self.algorithm, comm=self.comm, inplace=True)
+
+    def _finish(self) -> None:
+        """End of backward: launch what is left, wait for every bucket, hand averages to .grad."""
+        self._backward_queued = False
+        self._launch_ready(flush=True)
+        for bucket in self._buckets:
+            bucket.future.result()  # re-raises a communication error here, in the training thread
+            for i, p in enumerate(bucket.params):
+                if p.grad is None:
+                    p.grad = bucket.view(i).to(p.dtype).clone()
+                else:
+                    p.grad.copy_(bucket.view(i))
+            bucket.reset()
+
+    # -- user API ----------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the wrapped module (buffers such as BatchNorm statistics first come from rank 0)."""
+        if self.broadcast_buffers and self._sync:
+            with torch.no_grad():
+                for buf in self.module.buffers():
+                    dcomm.broadcast(buf.data, root=0, comm=self.comm, inplace=True)
+        return self.module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Inside, backward only accumulates local gradients; the next synced backward averages the sum."""
+        self._sync = False
+        try:
+            yield
+        finally:
+            self._sync = True
+
+    def close(self) -> None:
+        """Stop the communication thread."""
+        self._thread.close()

@@ -1,0 +1,139 @@
+"""DataParallel against single-process training on the same global batch, at any world size."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from dmlmpi.data import rank_share
+from dmlmpi.parallel import DataParallel
+
+pytestmark = pytest.mark.mpi
+
+WORLD = MPI.COMM_WORLD
+RANK, SIZE = WORLD.Get_rank(), WORLD.Get_size()
+
+
+def make_model(seed: int = 0) -> nn.Sequential:
+    """A small CNN+MLP with several parameter tensors of different sizes."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Unflatten(1, (1, 40)), nn.Conv1d(1, 8, 5, stride=2), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 18, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def data(n: int = 64, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random global data on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 40, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def local_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, global_batch: int) -> torch.Tensor:
+    """This rank's share of the global mean loss, scaled by the world size (DataParallel averages)."""
+    return nn.functional.cross_entropy(model(x), y, reduction="sum") * SIZE / global_batch
+
+
+def train_reference(steps: int, batch: int, lr: float = 0.05) -> list[torch.Tensor]:
+    """Single-process training on the whole global batch."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    x, y = data()
+    for s in range(steps):
+        idx = torch.arange(s * batch, (s + 1) * batch) % len(x)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "ring", "mpi"])
+@pytest.mark.parametrize("bucket_mb", [0.001, 25.0])
+def test_matches_single_process(algorithm: str, bucket_mb: float) -> None:
+    """N ranks with global batch B equal one process with batch B, parameters after 5 steps."""
+    steps, batch = 5, 13  # 13 does not divide evenly over 2, 3, 4 or 8 ranks
+    expect = train_reference(steps, batch)
+    torch.manual_seed(100 + RANK)  # different init on each rank: the broadcast must fix it
+    model = DataParallel(make_model(seed=RANK), bucket_mb=bucket_mb, algorithm=algorithm)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = data()
+    for s in range(steps):
+        idx = rank_share((torch.arange(s * batch, (s + 1) * batch) % len(x)).numpy(), RANK, SIZE)
+        opt.zero_grad()
+        local_loss(model, x[idx], y[idx], batch).backward()
+        opt.step()
+    for got, want in zip(model.parameters(), expect):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+    model.close()
+
+
+def test_no_sync_accumulates_then_averages() -> None:
+    """Two micro-batches under no_sync + one synced equal the gradient of the whole batch."""
+    x, y = data(24)
+    ref = make_model()
+    nn.functional.cross_entropy(ref(x), y).backward()
+    model = DataParallel(make_model(), bucket_mb=0.001)
+    parts = np.array_split(np.arange(24), 3)
+    for k, part in enumerate(parts):
+        mine = rank_share(part, RANK, SIZE)
+        ctx = model.no_sync() if k < 2 else torch.enable_grad()
+        with ctx:
+            loss = nn.functional.cross_entropy(model(x[mine]), y[mine], reduction="sum") * SIZE / 24
+            loss.backward()
+    for got, want in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-6)
+    model.close()
+
+
+class TwoHeads(nn.Module):
+    """A model whose second head is used only on some ranks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 1), nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+        h = self.body(x)
+        return self.a(h) + (self.b(h) if use_b else 0)
+
+
+def test_unused_parameters_do_not_hang() -> None:
+    """Only even ranks use head b: the step completes and b's gradient is the average (zeros elsewhere)."""
+    model = DataParallel(TwoHeads(), bucket_mb=0.0001)
+    x = torch.ones(2, 4)
+    for _ in range(2):  # twice: buckets must reset between passes
+        model.zero_grad()
+        model(x, use_b=RANK % 2 == 0).sum().backward()
+    users = [r for r in range(SIZE) if r % 2 == 0]
+    ref = TwoHeads()
+    ref(x, use_b=True).sum().backward()
+    torch.testing.assert_close(model.module.b.weight.grad, ref.b.weight.grad * len(users) / SIZE)
+    torch.testing.assert_close(model.module.a.weight.grad, ref.a.weight.grad)
+    model.close()
+
+
+@pytest.mark.parametrize("compression", ["fp16", "bf16"])
+def test_compression_close_to_full_precision(compression: str) -> None:
+    """16-bit gradients on the wire: close to the float32 average, parameters stay float32."""
+    x, y = data(16)
+    mine = rank_share(np.arange(16), RANK, SIZE)
+    full = DataParallel(make_model(), bucket_mb=0.001)
+    half = DataParallel(make_model(), bucket_mb=0.001, compression=compression)
+    for m in (full, half):
+        local_loss(m, x[mine], y[mine], 16).backward()
+    tol = 2e-2 if compression == "bf16" else 2e-3
+    for a, b in zip(full.parameters(), half.parameters()):
+        assert b.grad.dtype == torch.float32
+        torch.testing.assert_close(b.grad, a.grad, rtol=tol, atol=tol)
+    full.close(), half.close()
+
+
+def test_bad_settings_are_refused() -> None:
+    """Clear errors for bad options, before any communication."""
+    with pytest.raises(ValueError, match="compression"):
+        DataParallel(make_model(), compression="int8")
+    with pytest.raises(ValueError, match="algorithm"):
+        DataParallel(make_model(), algorithm="tree")
+    with pytest.raises(ValueError, match="bucket_mb"):
+        DataParallel(make_model(), bucket_mb=0)
