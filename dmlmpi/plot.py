@@ -1,0 +1,265 @@
+"""`python -m dmlmpi.plot RUN_DIR [--out DIR]`: PNGs of a run's metrics.jsonl and trace.json.
+
+Writes `loss.png` (training loss, and test loss when logged), `accuracy.png` (test accuracy, when
+logged) and `timeline.png` (one row per rank, one bar per span coloured by category, a window of
+the trace when it is long). A missing input is skipped with a note; neither one -> exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from typing import Any
+
+CATEGORY_COLORS = {"compute": "tab:blue", "comm": "tab:orange"}
+OTHER_COLORS = ["tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan"]
+STEP_NAME = re.compile(r"^(train[ _])?step\b", re.IGNORECASE)  # spans that mark one training step
+
+
+def note(msg: str) -> None:
+    """A remark on stderr (stdout lists the files written)."""
+    print(f"dmlmpi.plot: {msg}", file=sys.stderr)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(prog="python -m dmlmpi.plot", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory with metrics.jsonl and/or trace.json")
+    p.add_argument("--out", default=None, help="folder for the PNGs (default: RUN_DIR)")
+    p.add_argument("--window-ms", type=float, default=250.0,
+                   help="a longer trace is drawn as its last 2 steps, or else its first this many ms")
+    return p.parse_args(argv)
+
+
+# ---- metrics -----------------------------------------------------------------------------------
+
+
+def _number(value: Any) -> bool:
+    """Whether `value` is a real finite number (bools and NaN are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The JSON objects of a .jsonl file; lines that are not objects are skipped with a note."""
+    records, bad = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                bad += 1
+    if bad:
+        note(f"{path}: skipped {bad} line(s) that are not JSON objects")
+    return records
+
+
+def x_key(records: list[dict[str, Any]], ykey: str, prefer: tuple[str, ...]) -> str | None:
+    """The first key of `prefer` that some record holding `ykey` has as a number."""
+    for key in prefer:
+        if any(_number(r.get(ykey)) and _number(r.get(key)) for r in records):
+            return key
+    return None
+
+
+def series(records: list[dict[str, Any]], ykey: str, xkey: str | None) -> tuple[list[float], list[float]]:
+    """(x, y) of the records with a numeric `ykey`; a record without `xkey` takes the last one seen before it."""
+    xs, ys, last_x = [], [], None
+    for i, r in enumerate(records):
+        if xkey is None:
+            x = i
+        elif _number(r.get(xkey)):
+            x = last_x = r[xkey]
+        else:
+            x = last_x
+        if x is not None and _number(r.get(ykey)):
+            xs.append(x)
+            ys.append(r[ykey])
+    return xs, ys
+
+
+def plot_loss(records: list[dict[str, Any]], path: str) -> bool:
+    """loss.png: training loss (and test loss) against step or epoch; False if there is no loss."""
+    xkey = x_key(records, "loss", ("step", "epoch"))
+    train = series(records, "loss", xkey)
+    test = series(records, "test_loss", xkey or x_key(records, "test_loss", ("step", "epoch")))
+    if not train[0] and not test[0]:
+        return False
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (xs, ys), label in ((train, "training loss"), (test, "test loss")):
+        if xs:
+            ax.plot(xs, ys, marker="o" if len(xs) <= 50 else None, markersize=3, label=label)
+    ax.set_xlabel(xkey or "record")
+    ax.set_ylabel("loss")
+    if all(y > 0 for y in train[1] + test[1]) and max(train[1] + test[1]) > 20 * min(train[1] + test[1]):
+        ax.set_yscale("log")
+    ax.set_title("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_accuracy(records: list[dict[str, Any]], path: str) -> bool:
+    """accuracy.png: test accuracy against epoch (or step); False if none was logged."""
+    xkey = x_key(records, "test_accuracy", ("epoch", "step"))
+    xs, ys = series(records, "test_accuracy", xkey)
+    if not xs:
+        return False
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(xs, ys, marker="o" if len(xs) <= 50 else None, markersize=3, color="tab:green")
+    ax.set_xlabel(xkey or "record")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"test accuracy (last {ys[-1]:.4f}, best {max(ys):.4f})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---- timeline ----------------------------------------------------------------------------------
+
+
+def read_spans(trace: dict[str, Any]) -> tuple[list[tuple[int, str, str, float, float]], list[tuple[int, float]]]:
+    """Complete events as (rank, category, name, start ms, duration ms) and instants as (rank, ms)."""
+    spans, instants = [], []
+    for e in trace.get("traceEvents", []):
+        if not isinstance(e, dict) or not _number(e.get("ts")) or not isinstance(e.get("pid"), int):
+            continue
+        if e.get("ph") == "X" and _number(e.get("dur")):
+            spans.append((e["pid"], str(e.get("cat", "other")), str(e.get("name", "")),
+                          e["ts"] / 1000.0, max(0.0, e["dur"]) / 1000.0))
+        elif e.get("ph") in ("i", "I"):
+            instants.append((e["pid"], e["ts"] / 1000.0))
+    return spans, instants
+
+
+def choose_window(spans: list[tuple[int, str, str, float, float]], window_ms: float) -> tuple[float, float, str]:
+    """(start ms, end ms, description): the whole trace, its last 2 steps, or its first window_ms."""
+    lo = min(s[3] for s in spans)
+    hi = max(s[3] + s[4] for s in spans)
+    if hi - lo <= window_ms:
+        return lo, hi, f"whole trace, {hi - lo:.1f} ms"
+    first_rank = min(s[0] for s in spans)
+    steps = sorted((s for s in spans if s[0] == first_rank and (s[1] == "step" or STEP_NAME.match(s[2]))),
+                   key=lambda s: s[3])
+    if steps:
+        last = steps[-2:]
+        return (last[0][3], last[-1][3] + last[-1][4],
+                f"last {len(last)} of {len(steps)} steps (trace is {hi - lo:.0f} ms)")
+    return lo, lo + window_ms, f"first {window_ms:g} ms of {hi - lo:.0f} ms"
+
+
+def category_colors(categories: list[str]) -> dict[str, str]:
+    """compute blue, comm orange, every other category its own colour."""
+    others = iter(OTHER_COLORS * (1 + len(categories) // len(OTHER_COLORS)))
+    return {c: CATEGORY_COLORS.get(c) or next(others) for c in categories}
+
+
+def plot_timeline(trace: dict[str, Any], path: str, window_ms: float) -> bool:
+    """timeline.png: one row per rank, a lane per category, a bar per span; False if no spans."""
+    spans, instants = read_spans(trace)
+    if not spans:
+        return False
+    lo, hi, window = choose_window(spans, window_ms)
+    ranks = sorted({s[0] for s in spans})
+    present = {s[1] for s in spans}
+    cats = [c for c in CATEGORY_COLORS if c in present] + sorted(present - set(CATEGORY_COLORS))
+    colors = category_colors(cats)
+    lane_h = 0.8 / len(cats)
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.55 * len(ranks) * max(1, len(cats) / 2)))
+    for row, rank in enumerate(ranks):
+        for lane, cat in enumerate(cats):
+            # spans that overlap the window, clipped to it
+            bars = [(max(s[3], lo), min(s[3] + s[4], hi) - max(s[3], lo)) for s in spans
+                    if s[0] == rank and s[1] == cat and s[3] <= hi and s[3] + s[4] >= lo]
+            if bars:
+                y = row - 0.4 + lane * lane_h
+                ax.broken_barh(bars, (y, lane_h * 0.9), facecolors=colors[cat], linewidth=0, label=cat)
+        marks = [t for r, t in instants if r == rank and lo <= t <= hi]
+        if marks:
+            ax.vlines(marks, row - 0.45, row + 0.45, colors="black", linewidth=0.8)
+    ax.set_yticks(range(len(ranks)), [f"rank {r}" for r in ranks])
+    ax.set_ylim(len(ranks) - 0.5, -0.5)  # rank 0 on top
+    ax.set_xlim(lo, hi if hi > lo else lo + 1e-3)
+    ax.set_xlabel("time (ms)")
+    dropped = (trace.get("otherData") or {}).get("dropped_total") or 0
+    ax.set_title(f"timeline: {window}" + (f"; {dropped} events dropped" if dropped else ""))
+    ax.grid(axis="x", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))  # one legend entry per category
+    ax.legend(unique.values(), unique.keys(), loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the PNGs for one run directory and print their paths; 2 if there is nothing to read."""
+    args = parse_args(argv)
+    metrics_path = os.path.join(args.run_dir, "metrics.jsonl")
+    trace_path = os.path.join(args.run_dir, "trace.json")
+    have_metrics, have_trace = os.path.isfile(metrics_path), os.path.isfile(trace_path)
+    if not have_metrics and not have_trace:
+        print(f"dmlmpi.plot: error: neither metrics.jsonl nor trace.json in {args.run_dir!r}", file=sys.stderr)
+        return 2
+    import matplotlib
+    matplotlib.use("Agg")
+    out = args.out or args.run_dir
+    os.makedirs(out, exist_ok=True)
+    written = []
+    if have_metrics:
+        records = read_metrics(metrics_path)
+        for name, fn, what in (("loss.png", plot_loss, "loss"), ("accuracy.png", plot_accuracy, "test_accuracy")):
+            if fn(records, os.path.join(out, name)):
+                written.append(os.path.join(out, name))
+            else:
+                note(f"no {what} in {metrics_path}: {name} skipped")
+    else:
+        note(f"no {metrics_path}: loss.png and accuracy.png skipped")
+    if have_trace:
+        try:
+            with open(trace_path, encoding="utf-8") as f:
+                trace = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            note(f"{trace_path} is not valid JSON ({exc}): timeline.png skipped")
+            trace = None
+        if isinstance(trace, list):  # the trace format also allows a bare array of events
+            trace = {"traceEvents": trace}
+        if isinstance(trace, dict):
+            if plot_timeline(trace, os.path.join(out, "timeline.png"), args.window_ms):
+                written.append(os.path.join(out, "timeline.png"))
+            else:
+                note(f"no complete events in {trace_path}: timeline.png skipped")
+    else:
+        note(f"no {trace_path}: timeline.png skipped")
+    for path in written:
+        print(path)
+    if not written:
+        print(f"dmlmpi.plot: error: nothing to plot in {args.run_dir!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
