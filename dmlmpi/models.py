@@ -1,8 +1,13 @@
 """Reference models, built as nn.Sequential so that pipeline stages can slice them."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+# the default model of each dataset (`--model auto`)
+DEFAULT_FOR = {"mnist1d": "cnn", "mnist": "convnet", "cifar10": "convnet"}
 
 
 def mnist1d_cnn(channels: int = 32, classes: int = 10) -> nn.Sequential:
@@ -17,9 +22,10 @@ def mnist1d_cnn(channels: int = 32, classes: int = 10) -> nn.Sequential:
     )
 
 
-def mlp(sizes: tuple[int, ...] = (40, 256, 256, 10)) -> nn.Sequential:
-    """A plain multi-layer perceptron with ReLU between layers."""
-    layers: list[nn.Module] = []
+def mlp(inputs: int, hidden: tuple[int, ...] = (256, 256), classes: int = 10) -> nn.Sequential:
+    """A multi-layer perceptron on flattened inputs, ReLU between layers."""
+    sizes = (inputs, *hidden, classes)
+    layers: list[nn.Module] = [nn.Flatten()]
     for i in range(len(sizes) - 1):
         layers.append(nn.Linear(sizes[i], sizes[i + 1]))
         if i < len(sizes) - 2:
@@ -27,12 +33,32 @@ def mlp(sizes: tuple[int, ...] = (40, 256, 256, 10)) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-MODELS = {"cnn": mnist1d_cnn, "mlp": mlp}
+def convnet(channels: int, height: int, width: int, classes: int = 10) -> nn.Sequential:
+    """A small 2-D CNN for MNIST (1x28x28, given flat) and CIFAR-10 (3x32x32)."""
+    return nn.Sequential(
+        nn.Unflatten(1, (channels, height, width)) if channels == 1 else nn.Identity(),
+        nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * (height // 4) * (width // 4), 128), nn.ReLU(),
+        nn.Linear(128, classes),
+    )
 
 
-def build(name: str, seed: int) -> nn.Sequential:
-    """The named model with weights drawn from `seed` (same on every rank)."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+def build(name: str, seed: int, sample_shape: tuple[int, ...], dataset: str = "mnist1d") -> nn.Sequential:
+    """The named model for inputs of `sample_shape`, with weights drawn from `seed` (same on every rank)."""
+    name = DEFAULT_FOR.get(dataset, "mlp") if name == "auto" else name
     torch.manual_seed(seed)
-    return MODELS[name]()
+    if name == "cnn":
+        if tuple(sample_shape) != (40,):
+            raise ValueError(f"model 'cnn' is the MNIST-1D CNN (40 inputs); inputs here are {sample_shape}")
+        return mnist1d_cnn()
+    if name == "mlp":
+        return mlp(math.prod(sample_shape))
+    if name == "convnet":
+        if tuple(sample_shape) == (784,):
+            return convnet(1, 28, 28)
+        if len(sample_shape) == 3:
+            return convnet(*sample_shape)
+        raise ValueError(f"model 'convnet' needs images (784 = 28x28, or CxHxW); inputs here are {sample_shape}")
+    raise ValueError(f"unknown model {name!r}; choose from auto, cnn, mlp, convnet")

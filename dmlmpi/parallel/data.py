@@ -107,7 +107,8 @@ class DataParallel(nn.Module):
     """Wrap `module` so that backward averages its gradients over the ranks of `comm`."""
 
     def __init__(self, module: nn.Module, comm: MPI.Comm | None = None, bucket_mb: float = 25.0,
-                 algorithm: str = "auto", compression: str | None = None, broadcast_buffers: bool = True) -> None:
+                 algorithm: str = "auto", compression: str | None = None, broadcast_buffers: bool = True,
+                 timeline: Any = None) -> None:
         super().__init__()
         if compression not in COMPRESSION:
             raise ValueError(f"DataParallel: compression must be one of none, fp16, bf16; got {compression!r}")
@@ -119,6 +120,7 @@ class DataParallel(nn.Module):
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.algorithm = algorithm
         self.broadcast_buffers = broadcast_buffers
+        self.timeline = timeline  # a dmlmpi.telemetry.Timeline: bucket all-reduces become "comm" spans
         self._wire_dtype = COMPRESSION[compression]
         self._sync = True
         self._backward_queued = False
@@ -176,11 +178,17 @@ class DataParallel(nn.Module):
                 for i, p in enumerate(bucket.params):
                     if not bucket.arrived[i]:
                         bucket.view(i).copy_(p.grad) if p.grad is not None else bucket.view(i).zero_()
-            bucket.future = self._thread.submit(self._allreduce_job(bucket.buffer))
+            bucket.future = self._thread.submit(self._allreduce_job(bucket))
 
-    def _allreduce_job(self, buffer: torch.Tensor) -> Callable[[], Any]:
+    def _allreduce_job(self, bucket: Bucket) -> Callable[[], Any]:
         """The communication thread's job: average one bucket over the ranks, in place."""
-        return lambda: dcomm.allreduce(buffer, op="avg", algorithm=self.algorithm, comm=self.comm, inplace=True)
+        def job() -> Any:
+            span = (self.timeline.span(f"allreduce bucket {self._buckets.index(bucket)}", cat="comm",
+                                       args={"bytes": bucket.buffer.numel() * bucket.buffer.element_size()})
+                    if self.timeline is not None else contextlib.nullcontext())
+            with span:
+                return dcomm.allreduce(bucket.buffer, op="avg", algorithm=self.algorithm, comm=self.comm, inplace=True)
+        return job
 
     def _finish(self) -> None:
         """End of backward: launch what is left, wait for every bucket, hand averages to .grad."""

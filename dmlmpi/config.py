@@ -1,0 +1,124 @@
+"""Options of `python -m dmlmpi.train`: defaults, YAML files, command line, and checks before training.
+
+Precedence: built-in defaults < `--config FILE.yaml` < command-line options. A YAML file uses the
+option names (`batch_size: 128` or `batch-size: 128`). Every value, from either source, goes through
+the same argparse conversion and choices, so a bad value gets the same clear error from both.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+import yaml
+
+from dmlmpi.comm import ALGORITHMS
+from dmlmpi.data import DATASETS, TAILS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of the training job, each option with a working default."""
+    p = argparse.ArgumentParser(prog="python -m dmlmpi.train",
+                                description="Distributed training on MPI. Run it under mpirun: "
+                                            "mpirun -n 8 python -m dmlmpi.train [options]",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="YAML file of options (command-line options override it)")
+    p.add_argument("--mode", default="dp", choices=["dp"], help="parallelism: dp = data parallel (all-reduce)")
+    g = p.add_argument_group("data and model")
+    g.add_argument("--dataset", default="mnist1d", choices=list(DATASETS),
+                   help="mnist1d is generated offline; mnist/cifar10 read files from --data-dir")
+    g.add_argument("--data-dir", help="directory with MNIST IDX files or CIFAR-10 binary batches")
+    g.add_argument("--samples", type=int, default=5000, help="MNIST-1D samples to generate (80%% train, 20%% test)")
+    g.add_argument("--data-seed", type=int, default=42, help="seed of the generated MNIST-1D data")
+    g.add_argument("--model", default="auto", choices=["auto", "cnn", "mlp", "convnet"],
+                   help="auto: cnn for mnist1d, convnet for mnist and cifar10")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=30, help="passes over the training set")
+    g.add_argument("--batch-size", type=int, default=64, help="global batch size, split over the ranks")
+    g.add_argument("--lr", type=float, default=0.02, help="peak learning rate (AdamW)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--schedule", default="onecycle", choices=["onecycle", "cosine", "constant"],
+                   help="learning-rate schedule over the whole run")
+    g.add_argument("--tail", default="drop", choices=list(TAILS),
+                   help="an epoch's last incomplete global batch: drop it, keep it smaller, or pad it")
+    g.add_argument("--seed", type=int, default=0, help="seed of the weights and of the sample order")
+    g = p.add_argument_group("communication")
+    g.add_argument("--algorithm", default="auto", choices=list(ALGORITHMS), help="gradient all-reduce algorithm")
+    g.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size in MiB")
+    g.add_argument("--compression", default="none", choices=["none", "fp16", "bf16"],
+                   help="send gradients as 16-bit floats")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: GPU local_rank %% gpus_per_node when CUDA is available, else CPU")
+    g.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank (ranks share the cores)")
+    g = p.add_argument_group("run directory")
+    g.add_argument("--out", default="runs/dp", help="run directory: config, metrics, checkpoints, trace, summary")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: at each epoch end)")
+    g.add_argument("--max-steps", type=int, default=0, help="stop (with a checkpoint) after N steps in total; 0: no limit")
+    g.add_argument("--log-every", type=int, default=10, help="log the global loss every N steps")
+    g.add_argument("--trace", action=argparse.BooleanOptionalAction, default=True,
+                   help="record a Chrome-trace timeline (trace.json)")
+    g.add_argument("--verbose", action="store_true", help="let every rank print, not only rank 0")
+    return p
+
+
+def _yaml_tokens(parser: argparse.ArgumentParser, path: str) -> list[str]:
+    """A YAML file of options as command-line tokens (so argparse converts and checks them)."""
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as exc:
+        parser.error(f"--config {path}: {exc.strerror}")
+    except yaml.YAMLError as exc:
+        parser.error(f"--config {path}: not valid YAML: {exc}")
+    if not isinstance(values, dict):
+        parser.error(f"--config {path}: expected a mapping of option: value, got {type(values).__name__}")
+    known = {a.dest: a for a in parser._actions if a.option_strings}
+    tokens: list[str] = []
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known or dest == "config":
+            parser.error(f"--config {path}: unknown option {key!r}")
+        action, flag = known[dest], "--" + dest.replace("_", "-")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            tokens.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(action, argparse._StoreTrueAction):
+            if value:
+                tokens.append(flag)
+        else:
+            tokens += [flag, str(value)]
+    return tokens
+
+
+def parse(argv: Sequence[str] | None, world_size: int) -> argparse.Namespace:
+    """Options from defaults, YAML and command line, checked against each other and the world size."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = parser.parse_args(argv)
+    # the YAML file's options come first, so that the command line's own override them
+    args = parser.parse_args(_yaml_tokens(parser, first.config) + argv) if first.config else first
+    check(parser, args, world_size)
+    return args
+
+
+def check(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size: int) -> None:
+    """Reject values that cannot work, before any data is loaded (argparse error: exit status 2)."""
+    positive = ["epochs", "batch_size", "samples", "lr", "bucket_mb", "log_every", "threads"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["weight_decay", "checkpoint_every", "max_steps", "seed", "data_seed"]:
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if args.batch_size < world_size:
+        parser.error(f"--batch-size {args.batch_size} is smaller than the {world_size} ranks: "
+                     f"every rank needs at least one sample per step (use --batch-size >= {world_size})")
+    if args.dataset != "mnist1d" and not args.data_dir:
+        parser.error(f"--dataset {args.dataset} reads files: give --data-dir")
+    if args.dataset == "mnist1d" and args.samples < 10:
+        parser.error(f"--samples {args.samples} is too few to split into train and test")
+
+
+def describe(args: argparse.Namespace) -> dict[str, Any]:
+    """The resolved options as a plain dict (for config.json)."""
+    return {k: v for k, v in vars(args).items()}

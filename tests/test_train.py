@@ -1,0 +1,130 @@
+"""The training job end to end under mpiexec: run directory, equivalence, resume, and bad input."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from dmlmpi.testing import run_mpi
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--samples", "600", "--batch-size", "32", "--log-every", "1"]
+
+
+def train(nprocs: int, out, *extra: str, timeout: float = 240):
+    """Run python -m dmlmpi.train on nprocs ranks into `out`; return the finished process."""
+    return run_mpi(nprocs, ["-m", "dmlmpi.train", *SMALL, "--out", str(out), *extra], timeout=timeout, cwd=ROOT)
+
+
+def losses(out) -> dict[int, float]:
+    """step -> logged global training loss."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def three_rank_run(tmp_path_factory):
+    """One uninterrupted 3-rank run of 2 epochs, shared by several tests."""
+    out = tmp_path_factory.mktemp("run3")
+    result = train(3, out, "--epochs", "2")
+    assert result.returncode == 0, result.stdout
+    return out, result
+
+
+def test_run_directory(three_rank_run) -> None:
+    """config, per-step metrics, test accuracy per epoch, checkpoints, a trace of every rank, a summary."""
+    out, result = three_rank_run
+    config = json.load(open(out / "config.json"))
+    assert config["world_size"] == 3 and config["epochs"] == 2
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 31))  # 480 train / 32 = 15 per epoch
+    assert [r["epoch"] for r in records if "test_accuracy" in r] == [1, 2]
+    summary = json.load(open(out / "summary.json"))
+    for key in ("mode", "world_size", "test_accuracy", "final_loss", "samples_per_s", "wall_s"):
+        assert key in summary
+    assert summary["mode"] == "dp" and summary["world_size"] == 3 and summary["steps"] == 30
+    assert (out / "latest").read_text() == "ckpt-30.pt" and (out / "ckpt-30.pt").exists()
+    trace = json.load(open(out / "trace.json"))
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert {e["pid"] for e in spans} == {0, 1, 2}
+    assert {e["cat"] for e in spans} >= {"compute", "comm", "step"}
+    assert "epoch 2/2" in result.stdout and "samples/s" in result.stdout
+
+
+def test_same_losses_on_one_and_three_ranks(three_rank_run, tmp_path) -> None:
+    """Data parallel training equals single-process training with the same global batch."""
+    out3, _ = three_rank_run
+    result = train(1, tmp_path, "--epochs", "2")
+    assert result.returncode == 0, result.stdout
+    one, three = losses(tmp_path), losses(out3)
+    assert one.keys() == three.keys()
+    for step in one:
+        assert three[step] == pytest.approx(one[step], rel=1e-4, abs=1e-6), step
+
+
+def test_resume_continues_where_it_stopped(three_rank_run, tmp_path) -> None:
+    """Stopped after 11 steps (mid-epoch), resumed: later losses equal the uninterrupted run's."""
+    full, _ = three_rank_run
+    first = train(3, tmp_path, "--epochs", "2", "--max-steps", "11")
+    assert first.returncode == 0, first.stdout
+    assert max(losses(tmp_path)) == 11 and (tmp_path / "ckpt-11.pt").exists()
+    second = train(3, tmp_path, "--epochs", "2", "--resume")
+    assert second.returncode == 0, second.stdout
+    assert "resumed from" in second.stdout and "at step 11" in second.stdout
+    resumed, uninterrupted = losses(tmp_path), losses(full)
+    assert sorted(resumed) == list(range(1, 31))
+    for step in range(12, 31):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-9), step
+    a = json.load(open(tmp_path / "summary.json"))["test_accuracy"]
+    b = json.load(open(full / "summary.json"))["test_accuracy"]
+    assert a == b
+
+
+def test_yaml_config_and_command_line(tmp_path) -> None:
+    """A YAML file sets options; the command line overrides it."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("epochs: 3\nbatch-size: 16\nschedule: cosine\ntrace: false\n")
+    out = tmp_path / "out"
+    result = train(2, out, "--config", str(cfg), "--epochs", "1")
+    assert result.returncode == 0, result.stdout
+    config = json.load(open(out / "config.json"))
+    assert config["epochs"] == 1 and config["batch_size"] == 32 and config["schedule"] == "cosine"
+    assert config["trace"] is False and not (out / "trace.json").exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--batch-size", "2"], "--batch-size 2 is smaller than the 3 ranks"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--algorithm", "tree"], "invalid choice: 'tree'"),
+    (["--dataset", "mnist"], "--dataset mnist reads files: give --data-dir"),
+    (["--dataset", "mnist", "--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
+    (["--out", "/proc/dmlmpi-cannot-write-here"], "not writable"),
+])
+def test_bad_input_fails_fast_on_every_rank(extra: list[str], message: str, tmp_path) -> None:
+    """Each bad setting: non-zero exit, the reason in the output, no hang."""
+    args = ["-m", "dmlmpi.train", "--samples", "600", "--out", str(tmp_path / "o"), *extra]
+    result = run_mpi(3, args, timeout=90, cwd=ROOT)
+    assert not result.timed_out and result.returncode != 0
+    assert message in result.stdout, result.stdout[-3000:]
+
+
+def test_bad_yaml_is_refused(tmp_path) -> None:
+    """Unknown keys in a config file are named."""
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("epochz: 3\n")
+    result = run_mpi(2, ["-m", "dmlmpi.train", "--config", str(cfg)], timeout=90, cwd=ROOT)
+    assert result.returncode != 0 and "unknown option 'epochz'" in result.stdout
+
+
+def test_plot_draws_a_real_run(three_rank_run, tmp_path) -> None:
+    """python -m dmlmpi.plot on a run directory writes the loss, accuracy and timeline PNGs."""
+    import subprocess
+    import sys
+
+    out, _ = three_rank_run
+    done = subprocess.run([sys.executable, "-m", "dmlmpi.plot", str(out), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    for name in ("loss.png", "accuracy.png", "timeline.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
