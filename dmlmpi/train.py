@@ -79,7 +79,7 @@ def train_step(model: DataParallel, opt: torch.optim.Optimizer, data: Dataset, i
     """One synchronous step; returns this rank's share of the global batch's mean loss."""
     x = torch.from_numpy(data.x_train[idx]).to(device)
     y = torch.from_numpy(data.y_train[idx]).to(device)
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=False)  # .grad are views into DataParallel's buckets: zero them in place
     with tl.span("forward"):
         share = nn.functional.cross_entropy(model(x), y, reduction="sum") / batch
     with tl.span("backward"):

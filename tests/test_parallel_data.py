@@ -49,7 +49,8 @@ def train_reference(steps: int, batch: int, lr: float = 0.05) -> list[torch.Tens
 
 @pytest.mark.parametrize("algorithm", ["auto", "ring", "mpi"])
 @pytest.mark.parametrize("bucket_mb", [0.001, 25.0])
-def test_matches_single_process(algorithm: str, bucket_mb: float) -> None:
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_matches_single_process(algorithm: str, bucket_mb: float, set_to_none: bool) -> None:
     """N ranks with global batch B equal one process with batch B, parameters after 5 steps."""
     steps, batch = 5, 13  # 13 does not divide evenly over 2, 3, 4 or 8 ranks
     expect = train_reference(steps, batch)
@@ -59,7 +60,7 @@ def test_matches_single_process(algorithm: str, bucket_mb: float) -> None:
     x, y = data()
     for s in range(steps):
         idx = rank_share((torch.arange(s * batch, (s + 1) * batch) % len(x)).numpy(), RANK, SIZE)
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=set_to_none)  # False: backward accumulates into the buckets
         local_loss(model, x[idx], y[idx], batch).backward()
         opt.step()
     for got, want in zip(model.parameters(), expect):

@@ -9,8 +9,6 @@ sizes all-reduced fused vs one call each.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 from typing import Any, Callable
 
 import numpy as np
@@ -19,7 +17,7 @@ from mpi4py import MPI
 from dmlmpi import comm as dcomm
 from dmlmpi.comm.fusion import allreduce_fused
 
-from .common import format_table, human_bytes, parse_bytes, time_collective, write_json
+from .common import format_table, human_bytes, init_gloo, parse_bytes, time_collective, write_json
 
 DEFAULT_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M"
 ALGOS = ("auto", "ring", "mpi", "hierarchical", "auto-noguard", "native", "gloo")
@@ -43,21 +41,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if a not in ALGOS:
             p.error(f"unknown algorithm {a!r}; choose from {','.join(ALGOS)}")
     return args
-
-
-def init_gloo(world: MPI.Comm) -> Any:
-    """Start a torch.distributed gloo group over the same ranks (rank 0 picks a free TCP port)."""
-    import torch.distributed as dist
-
-    port = 0
-    if world.Get_rank() == 0:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    port = world.bcast(port, root=0)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=world.Get_rank(), world_size=world.Get_size())
-    return dist
 
 
 def make_call(algo: str, x: np.ndarray, world: MPI.Comm, dist: Any) -> Callable[[], Any]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import statistics
 import time
 from dataclasses import dataclass
@@ -78,3 +79,25 @@ def write_json(path: str, records: Sequence[dict[str, Any]]) -> None:
     with open(tmp, "w") as f:
         json.dump(list(records), f, indent=1)
     os.replace(tmp, path)
+
+
+def init_gloo(world: MPI.Comm) -> Any:
+    """Start a torch.distributed gloo group over the same ranks (rank 0 picks a free TCP port)."""
+    import torch.distributed as dist
+
+    port = 0
+    if world.Get_rank() == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    port = world.bcast(port, root=0)  # every rank connects to rank 0's port
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=world.Get_rank(), world_size=world.Get_size())
+    return dist
+
+
+def idle_barrier(comm: MPI.Comm, poll_s: float = 1e-3) -> None:
+    """A barrier whose waiting ranks sleep between polls, leaving the cores to ranks still working."""
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(poll_s)

@@ -4,13 +4,16 @@ The semantics are PyTorch DDP's: parameters and buffers are broadcast from rank 
 `loss.backward()` returns, every `.grad` holds the average over ranks; nothing else to call.
 
 How: parameters are grouped, in reverse registration order (roughly the order backward produces
-their gradients), into buckets of up to `bucket_mb` MiB. A hook on each parameter copies its fresh
-gradient into its bucket; when a bucket is full it is handed to a communication thread, which
-all-reduces it (ring, native or hierarchical, through dmlmpi.comm) while backward goes on computing
-earlier layers. Buckets are launched strictly in bucket order, so every rank issues the same
+their gradients), into buckets of up to `bucket_mb` MiB. Each `.grad` is made a view into its
+bucket (DDP's gradient_as_bucket_view): a hook on each parameter copies a freshly allocated gradient
+into its slot once and re-points `.grad` there, and with `zero_grad(set_to_none=False)` backward
+accumulates straight into the bucket with no copy at all. When a bucket is full it is handed to a
+communication thread, which all-reduces it (ring, native or hierarchical, through dmlmpi.comm)
+while backward goes on computing earlier layers. Buckets are launched strictly in bucket order, so every rank issues the same
 collectives in the same order even when some parameters get no gradient on some ranks. When
-backward ends, buckets still waiting (parameters without a gradient count as zeros) are launched,
-all are awaited, and the averages are copied back into `.grad`.
+backward ends, the launched buckets are awaited and those still waiting (a parameter without a
+gradient counts as zeros) are reduced in the training thread, in order; the averages are then
+already in `.grad`.
 """
 from __future__ import annotations
 
@@ -87,6 +90,8 @@ class Bucket:
         sizes = [p.numel() for p in params]
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         self.buffer = torch.zeros(sum(sizes), dtype=dtype, device=params[0].device)
+        # each parameter's slot, shaped like it (made once: slicing per step costs in the hooks)
+        self.slots = [self.buffer[o:o + p.numel()].view_as(p) for o, p in zip(self.offsets, params)]
         self.arrived = [False] * len(params)  # which gradients this backward pass has delivered
         self.pending = len(params)
         self.future: Future | None = None
@@ -97,10 +102,6 @@ class Bucket:
         self.pending = len(self.params)
         self.future = None
 
-    def view(self, i: int) -> torch.Tensor:
-        """The slot of the i-th parameter, shaped like it."""
-        p = self.params[i]
-        return self.buffer[self.offsets[i]:self.offsets[i] + p.numel()].view_as(p)
 
 
 class DataParallel(nn.Module):
@@ -160,24 +161,22 @@ class DataParallel(nn.Module):
             self._backward_queued = True
         b, i = self._where[p]
         bucket = self._buckets[b]
-        bucket.view(i).copy_(p.grad)
+        slot = bucket.slots[i]
+        if p.grad.data_ptr() != slot.data_ptr():
+            slot.copy_(p.grad)  # a new gradient tensor (or 16-bit wire format): copy it in once
+            if slot.dtype == p.dtype:
+                p.grad = slot  # from now on backward accumulates into the bucket itself
         bucket.arrived[i] = True
         bucket.pending -= 1
         self._launch_ready()
 
-    def _launch_ready(self, flush: bool = False) -> None:
-        """Launch buckets in bucket order while the next one is full (or all of them, when flushing)."""
+    def _launch_ready(self) -> None:
+        """Hand full buckets to the communication thread, in bucket order, while the next one is full."""
         for bucket in self._buckets:
             if bucket.future is not None:
                 continue
-            if bucket.pending > 0 and not flush:
-                return  # an earlier bucket is incomplete: later ones wait, so all ranks keep one order
             if bucket.pending > 0:
-                # parameters that got no gradient in this pass contribute what .grad holds (zeros
-                # if none): every rank still reduces every bucket, so nobody waits forever
-                for i, p in enumerate(bucket.params):
-                    if not bucket.arrived[i]:
-                        bucket.view(i).copy_(p.grad) if p.grad is not None else bucket.view(i).zero_()
+                return  # an earlier bucket is incomplete: later ones wait, so all ranks keep one order
             bucket.future = self._thread.submit(self._allreduce_job(bucket))
 
     def _allreduce_job(self, bucket: Bucket) -> Callable[[], Any]:
@@ -191,16 +190,27 @@ class DataParallel(nn.Module):
         return job
 
     def _finish(self) -> None:
-        """End of backward: launch what is left, wait for every bucket, hand averages to .grad."""
+        """End of backward: wait for the launched buckets, reduce the rest here, leave averages in .grad."""
         self._backward_queued = False
-        self._launch_ready(flush=True)
         for bucket in self._buckets:
-            bucket.future.result()  # re-raises a communication error here, in the training thread
+            if bucket.future is not None:
+                bucket.future.result()  # re-raises a communication error here, in the training thread
+                continue
+            # Not launched yet (e.g. a parameter got no gradient on this rank): every earlier bucket
+            # is done, and no backward work is left to overlap with, so reduce it in this thread
+            # (same order on every rank; a handoff to the other thread would only add latency).
             for i, p in enumerate(bucket.params):
-                if p.grad is None:
-                    p.grad = bucket.view(i).to(p.dtype).clone()
-                else:
-                    p.grad.copy_(bucket.view(i))
+                if not bucket.arrived[i] and (p.grad is None or p.grad.data_ptr() != bucket.slots[i].data_ptr()):
+                    # no gradient in this pass: contribute what .grad holds, zeros if nothing
+                    bucket.slots[i].copy_(p.grad) if p.grad is not None else bucket.slots[i].zero_()
+            self._allreduce_job(bucket)()
+        for bucket in self._buckets:
+            for i, p in enumerate(bucket.params):
+                slot = bucket.slots[i]
+                if slot.dtype != p.dtype:  # compressed on the wire: back to the parameter's type
+                    p.grad = slot.to(p.dtype) if p.grad is None else p.grad.copy_(slot)
+                elif p.grad is None or p.grad.data_ptr() != slot.data_ptr():
+                    p.grad = slot  # a parameter that got no gradient here still gets the average
             bucket.reset()
 
     # -- user API ----------------------------------------------------------------------------

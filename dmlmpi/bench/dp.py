@@ -1,0 +1,149 @@
+"""`python -m dmlmpi.bench dp`: dmlmpi DataParallel vs torch DDP (gloo) vs no communication.
+
+Run under `mpirun -n 4`: the same models on the same random data are trained by the first k ranks
+for k = 1, 2, 4 (those that fit the world), while the other ranks sleep in a polling barrier. For
+each (model, k): `local` trains each rank's model alone (no communication: the floor), `dmlmpi`
+wraps it in DataParallel, `ddp` in torch DistributedDataParallel over gloo. Each rank takes a fixed
+batch per step (weak scaling). Reported: samples/s over all k ranks (median, min, max of timed
+samples, each timed as the slowest rank's) and how much longer a step is than `local`'s.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from dmlmpi.models import mlp, mnist1d_cnn
+from dmlmpi.parallel import DataParallel
+
+from .common import format_table, idle_barrier, init_gloo, write_json
+
+VARIANTS = ("local", "dmlmpi", "ddp")
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "cnn": (mnist1d_cnn, (40,)),  # the default job's model (8k parameters)
+    "mlp": (lambda: mlp(784, (1024, 1024)), (784,)),  # 784-1024-1024-10: 1.86M parameters
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(prog="python -m dmlmpi.bench dp", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="cnn,mlp", help=f"comma-separated subset of {','.join(MODELS)}")
+    p.add_argument("--ranks", default="1,2,4", help="world sizes to measure (each <= the mpirun world)")
+    p.add_argument("--batch", type=int, default=64, help="samples per rank per step")
+    p.add_argument("--samples", type=int, default=5, help="timed samples per row (median, min, max)")
+    p.add_argument("--sample-seconds", type=float, default=0.5, help="target length of one timed sample")
+    p.add_argument("--algorithm", default="auto", help="dmlmpi all-reduce algorithm")
+    p.add_argument("--bucket-mb", type=float, default=25.0, help="bucket size for dmlmpi and DDP")
+    p.add_argument("--json", help="write one record per (model, ranks, variant) to this path")
+    args = p.parse_args(argv)
+    for m in args.models.split(","):
+        if m not in MODELS:
+            p.error(f"unknown model {m!r}; choose from {','.join(MODELS)}")
+    return args
+
+
+def wrap(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, args: argparse.Namespace) -> nn.Module:
+    """The model as trained by one variant."""
+    if variant == "dmlmpi":
+        return DataParallel(model, comm=sub, algorithm=args.algorithm, bucket_mb=args.bucket_mb)
+    if variant == "ddp":
+        return nn.parallel.DistributedDataParallel(model, process_group=group, bucket_cap_mb=args.bucket_mb)
+    return model
+
+
+def measure(step: Callable[[], None], sub: MPI.Comm, args: argparse.Namespace) -> list[float]:
+    """Seconds per step for each timed sample (the slowest rank's, all ranks of `sub` agreeing on counts)."""
+    for _ in range(3):
+        step()  # warm up: allocations, buckets, connections
+    sub.Barrier()
+    t0 = time.perf_counter()
+    step()
+    one = sub.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+    n = max(3, int(args.sample_seconds / max(one, 1e-6)))
+    per_step = []
+    for _ in range(args.samples):
+        sub.Barrier()  # start each sample together
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        per_step.append(sub.allreduce((time.perf_counter() - t0) / n, op=MPI.MAX))
+    return per_step
+
+
+def run_one(name: str, variant: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Train `name` with `variant` on the k ranks of `sub`; one record."""
+    build, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = wrap(variant, build(), sub, group, args)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(1 + sub.Get_rank())
+    x, y = torch.randn(args.batch, *shape, generator=g), torch.randint(0, 10, (args.batch,), generator=g)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    per_step = measure(step, sub, args)
+    if variant == "dmlmpi":
+        model.close()
+    rates = [k * args.batch / t for t in per_step]
+    return dict(model=name, params=sum(p.numel() for p in model.parameters()), variant=variant, ranks=k,
+                batch_per_rank=args.batch, samples_per_s_median=statistics.median(rates),
+                samples_per_s_min=min(rates), samples_per_s_max=max(rates),
+                step_time_s_median=statistics.median(per_step), algorithm=args.algorithm if variant == "dmlmpi" else "")
+
+
+def main(argv: list[str]) -> int:
+    """Measure every (model, ranks, variant), print the table and the targets, write JSON."""
+    args = parse_args(argv)
+    world = MPI.COMM_WORLD
+    torch.set_num_threads(1)  # ranks share the cores
+    sizes = [k for k in map(int, args.ranks.split(",")) if k <= world.Get_size()]
+    dist = init_gloo(world)
+    records = []
+    for k in sizes:
+        active = world.Get_rank() < k
+        # the first k ranks measure; gloo groups must be made by every rank, in the same order
+        sub = world.Split(0 if active else MPI.UNDEFINED, world.Get_rank())
+        group = dist.new_group(ranks=list(range(k)))
+        for name in args.models.split(","):
+            for variant in VARIANTS:
+                if active:
+                    records.append(run_one(name, variant, k, sub, group, args))
+                idle_barrier(world)  # the others sleep until the k ranks are done
+        if active:
+            sub.Free()
+    if world.Get_rank() == 0:
+        floor = {(r["model"], r["ranks"]): r["step_time_s_median"] for r in records if r["variant"] == "local"}
+        for r in records:
+            r["comm_overhead"] = r["step_time_s_median"] / floor[(r["model"], r["ranks"])] - 1
+        rows = [dict(r, rate=f"{r['samples_per_s_median']:.0f}",
+                     spread=f"{r['samples_per_s_min']:.0f}-{r['samples_per_s_max']:.0f}",
+                     step=f"{r['step_time_s_median'] * 1e3:.2f}", over=f"{100 * r['comm_overhead']:+.1f}%")
+                for r in records]
+        print(f"# dmlmpi data-parallel benchmark: {args.batch} samples per rank per step, torch threads 1")
+        print(format_table(rows, [("model", "model", ""), ("params", "params", ""), ("ranks", "ranks", ""),
+                                  ("variant", "variant", ""), ("rate", "samples/s", ""), ("spread", "min-max", ""),
+                                  ("step", "step(ms)", ""), ("over", "vs local", "")]))
+        print("\n# targets (medians of this run)")
+        by = {(r["model"], r["ranks"], r["variant"]): r for r in records}
+        for k in (2, 4):
+            if ("mlp", k, "dmlmpi") in by:
+                ratio = by[("mlp", k, "dmlmpi")]["samples_per_s_median"] / by[("mlp", k, "ddp")]["samples_per_s_median"]
+                print(f"mlp, {k} ranks: dmlmpi / DDP-gloo samples/s = {ratio:.2f}x (>=1.3x: {'PASS' if ratio >= 1.3 else 'MISS'})")
+        for name in args.models.split(","):
+            if (name, 2, "dmlmpi") in by:
+                over = by[(name, 2, "dmlmpi")]["comm_overhead"]
+                print(f"{name}, 2 ranks: communication adds {100 * over:.1f}% to the step (<=15%: {'PASS' if over <= 0.15 else 'MISS'})")
+        if args.json:
+            write_json(args.json, records)
+    dist.destroy_process_group()
+    return 0
