@@ -172,7 +172,7 @@ class DataParallel(nn.Module):
 
     def _launch_ready(self) -> None:
         """Hand full buckets to the communication thread, in bucket order, while the next one is full."""
-        for bucket in self._buckets:
+        for bucket in self._buckets[:-1]:  # the last one is reduced by _finish: backward is over by then
             if bucket.future is not None:
                 continue
             if bucket.pending > 0:
