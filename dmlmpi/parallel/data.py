@@ -128,9 +128,12 @@ class DataParallel(nn.Module):
         self._thread = CommThread()
         self._broadcast_state()
         self._buckets, self._where = self._make_buckets(int(bucket_mb * (1 << 20)))
+        last = set(self._buckets[-1].params) if self._buckets else set()
         for p in self.module.parameters():
             if p.requires_grad:
-                p.register_post_accumulate_grad_hook(self._on_grad)
+                # the last bucket is reduced when backward ends anyway: its hooks only make sure
+                # that _finish runs (cheaper than moving each gradient as it arrives)
+                p.register_post_accumulate_grad_hook(self._on_late_grad if p in last else self._on_grad)
 
     # -- start -------------------------------------------------------------------------------
     def _broadcast_state(self) -> None:
@@ -151,14 +154,18 @@ class DataParallel(nn.Module):
         return buckets, where
 
     # -- during backward ---------------------------------------------------------------------
+    def _on_late_grad(self, p: nn.Parameter) -> None:
+        """A gradient of the last bucket is ready: just make sure _finish runs after this backward."""
+        if self._sync and not self._backward_queued:
+            # run _finish once, when the autograd engine has finished this backward pass
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+            self._backward_queued = True
+
     def _on_grad(self, p: nn.Parameter) -> None:
         """A parameter's gradient is ready: copy it into its bucket; launch buckets that are full."""
         if not self._sync:
             return  # no_sync(): gradients just accumulate in .grad
-        if not self._backward_queued:
-            # run _finish once, when the autograd engine has finished this backward pass
-            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
-            self._backward_queued = True
+        self._on_late_grad(p)
         b, i = self._where[p]
         bucket = self._buckets[b]
         slot = bucket.slots[i]
