@@ -46,3 +46,16 @@ def test_allreduce_bench_smoke(tmp_path) -> None:
     assert all(r["wrong"] == 0 and r["ranks"] == 3 for r in records)
     assert all(r["time_s_min"] <= r["time_s_median"] <= r["time_s_max"] for r in records)
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dp_bench_smoke(tmp_path) -> None:
+    """`python -m dmlmpi.bench dp` on 2 ranks: the three variants, a table, JSON records."""
+    out_json = tmp_path / "dp.json"
+    result = run_mpi(2, ["-m", "dmlmpi.bench", "dp", "--models", "cnn", "--samples", "2",
+                         "--sample-seconds", "0.01", "--json", str(out_json)], timeout=180, cwd=ROOT)
+    assert result.returncode == 0, result.stdout
+    assert "samples/s" in result.stdout and "communication adds" in result.stdout
+    records = json.loads(out_json.read_text())
+    assert {r["variant"] for r in records} == {"local", "dmlmpi", "ddp"}
+    assert all(r["ranks"] == 2 and r["samples_per_s_min"] <= r["samples_per_s_median"] <= r["samples_per_s_max"]
+               for r in records)

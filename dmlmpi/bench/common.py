@@ -95,9 +95,3 @@ def init_gloo(world: MPI.Comm) -> Any:
                             rank=world.Get_rank(), world_size=world.Get_size())
     return dist
 
-
-def idle_barrier(comm: MPI.Comm, poll_s: float = 1e-3) -> None:
-    """A barrier whose waiting ranks sleep between polls, leaving the cores to ranks still working."""
-    request = comm.Ibarrier()
-    while not request.Test():
-        time.sleep(poll_s)
