@@ -55,12 +55,6 @@ def dtype_of(x: Any) -> DType:
     return found
 
 
-def is_gpu(x: Any) -> bool:
-    """True for a torch CUDA tensor or any CuPy array."""
-    kind = kind_of(x)
-    return kind == "cupy" or (kind == "torch" and x.is_cuda)
-
-
 @lru_cache(maxsize=1)
 def _mpi_reports_cuda() -> bool:
     """Ask the loaded libmpi whether it is CUDA-aware (MPIX_Query_cuda_support, through ctypes)."""
