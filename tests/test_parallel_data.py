@@ -138,3 +138,12 @@ def test_bad_settings_are_refused() -> None:
         DataParallel(make_model(), algorithm="tree")
     with pytest.raises(ValueError, match="bucket_mb"):
         DataParallel(make_model(), bucket_mb=0)
+
+
+@pytest.mark.skipif(SIZE < 2, reason="needs two ranks")
+def test_different_models_are_refused_on_every_rank() -> None:
+    """A rank with another model gets the same clear error everywhere, at construction, not a hang."""
+    width = 32 if RANK != SIZE - 1 else 33
+    net = nn.Sequential(nn.Linear(40, width), nn.ReLU(), nn.Linear(width, 10))
+    with pytest.raises(ValueError, match=f"the model differs across ranks: rank\\(s\\) \\[{SIZE - 1}\\]"):
+        DataParallel(net)

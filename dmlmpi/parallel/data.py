@@ -125,9 +125,10 @@ class DataParallel(nn.Module):
         self._wire_dtype = COMPRESSION[compression]
         self._sync = True
         self._backward_queued = False
-        self._thread = CommThread()
-        self._broadcast_state()
         self._buckets, self._where = self._make_buckets(int(bucket_mb * (1 << 20)))
+        self._check_same_layout()
+        self._broadcast_state()
+        self._thread = CommThread()
         last = set(self._buckets[-1].params) if self._buckets else set()
         for p in self.module.parameters():
             if p.requires_grad:
@@ -142,6 +143,16 @@ class DataParallel(nn.Module):
             for t in list(self.module.parameters()) + list(self.module.buffers()):
                 # broadcast from rank 0, written into the tensor's own memory
                 dcomm.broadcast(t.data, root=0, comm=self.comm, inplace=True)
+
+    def _check_same_layout(self) -> None:
+        """Every rank must have the same buckets: checked once here, so steps can skip the per-call guard."""
+        layout = [[tuple(p.shape) for p in b.params] + [str(b.buffer.dtype)] for b in self._buckets]
+        # one gather of every rank's layout (pickled; construction time only)
+        layouts = self.comm.allgather(layout)
+        differ = [r for r, other in enumerate(layouts) if other != layouts[0]]
+        if differ:
+            raise ValueError(f"DataParallel: the model differs across ranks: rank(s) {differ} have other parameter "
+                             f"shapes or dtypes than rank 0 (rank 0: {layouts[0]}; rank {differ[0]}: {layouts[differ[0]]})")
 
     def _make_buckets(self, bucket_bytes: int) -> tuple[list[Bucket], dict[nn.Parameter, tuple[int, int]]]:
         """Buckets over the parameters in reverse order, grouped by device and dtype."""
@@ -193,7 +204,10 @@ class DataParallel(nn.Module):
                                        args={"bytes": bucket.buffer.numel() * bucket.buffer.element_size()})
                     if self.timeline is not None else contextlib.nullcontext())
             with span:
-                return dcomm.allreduce(bucket.buffer, op="avg", algorithm=self.algorithm, comm=self.comm, inplace=True)
+                # no per-call guard: the bucket layout was checked across ranks at construction and
+                # buckets are reduced in one fixed order, so ranks cannot disagree on these calls
+                return dcomm.allreduce(bucket.buffer, op="avg", algorithm=self.algorithm, comm=self.comm,
+                                       inplace=True, guard=False)
         return job
 
     def _finish(self) -> None:
