@@ -35,6 +35,7 @@ GRACE = 5.0
 POLL_S = 0.001  # sleep between polls: waiting ranks yield the (oversubscribed) cores
 TAG_UP, TAG_DOWN = 7301, 7302  # rank -> rank 0 (summaries), rank 0 -> rank (verdicts)
 PHASES = ("setup", "call", "teardown")
+LAUNCHES_MPI = "launches_mpi"  # marker of tests that start mpiexec themselves
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -66,6 +67,8 @@ def resolve_timeout(config: pytest.Config) -> float:
 @pytest.hookimpl(trylast=True)  # after the terminal reporter exists, so ranks != 0 can silence it
 def pytest_configure(config: pytest.Config) -> None:
     """Activate the multi-rank plugin under an MPI launcher with more than one rank."""
+    config.addinivalue_line("markers", f"{LAUNCHES_MPI}: the test starts its own mpiexec (run_mpi); "
+                                       "skipped inside a multi-rank run, where a nested launch cannot work")
     if not (config.getoption("mpi") or launched_by_mpi()):
         return  # plain pytest run: stay inert
     try:
@@ -108,6 +111,12 @@ class MPIPlugin:
                        timeout + GRACE)
         if self.rank != 0:
             self._quiet(config)
+
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        """Skip tests that launch their own mpiexec: an MPI rank cannot start a nested MPI job."""
+        for item in items:
+            if item.get_closest_marker(LAUNCHES_MPI) is not None:
+                item.add_marker(pytest.mark.skip(reason="starts its own mpiexec: run it in a plain pytest"))
 
     def _quiet(self, config: pytest.Config) -> None:
         """On ranks != 0: no terminal output, no junit XML, no cache writes (rank 0 does these)."""

@@ -15,6 +15,8 @@ from dmlmpi.data import (DistributedSampler, epoch_batches, global_batches, load
                          load_mnist1d, load_mnist_idx)
 
 WORLD = MPI.COMM_WORLD
+# single-process tests of rank 0's own work use COMM_SELF, so they also hold inside a multi-rank run
+SELF = MPI.COMM_SELF
 
 
 # --- writers of small fake datasets ------------------------------------------------------------
@@ -183,12 +185,12 @@ def test_cifar_missing_files_and_dir(tmp_path) -> None:
 def test_load_dataset_dispatch(tmp_path) -> None:
     arrays = write_mnist(str(tmp_path / "mnist"))
     write_cifar(str(tmp_path / "cifar"))
-    assert_matches(load_dataset("mnist", WORLD, str(tmp_path / "mnist"), 0, 0), arrays, (784,))
-    assert load_dataset("cifar10", WORLD, str(tmp_path / "cifar"), 0, 0).x_test.shape == (5, 3, 32, 32)
+    assert_matches(load_dataset("mnist", SELF, str(tmp_path / "mnist"), 0, 0), arrays, (784,))
+    assert load_dataset("cifar10", SELF, str(tmp_path / "cifar"), 0, 0).x_test.shape == (5, 3, 32, 32)
     with pytest.raises(ValueError, match=r"--data-dir"):
-        load_dataset("cifar10", WORLD, None, 0, 0)
+        load_dataset("cifar10", SELF, None, 0, 0)
     with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'; choose one of: mnist1d, mnist, cifar10"):
-        load_dataset("imagenet", WORLD, str(tmp_path), 0, 0)
+        load_dataset("imagenet", SELF, str(tmp_path), 0, 0)
 
 
 class FakeComm:
@@ -266,7 +268,7 @@ def assert_same(a: dm.Dataset, b: dm.Dataset) -> None:
 
 
 def test_mnist1d_cache_is_written_then_read(tmp_path, monkeypatch) -> None:
-    first = load_mnist1d(WORLD, seed=3, num_samples=500, cache_dir=str(tmp_path))  # the real generator
+    first = load_mnist1d(SELF, seed=3, num_samples=500, cache_dir=str(tmp_path))  # the real generator
     assert first.x_train.shape == (400, 40) and first.x_train.dtype == np.float32 and first.y_test.dtype == np.int64
     assert os.listdir(tmp_path) == ["mnist1d-seed3-n500.npz"]  # and no temp file left behind
 
@@ -274,13 +276,13 @@ def test_mnist1d_cache_is_written_then_read(tmp_path, monkeypatch) -> None:
         raise AssertionError("generated again instead of reading the cache")
 
     monkeypatch.setattr(dm, "make_mnist1d", no_generation)
-    assert_same(load_mnist1d(WORLD, seed=3, num_samples=500, cache_dir=str(tmp_path)), first)
+    assert_same(load_mnist1d(SELF, seed=3, num_samples=500, cache_dir=str(tmp_path)), first)
 
 
 def test_mnist1d_cache_default_dir_from_env(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(dm, "make_mnist1d", fake_mnist1d)
     monkeypatch.setenv("DMLMPI_CACHE", str(tmp_path / "cache"))
-    d = load_dataset("mnist1d", WORLD, None, 5, 100)
+    d = load_dataset("mnist1d", SELF, None, 5, 100)
     assert os.path.isfile(tmp_path / "cache" / "mnist1d-seed5-n100.npz")
     assert_same(d, fake_mnist1d(5, 100))
     monkeypatch.delenv("DMLMPI_CACHE")
@@ -292,7 +294,7 @@ def test_mnist1d_unwritable_cache_dir(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(dm, "make_mnist1d", fake_mnist1d)
     (tmp_path / "file").write_text("not a directory")  # unwritable even for root, unlike chmod
     with pytest.warns(RuntimeWarning, match=r"not caching MNIST-1D in .*file"):
-        d = load_mnist1d(WORLD, 1, 100, cache_dir=str(tmp_path / "file" / "cache"))
+        d = load_mnist1d(SELF, 1, 100, cache_dir=str(tmp_path / "file" / "cache"))
     assert_same(d, fake_mnist1d(1, 100))
 
 
@@ -301,7 +303,7 @@ def test_mnist1d_corrupt_cache_is_regenerated(tmp_path, monkeypatch) -> None:
     path = tmp_path / "mnist1d-seed2-n100.npz"
     path.write_bytes(b"PK\x03\x04 half a zip file")
     with pytest.warns(RuntimeWarning, match=r"ignoring unreadable cache file"):
-        d = load_mnist1d(WORLD, 2, 100, cache_dir=str(tmp_path))
+        d = load_mnist1d(SELF, 2, 100, cache_dir=str(tmp_path))
     assert_same(d, fake_mnist1d(2, 100))
     assert_same(dm._read_cached(str(path)), d)  # and rewritten whole
 

@@ -8,6 +8,8 @@ import pytest
 
 from dmlmpi.testing import run_mpi
 
+pytestmark = pytest.mark.launches_mpi  # these tests start mpiexec themselves
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -124,6 +124,7 @@ def test_timeline_single_rank_cap_and_disabled(tmp_path) -> None:
     assert off.events == [] and not (tmp_path / "off.json").exists()
 
 
+@pytest.mark.launches_mpi
 def test_timeline_and_runlog_on_three_ranks(tmp_path) -> None:
     out = tmp_path / "run"
     result = run_mpi(3, [CASE, str(out)], timeout=120, cwd=ROOT)
@@ -147,6 +148,7 @@ def test_timeline_and_runlog_on_three_ranks(tmp_path) -> None:
     assert sum(e["ph"] == "i" for e in events) == 3
 
 
+@pytest.mark.launches_mpi
 def test_unwritable_out_dir_stops_every_rank(tmp_path) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

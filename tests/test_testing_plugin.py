@@ -11,6 +11,8 @@ import pytest
 
 from dmlmpi.testing import LAUNCHER_VARS, MPIRun, run_mpi
 
+pytestmark = pytest.mark.launches_mpi  # these tests start mpiexec themselves
+
 ROOT = Path(__file__).resolve().parents[1]
 CASES = "tests/plugin_cases"
 SUMMARY = re.compile(r"^=+ .*\b(passed|failed|error|errors|skipped)\b.* in [0-9.]+s", re.M)

@@ -12,6 +12,8 @@ import pytest
 
 from dmlmpi.testing import run_mpi
 
+pytestmark = pytest.mark.launches_mpi  # these tests start mpiexec themselves
+
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS_DIR)
 
