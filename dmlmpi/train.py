@@ -130,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
              f"({len(data.y_train)} train / {len(data.y_test)} test), {sum(p.numel() for p in model.parameters())} parameters")
     bar = ProgressBar(world, total=len(sampler), epochs=args.epochs)
     start, loss, shares, stopped = time.perf_counter(), float("nan"), [], False
+
+    def elapsed() -> float:
+        """Seconds of training so far, across resumes."""
+        return wall_before + time.perf_counter() - start
     for epoch in range(sampler.epoch, args.epochs):
         sampler.set_epoch(epoch)
         bar.start_epoch(epoch + 1, len(sampler))
@@ -144,13 +148,13 @@ def main(argv: list[str] | None = None) -> int:
                 loss = float(dcomm.allreduce(np.array([sum(shares)]), comm=world)[0]) / len(shares)
                 shares = []
                 log.log(dict(step=step, epoch=epoch + 1, loss=loss, lr=sched.get_last_lr()[0],
-                             samples_per_s=samples_done / (wall_before + time.perf_counter() - start)))
+                             samples_per_s=samples_done / elapsed()))
             if sampler.next_batch < len(sampler):  # the epoch's last line comes with its accuracy, below
                 bar.update(sampler.next_batch, loss=loss, samples=args.batch_size)
             stopped = args.max_steps > 0 and step >= args.max_steps
             if stopped or (args.checkpoint_every and step % args.checkpoint_every == 0):
                 save(args, step, model, opt, sched, sampler, world,
-                     dict(samples=samples_done, wall_s=wall_before + time.perf_counter() - start))
+                     dict(samples=samples_done, wall_s=elapsed()))
             if stopped:
                 break
         if stopped:
@@ -160,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         bar.update(len(sampler), loss=loss, samples=args.batch_size, accuracy=acc)
         if not args.checkpoint_every:
             save(args, step, model, opt, sched, sampler, world,
-                 dict(samples=samples_done, wall_s=wall_before + time.perf_counter() - start))
+                 dict(samples=samples_done, wall_s=elapsed()))
     bar.close()
-    wall = wall_before + time.perf_counter() - start
+    wall = elapsed()
     acc, test_loss = evaluate(model, data, device, world)
     summary = dict(mode=args.mode, world_size=size, device=str(device), dataset=args.dataset, steps=step,
                    epochs_done=sampler.epoch, stopped_early=stopped, test_accuracy=acc, test_loss=test_loss,

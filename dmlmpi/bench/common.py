@@ -1,7 +1,6 @@
 """What every benchmark shares: timing over ranks, medians with min and max, tables and JSON."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 import statistics
@@ -10,6 +9,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from mpi4py import MPI
+
+from dmlmpi.telemetry import atomic_write_json
 
 
 @dataclass
@@ -75,10 +76,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
 def write_json(path: str, records: Sequence[dict[str, Any]]) -> None:
     """Write benchmark records as a JSON list (atomically: temp file + rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(list(records), f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_json(path, list(records))
 
 
 def init_gloo(world: MPI.Comm) -> Any:

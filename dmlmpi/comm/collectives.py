@@ -189,7 +189,7 @@ def allgather(x: Any, algorithm: str = "auto", comm: MPI.Comm | None = None, gua
     shape = tuple(x.shape) or (1,)
     flat = to_flat(x, copy=False)
     m = len(flat.data)
-    out = ring._empty_like(n * m, flat.data)
+    out = ring.empty_like(n * m, flat.data)
     chosen = _auto(ctx, n * m * dtype.storage.itemsize) if algorithm == "auto" else algorithm
     if chosen == "ring" or n == 1:
         # place our block, then pass blocks around the ring (n-1 steps)

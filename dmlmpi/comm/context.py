@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
+from .ring import empty_like
 from .select import ring_threshold
 
 _KEYVAL: list[int] = []  # the attribute key, created once per process on first use
@@ -40,7 +41,7 @@ class Context:
         Reusing it avoids mapping fresh pages (and taking their page faults) on every large call.
         """
         if not isinstance(like, np.ndarray):
-            return like.new_empty(n) if hasattr(like, "new_empty") else type(like)(n, dtype=like.dtype)
+            return empty_like(n, like)  # device memory: allocated per call by the array library
         key = ("scratch", like.dtype)
         buf = self.buffers.get(key)
         if buf is None or len(buf) < n:

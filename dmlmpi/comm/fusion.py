@@ -6,16 +6,16 @@ dtype, keeping their order) turns hundreds of latency-bound calls into a few ban
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import numpy as np
 from mpi4py import MPI
 
 from .buffers import dtype_of, kind_of, to_flat, to_result
-from .collectives import _check_algorithm, _comm, _enter, allreduce_flat
+from .collectives import _check_algorithm, _comm, _enter, _numel, allreduce_flat
 from .context import context
 from .ops import check_op
+from .ring import empty_like
 
 DEFAULT_BUCKET_BYTES = 25 << 20  # PyTorch DDP's default bucket_cap_mb
 
@@ -67,7 +67,7 @@ def _bucket_buffer(ctx: Any, members: Sequence[Any], length: int) -> Any:
     key = ("bucket", _group_key(members[0]), length)
     buf = ctx.buffers.get(key)
     if buf is None:
-        buf = ctx.buffers[key] = pack(members)  # first call: allocate by packing
+        buf = ctx.buffers[key] = empty_like(length, members[0])
     return buf
 
 
@@ -78,23 +78,23 @@ def allreduce_fused(tensors: Sequence[Any], op: str = "sum", algorithm: str = "a
     check_op(op)
     _check_algorithm(algorithm)
     ctx = context(_comm(comm))
-    sizes = [int(math.prod(t.shape)) * dtype_of(t).storage.itemsize for t in tensors]
+    sizes = [_numel(t) * dtype_of(t).storage.itemsize for t in tensors]
     results: list[Any] = list(tensors)
     for bucket in plan_buckets(sizes, [_group_key(t) for t in tensors], bucket_bytes):
         members = [tensors[i] for i in bucket]
-        length = sum(int(math.prod(t.shape)) for t in members)
+        length = sum(_numel(t) for t in members)
         # in place: pack into a kept buffer (no fresh pages per call); else a fresh one, since the
         # results handed back are views of it
         packed = pack(members, out=_bucket_buffer(ctx, members, length)) if inplace else pack(members)
         dtype = dtype_of(members[0])
-        _enter(ctx, guard, "allreduce_fused", int(math.prod(packed.shape)), dtype, op, algorithm)
+        _enter(ctx, guard, "allreduce_fused", length, dtype, op, algorithm)
         flat = to_flat(packed, copy=False, dtype=dtype)
         allreduce_flat(flat.data, dtype, op, algorithm, ctx)
         # host and CUDA-aware buffers were reduced in place; staged GPU data comes back from the host
         whole = packed if flat.is_view else to_result(flat, flat.data, (len(flat.data),))
         offset = 0
         for i, t in zip(bucket, members):
-            n = int(math.prod(t.shape))
+            n = _numel(t)
             piece = whole[offset:offset + n].reshape(t.shape)
             offset += n
             if inplace:

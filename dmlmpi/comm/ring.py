@@ -28,7 +28,7 @@ def chunk_bounds(length: int, n: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _empty_like(n: int, a: Any) -> Any:
+def empty_like(n: int, a: Any) -> Any:
     """An uninitialised 1-D array of n elements, of a's kind, dtype and device."""
     if hasattr(a, "new_empty"):
         return a.new_empty(n)  # torch
@@ -51,7 +51,7 @@ def reduce_scatter_inplace(work: Any, comm: MPI.Comm, op: str, dtype: DType,
         return bounds[0]
     right, left = (r + 1) % n, (r - 1) % n
     # one receive buffer for all steps (reused across calls when the caller keeps one)
-    tmp = (scratch or _empty_like)(max(b - a for a, b in bounds), work)
+    tmp = (scratch or empty_like)(max(b - a for a, b in bounds), work)
     for step in range(n - 1):
         # step s: pass our partial sum of chunk r-s-1 to the right; take the left's partial of
         # chunk r-s-2 and add our own elements to it. After n-1 steps chunk r has every rank's term.

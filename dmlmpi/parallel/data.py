@@ -96,6 +96,16 @@ class Bucket:
         self.pending = len(params)
         self.future: Future | None = None
 
+    def take_gradient(self, i: int) -> None:
+        """Put parameter i's current .grad into its slot (zeros if it has none), copying at most once."""
+        p, slot = self.params[i], self.slots[i]
+        if p.grad is None:
+            slot.zero_()
+        elif p.grad.data_ptr() != slot.data_ptr():
+            slot.copy_(p.grad)  # a new gradient tensor (or 16-bit wire format): copy it in once
+            if slot.dtype == p.dtype:
+                p.grad = slot  # from now on backward accumulates into the bucket itself
+
     def reset(self) -> None:
         """Ready for the next backward pass."""
         self.arrived = [False] * len(self.params)
@@ -179,11 +189,7 @@ class DataParallel(nn.Module):
         self._on_late_grad(p)
         b, i = self._where[p]
         bucket = self._buckets[b]
-        slot = bucket.slots[i]
-        if p.grad.data_ptr() != slot.data_ptr():
-            slot.copy_(p.grad)  # a new gradient tensor (or 16-bit wire format): copy it in once
-            if slot.dtype == p.dtype:
-                p.grad = slot  # from now on backward accumulates into the bucket itself
+        bucket.take_gradient(i)
         bucket.arrived[i] = True
         bucket.pending -= 1
         self._launch_ready()
@@ -220,10 +226,9 @@ class DataParallel(nn.Module):
             # Not launched yet (e.g. a parameter got no gradient on this rank): every earlier bucket
             # is done, and no backward work is left to overlap with, so reduce it in this thread
             # (same order on every rank; a handoff to the other thread would only add latency).
-            for i, p in enumerate(bucket.params):
-                if not bucket.arrived[i] and (p.grad is None or p.grad.data_ptr() != bucket.slots[i].data_ptr()):
-                    # no gradient in this pass: contribute what .grad holds, zeros if nothing
-                    bucket.slots[i].copy_(p.grad) if p.grad is not None else bucket.slots[i].zero_()
+            for i in range(len(bucket.params)):
+                if not bucket.arrived[i]:  # no gradient in this pass: contribute what .grad holds, zeros if nothing
+                    bucket.take_gradient(i)
             self._allreduce_job(bucket)()
         for bucket in self._buckets:
             for i, p in enumerate(bucket.params):
