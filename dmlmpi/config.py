@@ -15,6 +15,8 @@ import yaml
 from dmlmpi.comm import ALGORITHMS
 from dmlmpi.data import DATASETS, TAILS
 
+MODES = ["dp", "ps"]
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of the training job, each option with a working default."""
@@ -23,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "mpirun -n 8 python -m dmlmpi.train [options]",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="YAML file of options (command-line options override it)")
-    p.add_argument("--mode", default="dp", choices=["dp"], help="parallelism: dp = data parallel (all-reduce)")
+    p.add_argument("--mode", default="dp", choices=MODES,
+                   help="parallelism: dp = data parallel (all-reduce); ps = parameter server")
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", default="mnist1d", choices=list(DATASETS),
                    help="mnist1d is generated offline; mnist/cifar10 read files from --data-dir")
@@ -35,8 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=30, help="passes over the training set")
     g.add_argument("--batch-size", type=int, default=64, help="global batch size, split over the ranks")
-    g.add_argument("--lr", type=float, default=0.02, help="peak learning rate (AdamW)")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd", "momentum"],
+                   help="optimizer (in ps mode the servers run it on their shards)")
+    g.add_argument("--lr", type=float, default=0.02, help="peak learning rate")
+    g.add_argument("--momentum", type=float, default=0.9, help="momentum of --optimizer momentum")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="weight decay")
     g.add_argument("--schedule", default="onecycle", choices=["onecycle", "cosine", "constant"],
                    help="learning-rate schedule over the whole run")
     g.add_argument("--tail", default="drop", choices=list(TAILS),
@@ -47,11 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size in MiB")
     g.add_argument("--compression", default="none", choices=["none", "fp16", "bf16"],
                    help="send gradients as 16-bit floats")
+    g.add_argument("--straggler", type=straggler, metavar="RANK:SECONDS",
+                   help="slow one training rank down: it sleeps SECONDS before each step")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: GPU local_rank %% gpus_per_node when CUDA is available, else CPU")
     g.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank (ranks share the cores)")
+    g = p.add_argument_group("parameter server (--mode ps)")
+    g.add_argument("--servers", type=int, default=1, help="server ranks (the last ones); the others are workers")
+    g.add_argument("--ps-mode", default="sync", choices=["sync", "async", "ssp"],
+                   help="consistency: sync (BSP), async (ASP), ssp (bounded staleness, see --staleness)")
+    g.add_argument("--staleness", type=int, default=2,
+                   help="ssp: how many steps a worker may run ahead of the slowest (0 = sync)")
     g = p.add_argument_group("run directory")
-    g.add_argument("--out", default="runs/dp", help="run directory: config, metrics, checkpoints, trace, summary")
+    g.add_argument("--out", help="run directory: config, metrics, checkpoints, trace, summary (default runs/MODE)")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     g.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: at each epoch end)")
     g.add_argument("--max-steps", type=int, default=0, help="stop (with a checkpoint) after N steps in total; 0: no limit")
@@ -60,6 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record a Chrome-trace timeline (trace.json)")
     g.add_argument("--verbose", action="store_true", help="let every rank print, not only rank 0")
     return p
+
+
+def straggler(text: str) -> tuple[int, float]:
+    """RANK:SECONDS -> (rank, seconds)."""
+    try:
+        rank, seconds = text.split(":")
+        parsed = int(rank), float(seconds)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected RANK:SECONDS, e.g. 1:0.01, got {text!r}") from None
+    if parsed[0] < 0 or parsed[1] < 0:
+        raise argparse.ArgumentTypeError(f"rank and seconds must not be negative, got {text!r}")
+    return parsed
+
+
+def training_ranks(args: argparse.Namespace, world_size: int) -> int:
+    """How many ranks run the training loop (all but the servers in ps mode)."""
+    return world_size - args.servers if args.mode == "ps" else world_size
 
 
 def _yaml_tokens(parser: argparse.ArgumentParser, path: str) -> list[str]:
@@ -98,6 +129,8 @@ def parse(argv: Sequence[str] | None, world_size: int) -> argparse.Namespace:
     # the YAML file's options come first, so that the command line's own override them
     args = parser.parse_args(_yaml_tokens(parser, first.config) + argv) if first.config else first
     check(parser, args, world_size)
+    if args.out is None:
+        args.out = f"runs/{args.mode}"
     return args
 
 
@@ -110,9 +143,21 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size:
     for name in ["weight_decay", "checkpoint_every", "max_steps", "seed", "data_seed"]:
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    if args.batch_size < world_size:
-        parser.error(f"--batch-size {args.batch_size} is smaller than the {world_size} ranks: "
-                     f"every rank needs at least one sample per step (use --batch-size >= {world_size})")
+    if args.mode == "ps" and not 1 <= args.servers < world_size:
+        parser.error(f"--servers {args.servers} on {world_size} rank(s): ps mode needs at least one server and "
+                     f"one worker (1 <= --servers <= {world_size - 1})" if world_size > 1 else
+                     f"--mode ps needs at least 2 ranks (servers + workers), got {world_size}")
+    if not 0 <= args.momentum < 1:
+        parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
+    if args.staleness < 0:
+        parser.error(f"--staleness must not be negative, got {args.staleness}")
+    train_ranks = training_ranks(args, world_size)
+    if args.batch_size < train_ranks:
+        parser.error(f"--batch-size {args.batch_size} is smaller than the {train_ranks} training ranks: "
+                     f"every rank needs at least one sample per step (use --batch-size >= {train_ranks})")
+    if args.straggler is not None and args.straggler[0] >= train_ranks:
+        parser.error(f"--straggler {args.straggler[0]}:{args.straggler[1]}: rank {args.straggler[0]} does not "
+                     f"train (training ranks are 0..{train_ranks - 1})")
     if args.dataset != "mnist1d" and not args.data_dir:
         parser.error(f"--dataset {args.dataset} reads files: give --data-dir")
     if args.dataset == "mnist1d" and args.samples < 10:

@@ -107,7 +107,7 @@ def _host_view(x: Any, kind: str, dtype: DType) -> np.ndarray:
     return t.numpy()
 
 
-def _pinned_empty(n: int, dtype: DType, kind: str) -> np.ndarray:
+def pinned_empty(n: int, dtype: DType, kind: str) -> np.ndarray:
     """Page-locked host memory for staging device data (fast, asynchronous-capable copies)."""
     if kind == "cupy":
         import cupyx
@@ -122,7 +122,7 @@ def _pinned_empty(n: int, dtype: DType, kind: str) -> np.ndarray:
 def _device_to_host(x: Any, kind: str, dtype: DType) -> np.ndarray:
     """Copy a GPU array to a fresh pinned 1-D host buffer, after the producing stream is done."""
     sync_device(x)
-    host = _pinned_empty(int(x.size if kind == "cupy" else x.numel()), dtype, kind)
+    host = pinned_empty(int(x.size if kind == "cupy" else x.numel()), dtype, kind)
     if kind == "cupy":
         import cupy
 

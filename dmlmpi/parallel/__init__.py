@@ -1,4 +1,5 @@
 """Parallel training strategies built on dmlmpi.comm."""
 from .data import DataParallel
+from .ps import ParameterServer
 
-__all__ = ["DataParallel"]
+__all__ = ["DataParallel", "ParameterServer"]

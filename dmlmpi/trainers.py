@@ -1,0 +1,264 @@
+"""What one training step means in each mode, behind one small interface that train.py drives.
+
+A Trainer owns the model wrapper of its mode and answers: run a step on this rank's share, the loss
+to log, evaluate, checkpoint and resume. Data parallel: every rank is a worker. Parameter server:
+the last --servers ranks serve (Trainer.serve) while the others run the loop.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from dmlmpi import checkpoint
+from dmlmpi import comm as dcomm
+from dmlmpi.data import Dataset, rank_share
+from dmlmpi.parallel import DataParallel, ParameterServer
+from dmlmpi.telemetry import Timeline
+
+
+def make_optimizer(args: argparse.Namespace) -> Callable[[Any], torch.optim.Optimizer]:
+    """A factory of the chosen optimizer (servers build theirs over their shard)."""
+    def build(params: Any) -> torch.optim.Optimizer:
+        if args.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        if args.optimizer == "adam":
+            return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+        momentum = args.momentum if args.optimizer == "momentum" else 0.0
+        return torch.optim.SGD(params, lr=args.lr, momentum=momentum, weight_decay=args.weight_decay)
+    return build
+
+
+def make_schedule(args: argparse.Namespace, total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
+    """A factory of the learning-rate schedule over the whole run (total_steps global steps)."""
+    def build(opt: torch.optim.Optimizer) -> Any:
+        if args.schedule == "onecycle":
+            # plain SGD has no momentum for the cycle to vary (it would turn it into momentum SGD)
+            return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(1, total_steps),
+                                                       cycle_momentum=args.optimizer != "sgd")
+        if args.schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return build
+
+
+def evaluate(model: nn.Module, data: Dataset, device: torch.device, comm: MPI.Comm) -> tuple[float, float]:
+    """(accuracy, mean loss) on the test set; each rank of comm scores a share, one all-reduce adds them up."""
+    mine = rank_share(np.arange(len(data.y_test)), comm.Get_rank(), comm.Get_size())
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(data.x_test[mine]).to(device))
+        labels = torch.from_numpy(data.y_test[mine]).to(device)
+        local = np.array([(logits.argmax(1) == labels).sum().item(),
+                          nn.functional.cross_entropy(logits, labels, reduction="sum").item()])
+    model.train()
+    # sum of correct predictions and of losses over the ranks
+    correct, loss_sum = dcomm.allreduce(local, comm=comm)
+    return correct / len(data.y_test), loss_sum / len(data.y_test)
+
+
+def batch_loss(model: nn.Module, data: Dataset, idx: np.ndarray, scale: float, device: torch.device,
+               tl: Timeline) -> torch.Tensor:
+    """Forward on the samples `idx`: their summed cross-entropy times `scale`."""
+    x = torch.from_numpy(data.x_train[idx]).to(device)
+    y = torch.from_numpy(data.y_train[idx]).to(device)
+    with tl.span("forward"):
+        return nn.functional.cross_entropy(model(x), y, reduction="sum") * scale
+
+
+class Trainer:
+    """The common interface; `comm` is the communicator of the ranks that run the training loop."""
+
+    comm: MPI.Comm
+    is_server = False
+
+    def step(self, idx: np.ndarray, batch: int) -> float:
+        """One step on this rank's share `idx` of a global batch of `batch`; returns its loss contribution."""
+        raise NotImplementedError
+
+    def logged_loss(self, contributions: list[float]) -> float:
+        """The training loss to log from the contributions of the steps since the last log."""
+        raise NotImplementedError
+
+    def evaluate(self, data: Dataset, final: bool = False) -> tuple[float, float] | None:
+        """Test accuracy and loss (None on ranks that do not take part)."""
+        raise NotImplementedError
+
+    def save(self, run_dir: str, step: int, state: dict[str, Any]) -> None:
+        """Collectively write a checkpoint with `state` plus the mode's own state."""
+        raise NotImplementedError
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Restore the mode's own state from a checkpoint."""
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, Any]:
+        """This rank's figures for the run's metrics."""
+        return {}
+
+    def lr(self) -> float:
+        """The learning rate of the current step."""
+        raise NotImplementedError
+
+    def model_parameters(self) -> list[nn.Parameter]:
+        """The whole model's parameters."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """End of this rank's training loop."""
+
+    def close(self) -> None:
+        """Release threads and communicators."""
+
+
+class DPTrainer(Trainer):
+    """Data parallel: the whole model on every rank, gradients averaged during backward."""
+
+    def __init__(self, model: nn.Module, data: Dataset, args: argparse.Namespace, world: MPI.Comm,
+                 device: torch.device, total_steps: int, tl: Timeline) -> None:
+        self.comm, self.data, self.device, self.tl = world, data, device, tl
+        self.model = DataParallel(model, world, bucket_mb=args.bucket_mb, algorithm=args.algorithm,
+                                  compression=args.compression, timeline=tl)
+        self.optimizer = make_optimizer(args)(self.model.parameters())
+        self.schedule = make_schedule(args, total_steps)(self.optimizer)
+
+    def step(self, idx: np.ndarray, batch: int) -> float:
+        """Forward, backward (averaging over ranks), optimizer step; returns this rank's share of the mean loss."""
+        self.optimizer.zero_grad(set_to_none=False)  # .grad are views into DataParallel's buckets: zero in place
+        share = batch_loss(self.model, self.data, idx, 1.0 / batch, self.device, self.tl)
+        with self.tl.span("backward"):
+            # DataParallel averages over ranks; scaled by the world size the average is the global mean
+            (share * self.comm.Get_size()).backward()
+        with self.tl.span("optimizer"):
+            self.optimizer.step()
+        self.schedule.step()
+        return share.item()
+
+    def lr(self) -> float:
+        """The schedule's current learning rate."""
+        return self.schedule.get_last_lr()[0]
+
+    def model_parameters(self) -> list[nn.Parameter]:
+        """The wrapped module's parameters."""
+        return list(self.model.module.parameters())
+
+    def logged_loss(self, contributions: list[float]) -> float:
+        """Global mean loss of the steps: one small all-reduce of the shares."""
+        return float(dcomm.allreduce(np.array([sum(contributions)]), comm=self.comm)[0]) / len(contributions)
+
+    def evaluate(self, data: Dataset, final: bool = False) -> tuple[float, float]:
+        """Every rank scores a share of the test set."""
+        return evaluate(self.model, data, self.device, self.comm)
+
+    def save(self, run_dir: str, step: int, state: dict[str, Any]) -> None:
+        """Rank 0 writes model, optimizer and schedule with `state`."""
+        checkpoint.save(run_dir, step, dict(state, model=self.model.module.state_dict(),
+                                            optimizer=self.optimizer.state_dict(),
+                                            schedule=self.schedule.state_dict()), self.comm)
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Model, optimizer and schedule from a checkpoint."""
+        self.model.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+
+    def close(self) -> None:
+        """Stop DataParallel's communication thread."""
+        self.model.close()
+
+
+class PSTrainer(Trainer):
+    """Parameter server: workers compute gradients, the last --servers ranks own and update the parameters."""
+
+    def __init__(self, model: nn.Module, data: Dataset, args: argparse.Namespace, world: MPI.Comm,
+                 device: torch.device, total_steps: int, tl: Timeline) -> None:
+        self.world, self.data, self.device, self.tl, self.mode = world, data, device, tl, args.ps_mode
+        self.ps = ParameterServer(model, world, servers=args.servers, mode=args.ps_mode, staleness=args.staleness,
+                                  optimizer=make_optimizer(args), schedule=make_schedule(args, total_steps))
+        self.is_server = self.ps.is_server
+        self.comm = self.ps.worker_comm
+        self.server_stats: dict[str, Any] = {}
+        # the servers own the schedule; workers step a replica of it to know (and log) the rate
+        self._lr_opt = make_optimizer(args)([nn.Parameter(torch.zeros(1))])  # never has a gradient: step() is a no-op
+        self.schedule = make_schedule(args, total_steps)(self._lr_opt)
+
+    def lr(self) -> float:
+        """The learning rate of the global step this worker is at."""
+        return self.schedule.get_last_lr()[0]
+
+    def model_parameters(self) -> list[nn.Parameter]:
+        """The wrapped module's parameters."""
+        return list(self.ps.module.parameters())
+
+    def step(self, idx: np.ndarray, batch: int) -> float:
+        """Forward, backward, push and pull; returns this worker's share of the global mean loss."""
+        workers = self.comm.Get_size()
+        # scaled so that the mean of the workers' gradients is the gradient of the global batch's mean
+        share = batch_loss(self.ps, self.data, idx, 1.0 / batch, self.device, self.tl)
+        with self.tl.span("backward"):
+            (share * workers).backward()
+        with self.tl.span(f"push/pull ({self.mode})", cat="comm"):
+            self.ps.step()
+        self._lr_opt.step()  # (the schedule expects its optimizer to step first)
+        self.schedule.step()
+        return share.item()
+
+    def logged_loss(self, contributions: list[float]) -> float:
+        """sync: the global mean (all-reduce over the workers); async/ssp: this worker's own mean loss."""
+        if self.mode == "sync":
+            return float(dcomm.allreduce(np.array([sum(contributions)]), comm=self.comm)[0]) / len(contributions)
+        # a collective here would make the workers wait for each other: report rank 0's own batches
+        return sum(contributions) * self.comm.Get_size() / len(contributions)
+
+    def evaluate(self, data: Dataset, final: bool = False) -> tuple[float, float] | None:
+        """sync, or after finish(): the workers score shares; otherwise worker 0 alone on its own copy."""
+        if final or self.mode == "sync":
+            return evaluate(self.ps, data, self.device, self.comm)
+        if self.comm.Get_rank() != 0:
+            return None
+        return evaluate(self.ps, data, self.device, MPI.COMM_SELF)
+
+    def save(self, run_dir: str, step: int, state: dict[str, Any]) -> None:
+        """Workers: bring the servers to a quiet point, then everyone joins the collective write."""
+        self.ps.request_checkpoint()
+        self._write(run_dir, step, state)
+
+    def _write(self, run_dir: str, step: int, state: dict[str, Any]) -> None:
+        """Collective over the whole world: gather the servers' state, rank 0 writes."""
+        ps_state = self.ps.state()
+        model = None
+        if ps_state is not None:  # rank 0: the model's parameters as one state dict, from the servers' shards
+            model = {k: v.clone() for k, v in self.ps.module.state_dict().items()}
+            flat, offset = ps_state["flat"], 0
+            for name, p in self.ps.module.named_parameters():
+                if p.requires_grad:
+                    model[name] = flat[offset:offset + p.numel()].view_as(p).clone()
+                    offset += p.numel()
+        checkpoint.save(run_dir, step, dict(state, ps=ps_state, model=model), self.world)
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Servers take their shard and optimizer; workers the parameters."""
+        self.ps.load_state(state["ps"])
+
+    def serve(self, run_dir: str) -> None:
+        """Server ranks: answer the workers until they finish, joining their checkpoints."""
+        self.server_stats = self.ps.serve(on_checkpoint=lambda: self._write(run_dir, 0, {}))
+
+    def finish(self) -> None:
+        """Workers: stop; all end with the servers' final parameters."""
+        self.ps.finish()
+
+    def stats(self) -> dict[str, Any]:
+        """Servers: updates and staleness; workers: bytes per step."""
+        if self.is_server:
+            return self.server_stats
+        steps = max(1, self.ps.steps)
+        return dict(bytes_sent_per_step=self.ps.bytes_sent / steps, bytes_received_per_step=self.ps.bytes_received / steps)
+
+    def close(self) -> None:
+        """Free the parameter server's communicators."""
+        self.ps.close()
