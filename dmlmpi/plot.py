@@ -1,7 +1,7 @@
 """`python -m dmlmpi.plot RUN_DIR [--out DIR]`: PNGs of a run's metrics.jsonl and trace.json.
 
 Writes `loss.png` (training loss, and test loss when logged), `accuracy.png` (test accuracy, when
-logged) and `timeline.png` (one row per rank, one bar per span coloured by category, a window of
+logged), `staleness.png` (parameter-server runs: histogram of update staleness) and `timeline.png` (one row per rank, one bar per span coloured by category, a window of
 the trace when it is long). A missing input is skipped with a note; neither one -> exit status 2.
 """
 from __future__ import annotations
@@ -132,6 +132,32 @@ def plot_accuracy(records: list[dict[str, Any]], path: str) -> bool:
     return True
 
 
+def plot_staleness(records: list[dict[str, Any]], path: str) -> bool:
+    """staleness.png: histogram of the parameter servers' update staleness; False if none was logged."""
+    servers = [r for r in records if r.get("role") == "server" and isinstance(r.get("staleness"), list)]
+    values = [[v for v in r["staleness"] if _number(v)] for r in servers]
+    if not any(values):
+        return False
+    import matplotlib.pyplot as plt
+    top = max(max(v) for v in values if v)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(values)
+    for i, (record, vals) in enumerate(zip(servers, values)):
+        counts = [sum(1 for v in vals if v == k) for k in range(int(top) + 1)]
+        ax.bar([k - 0.4 + width * (i + 0.5) for k in range(int(top) + 1)], counts, width=width,
+               label=f"server rank {record.get('rank', i)}")
+    ax.set_xlabel("staleness (server version at update - version the gradient was computed on)")
+    ax.set_ylabel("gradients")
+    total = sum(len(v) for v in values)
+    ax.set_title(f"staleness of {total} gradients (mean {sum(map(sum, values)) / total:.2f}, max {top})")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 # ---- timeline ----------------------------------------------------------------------------------
 
 
@@ -235,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                 written.append(os.path.join(out, name))
             else:
                 note(f"no {what} in {metrics_path}: {name} skipped")
+        if plot_staleness(records, os.path.join(out, "staleness.png")):  # parameter-server runs only
+            written.append(os.path.join(out, "staleness.png"))
     else:
         note(f"no {metrics_path}: loss.png and accuracy.png skipped")
     if have_trace:

@@ -178,7 +178,8 @@ class PSTrainer(Trainer):
                  device: torch.device, total_steps: int, tl: Timeline) -> None:
         self.world, self.data, self.device, self.tl, self.mode = world, data, device, tl, args.ps_mode
         self.ps = ParameterServer(model, world, servers=args.servers, mode=args.ps_mode, staleness=args.staleness,
-                                  optimizer=make_optimizer(args), schedule=make_schedule(args, total_steps))
+                                  optimizer=make_optimizer(args), schedule=make_schedule(args, total_steps),
+                                  timeline=tl)
         self.is_server = self.ps.is_server
         self.comm = self.ps.worker_comm
         self.server_stats: dict[str, Any] = {}

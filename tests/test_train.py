@@ -96,12 +96,16 @@ def test_yaml_config_and_command_line(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--batch-size", "2"], "--batch-size 2 is smaller than the 3 ranks"),
+    (["--batch-size", "2"], "--batch-size 2 is smaller than the 3 training ranks"),
     (["--lr", "-1"], "--lr must be positive"),
     (["--algorithm", "tree"], "invalid choice: 'tree'"),
     (["--dataset", "mnist"], "--dataset mnist reads files: give --data-dir"),
     (["--dataset", "mnist", "--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
     (["--out", "/proc/dmlmpi-cannot-write-here"], "not writable"),
+    (["--mode", "ps", "--servers", "3"], "--servers 3 on 3 rank(s): ps mode needs at least one server and one worker"),
+    (["--mode", "ps", "--straggler", "2:0.1"], "rank 2 does not train (training ranks are 0..1)"),
+    (["--mode", "ps", "--straggler", "1-0.1"], "expected RANK:SECONDS"),
+    (["--mode", "ps", "--ps-mode", "ssp", "--staleness", "-1"], "--staleness must not be negative"),
 ])
 def test_bad_input_fails_fast_on_every_rank(extra: list[str], message: str, tmp_path) -> None:
     """Each bad setting: non-zero exit, the reason in the output, no hang."""

@@ -25,6 +25,7 @@ consistency): sync, async, or bounded staleness.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Callable
 
@@ -65,7 +66,7 @@ class ParameterServer(nn.Module):
 
     def __init__(self, module: nn.Module, comm: MPI.Comm | None = None, servers: int = 1, mode: str = "sync",
                  staleness: int = 0, optimizer: OptimizerFactory | None = None,
-                 schedule: Callable[[torch.optim.Optimizer], Any] | None = None) -> None:
+                 schedule: Callable[[torch.optim.Optimizer], Any] | None = None, timeline: Any = None) -> None:
         super().__init__()
         world = MPI.COMM_WORLD if comm is None else comm
         size, rank = world.Get_size(), world.Get_rank()
@@ -73,6 +74,7 @@ class ParameterServer(nn.Module):
         if mode not in MODES:
             raise ValueError(f"parameter server: mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.module, self.mode, self.staleness = module, mode, staleness
+        self.timeline = timeline  # a dmlmpi.telemetry.Timeline: server updates become "compute" spans
         self.comm = world.Dup()  # private channel: PS messages never match the user's own
         self.workers = list(range(size - servers))
         self.servers = list(range(size - servers, size))
@@ -268,7 +270,12 @@ class ParameterServer(nn.Module):
                 p2p.wait_all(sends)  # answers in flight still read the shard: let them go first
                 sends = []
                 for update in updates:
-                    self._apply(update, grads, seen)
+                    span = (self.timeline.span(f"update {self.version + 1}", args={"gradients": len(update)})
+                            if self.timeline is not None else contextlib.nullcontext())
+                    with span:
+                        self._apply(update, grads, seen)
+            if self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_HEADER):
+                continue  # more requests already here: take them in first, so answers are fresher
             for w in book.answerable():
                 sends += self._reply(w)
             running = {w for w in self.workers if w not in book.finished}

@@ -1,0 +1,142 @@
+"""`python -m dmlmpi.train --mode ps` end to end: equivalence, consistency models, resume, accuracy."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from dmlmpi.testing import run_mpi
+
+pytestmark = pytest.mark.launches_mpi  # these tests start mpiexec themselves
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--samples", "600", "--batch-size", "32", "--log-every", "1", "--epochs", "2"]
+
+
+def train(nprocs: int, out, *extra: str, small: bool = True, timeout: float = 240):
+    """Run python -m dmlmpi.train on nprocs ranks into `out`; return the finished process."""
+    args = ["-m", "dmlmpi.train", *(SMALL if small else []), "--out", str(out), *extra]
+    return run_mpi(nprocs, args, timeout=timeout, cwd=ROOT)
+
+
+def records(out) -> list[dict]:
+    """Every line of metrics.jsonl."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(out) -> dict[int, float]:
+    """step -> logged training loss."""
+    return {r["step"]: r["loss"] for r in records(out) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def dp_two_ranks(tmp_path_factory):
+    """Data parallel on 2 ranks: the reference for 2 workers."""
+    out = tmp_path_factory.mktemp("dp2")
+    result = train(2, out)
+    assert result.returncode == 0, result.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def ps_sync(tmp_path_factory):
+    """Sync PS with 2 workers and 1 server."""
+    out = tmp_path_factory.mktemp("ps3")
+    result = train(3, out, "--mode", "ps")
+    assert result.returncode == 0, result.stdout
+    return out, result
+
+
+@pytest.mark.parametrize("servers", [1, 2])
+def test_sync_ps_equals_data_parallel(servers, dp_two_ranks, ps_sync, tmp_path) -> None:
+    """2 workers with 1 or 2 servers log the same losses as 2-rank data parallel (same global batches)."""
+    if servers == 1:
+        out = ps_sync[0]
+    else:
+        out = tmp_path
+        result = train(4, out, "--mode", "ps", "--servers", "2")
+        assert result.returncode == 0, result.stdout
+    dp, ps = losses(dp_two_ranks), losses(out)
+    assert dp.keys() == ps.keys() and len(dp) == 30
+    for step in dp:
+        assert ps[step] == pytest.approx(dp[step], rel=1e-4, abs=1e-6), step
+    summary = json.load(open(out / "summary.json"))
+    assert summary["mode"] == "ps" and summary["servers"] == servers and summary["workers"] == 2
+
+
+def test_run_directory_has_staleness_and_worker_throughput(ps_sync, tmp_path) -> None:
+    """Per-worker throughput and bytes, per-server staleness of every update; the plot draws the histogram."""
+    import subprocess
+    import sys
+
+    out, result = ps_sync
+    recs = records(out)
+    workers = [r for r in recs if r.get("role") == "worker"]
+    servers = [r for r in recs if r.get("role") == "server"]
+    assert [r["rank"] for r in workers] == [0, 1] and [r["rank"] for r in servers] == [2]
+    for r in workers:
+        assert r["samples_per_s"] > 0 and len(r["epoch_samples_per_s"]) == 2
+        # 8010 float32 gradients + a 24-byte header to the one server per step
+        assert r["bytes_sent_per_step"] == 8010 * 4 + 24
+    assert servers[0]["updates"] == 30 and servers[0]["staleness"] == [0] * 60  # sync: never stale
+    assert "parameter server (sync) on 3 ranks: 2 worker(s), 1 server(s)" in result.stdout
+    done = subprocess.run([sys.executable, "-m", "dmlmpi.plot", str(out), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "staleness.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ssp_zero_equals_sync(ps_sync, tmp_path) -> None:
+    """--ps-mode ssp --staleness 0 ends with exactly the parameters and test loss of sync."""
+    import torch
+
+    result = train(3, tmp_path, "--mode", "ps", "--ps-mode", "ssp", "--staleness", "0")
+    assert result.returncode == 0, result.stdout
+    ssp, sync = (torch.load(d / "ckpt-30.pt", weights_only=False)["model"] for d in (tmp_path, ps_sync[0]))
+    assert ssp.keys() == sync.keys()
+    for name in ssp:
+        assert torch.equal(ssp[name], sync[name]), name
+    summaries = [json.load(open(d / "summary.json")) for d in (tmp_path, ps_sync[0])]
+    assert summaries[0]["test_loss"] == summaries[1]["test_loss"]
+
+
+def test_sync_resume_continues_where_it_stopped(ps_sync, tmp_path) -> None:
+    """Stopped after 11 steps, resumed: later losses equal the uninterrupted run's (servers' Adam state restored)."""
+    first = train(3, tmp_path, "--mode", "ps", "--max-steps", "11")
+    assert first.returncode == 0, first.stdout
+    assert (tmp_path / "ckpt-11.pt").exists()
+    second = train(3, tmp_path, "--mode", "ps", "--resume")
+    assert second.returncode == 0, second.stdout
+    assert "resumed from" in second.stdout and "at step 11" in second.stdout
+    resumed, full = losses(tmp_path), losses(ps_sync[0])
+    assert sorted(resumed) == list(range(1, 31))
+    for step in range(12, 31):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-9), step
+
+
+@pytest.mark.parametrize("mode", ["async", "ssp"])
+def test_async_and_ssp_resume_and_finish(mode, tmp_path) -> None:
+    """A straggling worker, a checkpoint every 5 steps, a stop at 12 and a resume: the run completes."""
+    first = train(4, tmp_path, "--mode", "ps", "--ps-mode", mode, "--straggler", "1:0.005",
+                  "--checkpoint-every", "5", "--max-steps", "12")
+    assert first.returncode == 0, first.stdout
+    assert (tmp_path / "ckpt-10.pt").exists() and (tmp_path / "ckpt-12.pt").exists()
+    second = train(4, tmp_path, "--mode", "ps", "--ps-mode", mode, "--resume")
+    assert second.returncode == 0, second.stdout
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["steps"] == 30 and summary["ps_mode"] == mode  # 480 / 32 = 15 steps per epoch, 2 epochs
+    stale = [s for r in records(tmp_path) if r.get("role") == "server" for s in r["staleness"]]
+    assert stale and (mode == "async" or max(stale) <= 2)
+
+
+def test_async_and_ssp_reach_the_default_target(tmp_path) -> None:
+    """The default MNIST-1D task: sync, async and ssp (s=2) with 3 workers all reach 92% test accuracy."""
+    accuracy = {}
+    for mode in ("sync", "async", "ssp"):
+        result = train(4, tmp_path / mode, "--mode", "ps", "--ps-mode", mode, small=False, timeout=300)
+        assert result.returncode == 0, result.stdout
+        accuracy[mode] = json.load(open(tmp_path / mode / "summary.json"))["test_accuracy"]
+    print(accuracy)
+    assert min(accuracy.values()) >= 0.92, accuracy
