@@ -55,14 +55,15 @@ def make_trainer(args: argparse.Namespace, model: nn.Module, data: Dataset, worl
     return kind(model, data, args, world, device, args.epochs * steps_per_epoch, tl)
 
 
-def gather_stats(trainer: Trainer, world: MPI.Comm, rates: list[float], samples: int, seconds: float,
-                 log: RunLog) -> float:
+def gather_stats(trainer: Trainer, world: MPI.Comm, rates: list[float], mine: list[float], log: RunLog) -> float:
     """Every rank's figures to rank 0's metrics; returns the summed throughput of the training ranks."""
-    mine = dict(trainer.stats(), rank=world.Get_rank(), role="server" if trainer.is_server else "worker")
+    record = dict(trainer.stats(), rank=world.Get_rank(), role="server" if trainer.is_server else "worker")
     if not trainer.is_server:
-        mine.update(samples=samples, samples_per_s=samples / seconds if seconds else 0.0, epoch_samples_per_s=rates)
+        samples, seconds, steps = mine
+        record.update(steps=int(steps), samples=int(samples), seconds=seconds,
+                      samples_per_s=samples / seconds if seconds else 0.0, epoch_samples_per_s=rates)
     # gather: one record per rank to rank 0 (end of run only)
-    everyone = world.gather(mine, root=0)
+    everyone = world.gather(record, root=0)
     if everyone is None:
         return 0.0
     for record in everyone:
@@ -70,9 +71,9 @@ def gather_stats(trainer: Trainer, world: MPI.Comm, rates: list[float], samples:
     return sum(r.get("samples_per_s", 0.0) for r in everyone)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Train, evaluate each epoch, checkpoint, and write the run directory."""
-    world = MPI.COMM_WORLD
+def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
+    """Train on the ranks of `comm` (default COMM_WORLD), evaluate each epoch, checkpoint, write the run directory."""
+    world = MPI.COMM_WORLD if comm is None else comm
     size = world.Get_size()
     args = config.parse(argv, size)
     torch.set_num_threads(args.threads)  # ranks share the node's cores: one thread each by default
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info(f"dmlmpi.train: {describe_mode(args, size)}, {device}, {args.dataset} "
              f"({len(data.y_train)} train / {len(data.y_test)} test), {n_params} parameters")
     start, loss, stopped = time.perf_counter(), float("nan"), False
-    mine, rates = [0, 0.0], []  # this rank's own samples and training seconds; samples/s per epoch
+    mine, rates = [0, 0.0, 0], []  # this rank's samples, training seconds and steps in this run; samples/s per epoch
 
     def elapsed() -> float:
         """Seconds of training so far, across resumes."""
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                     shares.append(trainer.step(idx, args.batch_size))
                 mine[0] += len(idx)
                 mine[1] += time.perf_counter() - t0
+                mine[2] += 1
                 epoch_samples += len(idx)
                 step += 1
                 samples_done += args.batch_size
@@ -157,13 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
         trainer.finish()
     wall = elapsed()
-    throughput = gather_stats(trainer, world, rates, mine[0], mine[1], log)
+    throughput = gather_stats(trainer, world, rates, mine, log)
     result = None if trainer.is_server else trainer.evaluate(data, final=True)
     if world.Get_rank() == 0:
         acc, test_loss = result
         summary = dict(mode=args.mode, world_size=size, device=str(device), dataset=args.dataset, steps=step,
                        epochs_done=sampler.epoch, stopped_early=stopped, test_accuracy=acc, test_loss=test_loss,
-                       final_loss=loss, samples_per_s=throughput, wall_s=wall)
+                       final_loss=loss, samples_per_s=throughput, wall_s=wall, parameters=n_params)
         if args.mode == "ps":
             summary.update(servers=args.servers, workers=team.Get_size(), ps_mode=args.ps_mode,
                            staleness=args.staleness if args.ps_mode == "ssp" else None)

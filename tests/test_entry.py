@@ -61,3 +61,19 @@ def test_dp_bench_smoke(tmp_path) -> None:
     assert {r["variant"] for r in records} == {"local", "dmlmpi", "ddp"}
     assert all(r["ranks"] == 2 and r["samples_per_s_min"] <= r["samples_per_s_median"] <= r["samples_per_s_max"]
                for r in records)
+
+
+def test_ps_bench_smoke(tmp_path) -> None:
+    """`python -m dmlmpi.bench ps` on 3 ranks: every variant with and without a straggler, targets, JSON."""
+    path = tmp_path / "ps.json"
+    result = run_mpi(3, ["-m", "dmlmpi.bench", "ps", "--epochs", "1", "--train-args", "--samples 300",
+                         "--json", str(path)], timeout=240, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "2 workers + 1 server(s)" in result.stdout and "sync PS step time / ring DP step time" in result.stdout
+    records = json.loads(path.read_text())
+    assert [(r["variant"], r["straggler"] != "none") for r in records] == [
+        (v, s) for s in (False, True) for v in ("dp", "sync", "async", "ssp")]
+    for r in records:
+        assert r["workers"] == 2 and r["samples_per_s_median"] > 0 and 0 <= r["test_accuracy"] <= 1
+        # the PS variants count what they send: 8010 float32 gradients + a 24-byte header per step
+        assert r["bytes_sent_per_worker_step"] == (8010 * 4 if r["variant"] == "dp" else 8010 * 4 + 24)

@@ -6,7 +6,7 @@ import sys
 
 from dmlmpi.entry import run_main
 
-KINDS = {"allreduce": "dmlmpi.bench.allreduce", "dp": "dmlmpi.bench.dp"}
+KINDS = {"allreduce": "dmlmpi.bench.allreduce", "dp": "dmlmpi.bench.dp", "ps": "dmlmpi.bench.ps"}
 
 
 def main() -> int:

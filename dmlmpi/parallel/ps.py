@@ -101,6 +101,9 @@ class ParameterServer(nn.Module):
             self.worker_clock_at_save = 0
         else:
             self._init_worker(flat)
+        # the servers' optimizers exist (torch's first optimizer import can take a second) before
+        # any worker starts its first step and waits on them
+        self.comm.Barrier()
 
     # ------------------------------------------------------------------------------------------
     # worker side
