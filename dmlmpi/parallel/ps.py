@@ -324,12 +324,14 @@ class ParameterServer(nn.Module):
     def _lr_factor(self, stale: list[int]) -> float:
         """How much of the scheduled step size this update takes.
 
-        async: one worker's gradient is 1/W of a round, so 1/W. ssp: divided by 1 + the mean
-        staleness in rounds (staleness-aware, Zhang et al. 2016), since a gradient computed s rounds
-        ago points where the parameters were then.
+        async: each update is one worker's gradient, from 1/W of the global batch: the rate scales
+        by sqrt(1/W), the square-root rule for a smaller batch (with W times as many updates; on the
+        default task 1/W under-trains and 1 diverges). ssp: whole rounds, divided by 1 + their mean
+        staleness in rounds (staleness-aware, Zhang et al. 2016): a gradient computed t rounds ago
+        points where the parameters were then.
         """
         if self.mode == "async":
-            return 1.0 / len(self.workers)
+            return 1.0 / len(self.workers) ** 0.5
         if self.mode == "ssp":
             return 1.0 / (1.0 + sum(stale) / len(stale))
         return 1.0
