@@ -1,0 +1,258 @@
+"""Pipeline: an nn.Sequential cut into stages on the ranks of a communicator, microbatches flowing through.
+
+Each rank holds V chunks (model stage = chunk * P + rank); `train_step` cuts the batch into M
+microbatches and runs this rank's list of actions from dmlmpi.parallel.schedules. A forward
+receives its input from the previous stage (the first stage takes the microbatch), runs the chunk
+and sends the output on; a backward receives the output's gradient from the next stage (the last
+stage starts from the loss), runs autograd and sends the input's gradient back. Each message is a
+small header (dtype and shape: never assumed) followed by the tensor, both nonblocking sends; a
+rank waits only on the one message its next action needs, and the schedule checker guarantees
+that this cannot deadlock. With `checkpoint=True` a forward keeps only its input and backward runs
+the chunk again (activation checkpointing).
+
+After `train_step` every parameter's .grad holds (adds) the gradient of the mean loss over the whole
+batch, and every rank gets that loss. With `dp_comm` (a hybrid grid) each chunk's gradients are
+then averaged over the data-parallel replicas, starting as soon as the chunk's last backward is
+done (overlapping the rest of the cool-down).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from dmlmpi import comm as dcomm
+from dmlmpi.comm import p2p
+from dmlmpi.comm.dtypes import BY_CODE, lookup
+from dmlmpi.comm.fusion import allreduce_fused
+
+from .data import CommThread, Future
+from .partition import describe, partition
+from .schedules import Action, build, promised_activations
+
+HEADER = 8  # int64 words: dtype code, ndim, up to 6 dimensions
+
+
+def _torch_dtype(code: int) -> torch.dtype:
+    """The torch dtype of a dmlmpi dtype code."""
+    return getattr(torch, BY_CODE[code].name)
+
+
+def _header(t: torch.Tensor) -> np.ndarray:
+    """dtype and shape of t as a fixed-size int64 message."""
+    if t.dim() > HEADER - 2:
+        raise ValueError(f"pipeline: activations of more than {HEADER - 2} dimensions are not supported ({tuple(t.shape)})")
+    h = np.zeros(HEADER, dtype=np.int64)
+    h[0], h[1] = lookup(str(t.dtype).replace("torch.", "")).code, t.dim()
+    h[2:2 + t.dim()] = t.shape
+    return h
+
+
+class SavedBytes:
+    """Counts the bytes autograd saves for backward (activations, not parameters), per microbatch."""
+
+    def __init__(self, params: Sequence[nn.Parameter]) -> None:
+        self.param_ptrs = {p.data_ptr() for p in params}
+        self.live: dict[tuple[int, int], int] = {}
+        self.current: tuple[int, int] | None = None
+        self.peak = 0
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """Saved-tensor hook: count a saved activation."""
+        if self.current is not None and t.data_ptr() not in self.param_ptrs:
+            self.live[self.current] = self.live.get(self.current, 0) + t.numel() * t.element_size()
+            self.peak = max(self.peak, sum(self.live.values()))
+        return t
+
+    def hold(self, key: tuple[int, int], t: torch.Tensor) -> None:
+        """Count a tensor kept by the pipeline itself (a stage's input or output) for microbatch key."""
+        self.live[key] = self.live.get(key, 0) + t.numel() * t.element_size()
+        self.peak = max(self.peak, sum(self.live.values()))
+
+    def release(self, key: tuple[int, int]) -> None:
+        """Microbatch key's backward is done: its activations are freed."""
+        self.live.pop(key, None)
+
+
+class Pipeline(nn.Module):
+    """This rank's stages of `module` (an nn.Sequential) in a P-rank pipeline over `comm`."""
+
+    def __init__(self, module: nn.Sequential, comm: MPI.Comm | None = None, microbatches: int = 4,
+                 schedule: str = "1f1b", partition_by: str | Sequence[int] = "parameters", chunks: int = 1,
+                 checkpoint: bool = False, sample: torch.Tensor | None = None, dp_comm: MPI.Comm | None = None,
+                 timeline: Any = None) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Sequential):
+            raise TypeError(f"Pipeline: the model must be an nn.Sequential (got {type(module).__name__})")
+        world = MPI.COMM_WORLD if comm is None else comm
+        self.P, self.rank, self.M, self.V = world.Get_size(), world.Get_rank(), microbatches, chunks
+        self.schedule_name, self.checkpoint, self.timeline = schedule, checkpoint, timeline
+        schedules = build(schedule, self.P, microbatches, chunks)  # ValueError for sizes it cannot run
+        self.actions: list[Action] = schedules[self.rank]
+        self.promise = promised_activations(schedule, self.P, microbatches, chunks, self.rank)
+        self.stages = self.P * chunks
+        method = partition_by if isinstance(partition_by, str) else "explicit"
+        self.bounds, costs = partition(module, self.stages, partition_by, sample)
+        self.partition_text = describe(module, self.bounds, costs, method)
+        # this rank's chunks: model stages rank, P + rank, 2P + rank, ...
+        self.parts = nn.ModuleList(module[a:b] for a, b in (self.bounds[c * self.P + self.rank] for c in range(chunks)))
+        self.layer_indices = [list(range(*self.bounds[c * self.P + self.rank])) for c in range(chunks)]
+        self.comm = world.Dup()  # private channel for activations and gradients
+        self.dp_comm = dp_comm
+        self._dp_thread = CommThread() if dp_comm is not None and dp_comm.Get_size() > 1 else None
+        if self._dp_thread is not None:
+            # replicas of a stage start equal: parameters from dp rank 0
+            with torch.no_grad():
+                for p in self.parameters():
+                    dcomm.broadcast(p.data, root=0, comm=dp_comm, inplace=True)
+        self.last_activation_bytes = 0  # peak activation bytes held during the last train_step
+
+    # -- messages --------------------------------------------------------------------------
+    def _tag(self, op: str, micro: int, stage: int) -> int:
+        """One tag per (direction, microbatch, receiving stage): messages can never be confused."""
+        return (micro * self.stages + stage) * 2 + (0 if op == "F" else 1)
+
+    def _send(self, t: torch.Tensor, to: int, op: str, micro: int, stage: int, pending: list[p2p.Transfer]) -> None:
+        """Start sending header and tensor (kept alive in `pending` until the step ends)."""
+        t = t.detach().contiguous()
+        tag = self._tag(op, micro, stage)
+        # send: header (dtype, shape), then the tensor itself
+        pending.append(p2p.isend(_header(t), to, tag, self.comm))
+        pending.append(p2p.isend(t, to, tag, self.comm))
+
+    def _recv(self, source: int, op: str, micro: int, stage: int, device: torch.device) -> torch.Tensor:
+        """Receive header and tensor from `source` (blocking: the schedule says it is on its way)."""
+        tag = self._tag(op, micro, stage)
+        header = np.zeros(HEADER, dtype=np.int64)
+        span = self._span(f"recv {'act' if op == 'F' else 'grad'} {micro}", "comm")
+        with span:
+            # receive: the header first, to learn the shape and dtype, then the data
+            self.comm.Recv(header, source=source, tag=tag)
+            shape = tuple(int(d) for d in header[2:2 + header[1]])
+            out = torch.empty(shape, dtype=_torch_dtype(int(header[0])), device=device)
+            p2p.wait(p2p.irecv(out, source, tag, self.comm))
+        return out
+
+    def _span(self, name: str, cat: str, args: dict[str, Any] | None = None) -> Any:
+        """A timeline span, or nothing."""
+        return self.timeline.span(name, cat, args) if self.timeline is not None else contextlib.nullcontext()
+
+    def _device(self) -> torch.device:
+        """Where this rank's parameters live."""
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    # -- one batch ---------------------------------------------------------------------------
+    def train_step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None,
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> float:
+        """Forward and backward of the whole batch through the schedule; returns its mean loss on every rank.
+
+        `inputs` are needed on the first stage's rank, `targets` on the last's (others may pass None);
+        loss_fn(output, target) is the mean loss of a microbatch. Gradients add into .grad.
+        """
+        device = self._device()
+        first, last = self.rank == 0, self.rank == (self.stages - 1) % self.P
+        batch = len(targets) if targets is not None else len(inputs)
+        mb_in = torch.tensor_split(inputs, self.M) if first else None
+        mb_tg = torch.tensor_split(targets, self.M) if last else None
+        if (first and len(inputs) < self.M) or (last and len(targets) < self.M):
+            raise ValueError(f"pipeline: a batch of {batch} cannot be cut into {self.M} microbatches")
+        saved = SavedBytes(list(self.parameters()))
+        kept: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (micro, chunk) -> (input, output or loss)
+        pending: list[p2p.Transfer] = []
+        total_loss = torch.zeros((), dtype=torch.float64)
+        remaining = {c: sum(1 for a in self.actions if a.op == "B" and a.chunk == c) for c in range(self.V)}
+        futures: list[Future] = []
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+            for a in self.actions:
+                key = (a.micro, a.chunk)
+                part = self.parts[a.chunk]
+                if a.op == "F":
+                    x = mb_in[a.micro].to(device) if a.stage == 0 else self._recv(a.recv_from, "F", a.micro, a.stage, device)
+                    if x.is_floating_point():
+                        x.requires_grad_(a.stage > 0)  # the gradient of a received input goes back
+                    with self._span(f"F{a.micro}", "forward", {"micro": a.micro, "chunk": a.chunk, "stage": a.stage}):
+                        saved.current = key
+                        with torch.no_grad() if self.checkpoint else contextlib.nullcontext():
+                            y = part(x)
+                        saved.current = None
+                        if a.stage == self.stages - 1:
+                            tg = mb_tg[a.micro].to(device)
+                            # this microbatch's share of the whole batch's mean loss
+                            y = loss_fn(y, tg) * (len(tg) / batch) if not self.checkpoint else y
+                    if a.send_to is not None:
+                        self._send(y, a.send_to, "F", a.micro, a.stage + 1, pending)
+                    kept[key] = (x, y)
+                    saved.hold(key, x)
+                else:
+                    x, y = kept.pop(key)
+                    grad = None if a.stage == self.stages - 1 else self._recv(a.recv_from, "B", a.micro, a.stage, device)
+                    with self._span(f"B{a.micro}", "backward", {"micro": a.micro, "chunk": a.chunk, "stage": a.stage}):
+                        if self.checkpoint:  # recompute the forward, this time recording the graph
+                            saved.current = key
+                            y = part(x)
+                            saved.current = None
+                        if a.stage == self.stages - 1:
+                            if self.checkpoint:
+                                tg = mb_tg[a.micro].to(device)
+                                y = loss_fn(y, tg) * (len(tg) / batch)
+                            total_loss += y.detach().double().cpu()
+                            y.backward()
+                        else:
+                            torch.autograd.backward(y, grad)
+                    saved.release(key)
+                    if a.send_to is not None:
+                        self._send(x.grad, a.send_to, "B", a.micro, a.stage - 1, pending)
+                    remaining[a.chunk] -= 1
+                    if remaining[a.chunk] == 0 and self._dp_thread is not None:
+                        futures.append(self._dp_thread.submit(self._average_job(a.chunk)))
+        p2p.wait_all(pending)
+        for f in futures:
+            f.result()
+        self.last_activation_bytes = saved.peak
+        # broadcast: the loss from the rank holding the last stage to every rank of the pipeline
+        return float(self.comm.bcast(float(total_loss) if last else None, root=(self.stages - 1) % self.P))
+
+    def _average_job(self, chunk: int) -> Callable[[], None]:
+        """Average one chunk's gradients over the data-parallel replicas (run on the comm thread)."""
+        grads = [p.grad for p in self.parts[chunk].parameters() if p.grad is not None]
+
+        def job() -> None:
+            with self._span(f"dp allreduce chunk {chunk}", "comm"):
+                # all-reduce: the chunk's gradients, fused into buckets, averaged over the replicas
+                allreduce_fused(grads, op="avg", comm=self.dp_comm, inplace=True)
+        return job
+
+    # -- inference -----------------------------------------------------------------------------
+    def forward_only(self, inputs: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """Run `inputs` (a batch of `batch` rows, given on rank 0) through every stage; the output on the last stage's rank."""
+        device = self._device()
+        micro = min(self.M, batch)
+        outputs, pending = [], []
+        chunks_in = torch.tensor_split(inputs, micro) if self.rank == 0 else None
+        with torch.no_grad():
+            for c in range(self.V):
+                stage = c * self.P + self.rank
+                for m in range(micro):
+                    x = chunks_in[m].to(device) if stage == 0 else self._recv((stage - 1) % self.P, "F", m, stage, device)
+                    y = self.parts[c](x)
+                    if stage < self.stages - 1:
+                        self._send(y, (stage + 1) % self.P, "F", m, stage + 1, pending)
+                    else:
+                        outputs.append(y)
+        p2p.wait_all(pending)
+        return torch.cat(outputs) if outputs else None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Not a plain module call: use train_step or forward_only."""
+        raise RuntimeError("Pipeline: call train_step(inputs, targets, loss_fn) or forward_only(inputs, batch)")
+
+    def close(self) -> None:
+        """Stop the data-parallel thread and free the private communicator."""
+        if self._dp_thread is not None:
+            self._dp_thread.close()
+        self.comm.Free()

@@ -1,0 +1,203 @@
+"""Pipeline schedules as pure functions: for each rank, the ordered list of its actions.
+
+P ranks hold P x V stages (V "virtual" stages, or chunks, per rank: stage = chunk * P + rank), M
+microbatches flow through them. An action is the forward (F) or backward (B) of one microbatch on
+one chunk, with where its input comes from and where its output goes. Sends are nonblocking; an
+action waits only for the message it receives. `check` runs any schedule in one process and
+proves what the executor relies on: dependencies respected, every send received, no deadlock, and
+no rank holding more activations than the schedule promises.
+
+- gpipe (Huang et al. 2019): all forwards, then all backwards. Holds M activations.
+- 1f1b (PipeDream-Flush, Narayanan et al. 2021): P-1-rank warm-up forwards, then one forward and
+  one backward alternately, then the remaining backwards. Holds at most P - rank.
+- interleaved (Megatron-LM, Narayanan et al. 2021): 1F1B over V chunks per rank, forwards going
+  through chunk 0 of every rank, then chunk 1, ...; a smaller bubble for more messages. Needs M to
+  be a multiple of P.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+
+
+@dataclass(frozen=True)
+class Action:
+    """Forward or backward of microbatch `micro` on this rank's chunk `chunk` (model stage `stage`)."""
+
+    op: str  # "F" or "B"
+    micro: int
+    chunk: int = 0
+    stage: int = 0
+    recv_from: int | None = None  # rank whose message this action needs (None: the first/last stage)
+    send_to: int | None = None  # rank this action's output goes to (None: nothing to send)
+
+    def __str__(self) -> str:
+        return f"{self.op}{self.micro}" + (f".{self.chunk}" if self.chunk else "")
+
+
+def _with_comms(rank: int, order: list[tuple[str, int, int]], P: int, V: int) -> list[Action]:
+    """Actions of `rank` with their stage and the ranks they receive from and send to."""
+    last = P * V - 1
+    out = []
+    for op, micro, chunk in order:
+        stage = chunk * P + rank
+        prev = (stage - 1) % P if stage > 0 else None  # activations come from the previous stage...
+        nxt = (stage + 1) % P if stage < last else None  # ...and gradients from the next one
+        recv, send = (prev, nxt) if op == "F" else (nxt, prev)
+        out.append(Action(op, micro, chunk, stage, recv, send))
+    return out
+
+
+def _check_sizes(P: int, M: int, V: int = 1) -> None:
+    """ValueError for sizes no schedule can run."""
+    if P < 1 or M < 1 or V < 1:
+        raise ValueError(f"pipeline schedule: stages, microbatches and chunks must be >= 1, got P={P}, M={M}, V={V}")
+
+
+def gpipe(P: int, M: int, V: int = 1) -> list[list[Action]]:
+    """Every rank: all M forwards, then all M backwards."""
+    _check_sizes(P, M, V)
+    if V != 1:
+        raise ValueError("pipeline schedule gpipe: one chunk per rank (use interleaved for V > 1)")
+    return [_with_comms(r, [("F", m, 0) for m in range(M)] + [("B", m, 0) for m in range(M)], P, 1)
+            for r in range(P)]
+
+
+def one_f_one_b(P: int, M: int, V: int = 1) -> list[list[Action]]:
+    """Every rank: P-1-rank warm-up forwards, then alternate forward and backward, then the rest."""
+    _check_sizes(P, M, V)
+    if V != 1:
+        raise ValueError("pipeline schedule 1f1b: one chunk per rank (use interleaved for V > 1)")
+    schedules = []
+    for r in range(P):
+        warmup = min(P - 1 - r, M)
+        order = [("F", m, 0) for m in range(warmup)]
+        for i in range(M - warmup):
+            order += [("F", warmup + i, 0), ("B", i, 0)]
+        order += [("B", m, 0) for m in range(M - warmup, M)]
+        schedules.append(_with_comms(r, order, P, 1))
+    return schedules
+
+
+def interleaved(P: int, M: int, V: int = 2) -> list[list[Action]]:
+    """Megatron's interleaved 1F1B with V chunks per rank (M a multiple of P)."""
+    _check_sizes(P, M, V)
+    if M % P:
+        raise ValueError(f"pipeline schedule interleaved: the microbatches ({M}) must be a multiple of the "
+                         f"pipeline ranks ({P}); use M = {P * max(1, round(M / P))} or the 1f1b schedule")
+    total = M * V
+
+    def fwd(k: int) -> tuple[str, int, int]:
+        # forwards run P microbatches through chunk 0, then the same P through chunk 1, ...
+        return "F", (k // (P * V)) * P + k % P, (k // P) % V
+
+    def bwd(k: int) -> tuple[str, int, int]:
+        # backwards visit the chunks in reverse
+        return "B", (k // (P * V)) * P + k % P, V - 1 - (k // P) % V
+
+    schedules = []
+    for r in range(P):
+        warmup = min((P - r - 1) * 2 + (V - 1) * P, total)
+        order = [fwd(k) for k in range(warmup)]
+        for i in range(total - warmup):
+            order += [fwd(warmup + i), bwd(i)]
+        order += [bwd(k) for k in range(total - warmup, total)]
+        schedules.append(_with_comms(r, order, P, V))
+    return schedules
+
+
+BUILDERS: dict[str, Callable[..., list[list[Action]]]] = {"gpipe": gpipe, "1f1b": one_f_one_b,
+                                                          "interleaved": interleaved}
+
+
+def build(name: str, P: int, M: int, V: int = 1) -> list[list[Action]]:
+    """The named schedule's actions for every rank."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown pipeline schedule {name!r}; choose from {', '.join(SCHEDULES)}")
+    return BUILDERS[name](P, M, V)
+
+
+def promised_activations(name: str, P: int, M: int, V: int, rank: int) -> int:
+    """Most (microbatch, chunk) activations `rank` holds at once under the named schedule."""
+    if name == "gpipe":
+        return M
+    if name == "1f1b":
+        return min(P - rank, M)
+    return min((P - rank - 1) * 2 + (V - 1) * P + 1, M * V)
+
+
+@dataclass
+class Report:
+    """What check() found: the most activations each rank held, and the simulated times."""
+
+    max_held: list[int]
+    makespan: float  # simulated time of the whole step (forward 1, backward `backward_cost`)
+    busy: list[float]  # simulated compute time per rank
+
+    def bubble(self) -> float:
+        """Fraction of rank-time spent idle in the simulation."""
+        return 1.0 - sum(self.busy) / (len(self.busy) * self.makespan)
+
+
+def check(schedules: list[list[Action]], P: int, M: int, V: int = 1, promise: list[int] | None = None,
+          backward_cost: float = 2.0) -> Report:
+    """Run the schedule in one process (sends never block); ValueError naming what is wrong."""
+    if len(schedules) != P:
+        raise ValueError(f"schedule has {len(schedules)} ranks, expected {P}")
+    for r, actions in enumerate(schedules):
+        expected = {(op, m, c) for op in "FB" for m in range(M) for c in range(V)}
+        got = [(a.op, a.micro, a.chunk) for a in actions]
+        if sorted(got) != sorted(expected):
+            raise ValueError(f"rank {r}: actions are not each forward and backward exactly once: {list(map(str, actions))}")
+        done_f = set()
+        for a in actions:
+            if a.op == "F":
+                done_f.add((a.micro, a.chunk))
+            elif (a.micro, a.chunk) not in done_f:
+                raise ValueError(f"rank {r}: backward {a} before its forward")
+    # timed simulation: an action starts when its rank is free and its message has arrived
+    pos, free_at = [0] * P, [0.0] * P
+    sent: dict[tuple[str, int, int, int], float] = {}  # (op, micro, stage it goes to, to rank) -> time sent
+    received: set[tuple[str, int, int, int]] = set()
+    held, max_held, busy = [0] * P, [0] * P, [0.0] * P
+    last_stage = P * V - 1
+    while any(pos[r] < len(schedules[r]) for r in range(P)):
+        progressed = False
+        for r in range(P):
+            if pos[r] >= len(schedules[r]):
+                continue
+            a = schedules[r][pos[r]]
+            ready = free_at[r]
+            if a.recv_from is not None:
+                source_stage = a.stage - 1 if a.op == "F" else a.stage + 1
+                key = (a.op, a.micro, a.stage, r)
+                if key not in sent:
+                    continue  # its message is not sent yet: this rank waits
+                if source_stage % P != a.recv_from:
+                    raise ValueError(f"rank {r}: {a} receives from rank {a.recv_from}, but stage {source_stage} is on rank {source_stage % P}")
+                received.add(key)
+                ready = max(ready, sent[key])
+            cost = 1.0 if a.op == "F" else backward_cost
+            free_at[r] = ready + cost
+            busy[r] += cost
+            if a.send_to is not None:
+                to_stage = a.stage + 1 if a.op == "F" else a.stage - 1
+                if not 0 <= to_stage <= last_stage or to_stage % P != a.send_to:
+                    raise ValueError(f"rank {r}: {a} sends to rank {a.send_to}, not stage {to_stage}'s rank")
+                sent[(a.op, a.micro, to_stage, a.send_to)] = free_at[r]
+            held[r] += 1 if a.op == "F" else -1
+            max_held[r] = max(max_held[r], held[r])
+            pos[r] += 1
+            progressed = True
+        if not progressed:
+            stuck = {r: str(schedules[r][pos[r]]) for r in range(P) if pos[r] < len(schedules[r])}
+            raise ValueError(f"deadlock: every unfinished rank waits for a message never sent: {stuck}")
+    if set(sent) != received:
+        raise ValueError(f"messages sent but never received: {sorted(set(sent) - received)[:5]}")
+    if promise is not None:
+        for r in range(P):
+            if max_held[r] > promise[r]:
+                raise ValueError(f"rank {r} holds {max_held[r]} activations, more than the promised {promise[r]}")
+    return Report(max_held, max(free_at), busy)
