@@ -1,5 +1,6 @@
 """Parallel training strategies built on dmlmpi.comm."""
 from .data import DataParallel
+from .pipeline import Pipeline
 from .ps import ParameterServer
 
-__all__ = ["DataParallel", "ParameterServer"]
+__all__ = ["DataParallel", "ParameterServer", "Pipeline"]

@@ -1,0 +1,186 @@
+"""Pipeline and hybrid grids against single-process training on the whole batch, at any world size."""
+from __future__ import annotations
+
+import pytest
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from dmlmpi.grid import ProcessGrid
+from dmlmpi.parallel import Pipeline
+
+pytestmark = pytest.mark.mpi
+
+WORLD = MPI.COMM_WORLD
+RANK, SIZE = WORLD.Get_rank(), WORLD.Get_size()
+BATCH = 23  # does not divide evenly into microbatches
+P = min(SIZE, 4)  # pipeline length tested here (8 ranks: a 2 x 4 grid below)
+
+
+def make_model() -> nn.Sequential:
+    """17 layers, enough for 4 ranks x 2 chunks; Tanh keeps every gradient non-zero."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(8):
+        layers += [nn.Linear(12, 12), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(12, 5))
+
+
+def data(steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random batches, the same on every rank."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(steps * BATCH, 12, generator=g), torch.randint(0, 5, (steps * BATCH,), generator=g)
+
+
+def reference_grads() -> tuple[float, list[torch.Tensor]]:
+    """Loss and every parameter's gradient of single-process training on the whole batch."""
+    model = make_model()
+    x, y = data()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+
+def my_grads(pp: Pipeline, reference: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(pipeline gradient, reference gradient) for each parameter this rank holds, by global layer index."""
+    ref_by_layer, i = {}, 0
+    for index, layer in enumerate(make_model()):
+        n = len(list(layer.parameters()))
+        ref_by_layer[index] = reference[i:i + n]
+        i += n
+    pairs = []
+    for indices, part in zip(pp.layer_indices, pp.parts):
+        for index, layer in zip(indices, part):
+            pairs += [(p.grad, r) for p, r in zip(layer.parameters(), ref_by_layer[index])]
+    return pairs
+
+
+def sub_world() -> MPI.Comm | None:
+    """The first P ranks (all of a world of up to 4)."""
+    sub = WORLD.Split(0 if RANK < P else MPI.UNDEFINED, RANK)
+    return None if sub == MPI.COMM_NULL else sub
+
+
+CASES = [(s, m) for s in ("gpipe", "1f1b", "interleaved") for m in (1, P, 2 * P + 1)]
+
+
+@pytest.mark.parametrize("schedule,M", CASES, ids=[f"{s}-M{m}" for s, m in CASES])
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "recompute"])
+def test_gradients_equal_single_process(schedule: str, M: int, checkpoint: bool) -> None:
+    """Loss and every parameter's gradient equal the whole batch's in one process (rtol 1e-5, atol 4e-5)."""
+    comm = sub_world()
+    chunks = 2 if schedule == "interleaved" else 1
+    if schedule == "interleaved" and M % P:
+        if comm is not None:
+            with pytest.raises(ValueError, match="multiple of the pipeline ranks"):
+                Pipeline(make_model(), comm, microbatches=M, schedule=schedule, chunks=chunks)
+        return
+    if comm is None:
+        return
+    loss, reference = reference_grads()
+    pp = Pipeline(make_model(), comm, microbatches=M, schedule=schedule, chunks=chunks, checkpoint=checkpoint)
+    x, y = data()
+    got = pp.train_step(x, y, nn.functional.cross_entropy)
+    assert got == pytest.approx(loss, rel=1e-5, abs=4e-5)
+    pairs = my_grads(pp, reference)
+    assert pairs, "every rank holds some parameters"
+    for mine, ref in pairs:
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=4e-5)
+    pp.close()
+    comm.Free()
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved"])
+def test_parameters_after_optimizer_steps_equal_single_process(schedule: str) -> None:
+    """Three Adam steps through the pipeline end where three single-process steps end."""
+    comm = sub_world()
+    if comm is None:
+        return
+    steps, M = 3, 2 * P
+    x, y = data(steps)
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for s in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[s * BATCH:(s + 1) * BATCH]), y[s * BATCH:(s + 1) * BATCH]).backward()
+        opt.step()
+    pp = Pipeline(make_model(), comm, microbatches=M, schedule=schedule, chunks=2 if schedule == "interleaved" else 1)
+    popt = torch.optim.Adam(pp.parameters(), lr=0.01)
+    for s in range(steps):
+        popt.zero_grad()
+        pp.train_step(x[s * BATCH:(s + 1) * BATCH], y[s * BATCH:(s + 1) * BATCH], nn.functional.cross_entropy)
+        popt.step()
+    for indices, part in zip(pp.layer_indices, pp.parts):
+        for index, layer in zip(indices, part):
+            for p, q in zip(layer.parameters(), model[index].parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=4e-5)
+    pp.close()
+    comm.Free()
+
+
+def test_forward_only_matches_the_model() -> None:
+    """Inference through the stages gives the model's output on the last stage's rank."""
+    comm = sub_world()
+    if comm is None:
+        return
+    pp = Pipeline(make_model(), comm, microbatches=3, schedule="1f1b")
+    x, _ = data()
+    out = pp.forward_only(x if comm.Get_rank() == 0 else None, len(x))
+    if comm.Get_rank() == comm.Get_size() - 1:
+        torch.testing.assert_close(out, make_model()(x).detach(), rtol=1e-5, atol=4e-5)
+    else:
+        assert out is None
+    pp.close()
+    comm.Free()
+
+
+def test_recompute_holds_fewer_activation_bytes() -> None:
+    """Activation checkpointing keeps only stage inputs: less held than storing every activation."""
+    comm = sub_world()
+    if comm is None:
+        return
+    held = {}
+    for checkpoint in (False, True):
+        pp = Pipeline(make_model(), comm, microbatches=P, schedule="gpipe", checkpoint=checkpoint)
+        x, y = data()
+        pp.train_step(x, y, nn.functional.cross_entropy)
+        held[checkpoint] = pp.last_activation_bytes
+        pp.close()
+    assert 0 < held[True] < held[False]
+    comm.Free()
+
+
+def test_hybrid_grid_equals_single_process() -> None:
+    """dp x pp: each pipeline takes half the batch; gradients averaged over dp equal the whole batch's."""
+    if SIZE % 2 or SIZE < 4:
+        pytest.skip("needs an even world of at least 4 ranks")
+    grid = ProcessGrid(WORLD, dp=2, pp=SIZE // 2)
+    x, y = data()
+    half = torch.tensor_split(torch.arange(BATCH), 2)[grid.rank("dp")]
+    pp = Pipeline(make_model(), grid.comm("pp"), microbatches=2, schedule="1f1b", dp_comm=grid.comm("dp"))
+    # each replica's loss is its half's mean: scale so that the dp average is the whole batch's mean
+    share = len(half) * 2 / BATCH
+    pp.train_step(x[half], y[half], lambda out, tg: nn.functional.cross_entropy(out, tg) * share)
+    _, reference = reference_grads()
+    for mine, ref in my_grads(pp, reference):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=4e-5)
+    pp.close()
+    grid.free()
+
+
+def test_grid_refuses_a_shape_that_does_not_fit() -> None:
+    """A grid whose product is not the world size is refused on every rank."""
+    with pytest.raises(ValueError, match=f"needs {SIZE + 1} ranks, but the communicator has {SIZE}"):
+        ProcessGrid(WORLD, dp=1, pp=SIZE + 1)
+
+
+def test_grid_axes() -> None:
+    """Axis communicators: sizes, ranks, and members that agree on the other coordinates."""
+    if SIZE % 2:
+        pytest.skip("needs an even world")
+    grid = ProcessGrid(WORLD, dp=2, pp=SIZE // 2)
+    assert grid.comm("pp").Get_size() == SIZE // 2 and grid.comm("dp").Get_size() == 2
+    assert grid.comm("pp").Get_rank() == grid.rank("pp") == RANK % (SIZE // 2)
+    members = grid.comm("pp").allgather(RANK)
+    assert members == [grid.rank("dp") * (SIZE // 2) + i for i in range(SIZE // 2)]
+    grid.free()

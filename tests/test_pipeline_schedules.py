@@ -1,0 +1,102 @@
+"""Pipeline schedules and partitions as pure code: the checker over a grid of (P, M, V)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dmlmpi.grid import coords_of
+from dmlmpi.parallel.partition import balanced_cuts, describe, partition
+from dmlmpi.parallel.schedules import Action, build, check, promised_activations
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved"])
+def test_every_schedule_is_valid_over_a_grid(name: str) -> None:
+    """Dependencies, matched messages, no deadlock, activations within the promise, for P<=8, M<=17."""
+    ran = 0
+    for P in (1, 2, 3, 4, 8):
+        for M in (1, 2, 3, P, 2 * P, 2 * P + 1, 4 * P, 17):
+            for V in ((2, 3) if name == "interleaved" else (1,)):
+                if name == "interleaved" and M % P:
+                    with pytest.raises(ValueError, match="multiple of the pipeline ranks"):
+                        build(name, P, M, V)
+                    continue
+                promise = [promised_activations(name, P, M, V, r) for r in range(P)]
+                report = check(build(name, P, M, V), P, M, V, promise)
+                assert all(h <= p for h, p in zip(report.max_held, promise))
+                ran += 1
+    assert ran > 20
+
+
+def test_bubble_and_memory_match_the_theory() -> None:
+    """Balanced stages: GPipe and 1F1B idle (P-1)/(M+P-1) of the time; 1F1B holds P - rank, GPipe M."""
+    P, M = 4, 16
+    for name in ("gpipe", "1f1b"):
+        report = check(build(name, P, M), P, M)
+        assert report.bubble() == pytest.approx((P - 1) / (M + P - 1))
+    assert check(build("gpipe", P, M), P, M).max_held == [M] * P
+    assert check(build("1f1b", P, M), P, M).max_held == [4, 3, 2, 1]
+    # interleaving cuts the bubble further
+    assert check(build("interleaved", P, M, 2), P, M, 2).bubble() < (P - 1) / (M + P - 1)
+
+
+def test_the_checker_catches_broken_schedules() -> None:
+    """A deadlock, a backward before its forward, a broken promise, a wrong partner are reported."""
+    P, M = 2, 2
+    ok = build("1f1b", P, M)
+    swapped = [list(ok[0]), list(reversed(ok[1]))]  # rank 1 starts with a backward
+    with pytest.raises(ValueError, match="before its forward"):
+        check(swapped, P, M)
+    # rank 0 waits for microbatch 0's gradient before sending microbatch 1's activation, while rank 1
+    # wants microbatch 1's activation before it computes microbatch 0: each waits for the other
+    r0, r1 = {str(a): a for a in ok[0]}, {str(a): a for a in ok[1]}
+    dead = [[r0["F0"], r0["B0"], r0["F1"], r0["B1"]], [r1["F1"], r1["F0"], r1["B0"], r1["B1"]]]
+    with pytest.raises(ValueError, match="deadlock"):
+        check(dead, P, M)
+    with pytest.raises(ValueError, match="more than the promised"):
+        check(build("gpipe", P, 4), P, 4, promise=[2, 2])
+    wrong = [[Action(a.op, a.micro, a.chunk, a.stage, a.recv_from, 0 if a.send_to is not None else None)
+              for a in ok[0]], ok[1]]
+    with pytest.raises(ValueError, match="sends to rank"):
+        check(wrong, P, M)
+
+
+def test_one_microbatch_and_fewer_microbatches_than_stages() -> None:
+    """M = 1 and M < P run (a long bubble, but valid) for gpipe and 1f1b."""
+    for name in ("gpipe", "1f1b"):
+        report = check(build(name, 4, 1), 4, 1)
+        assert report.max_held == [1, 1, 1, 1]
+        check(build(name, 4, 3), 4, 3)
+
+
+def test_balanced_cuts() -> None:
+    """Contiguous parts minimising the largest; every part non-empty; too many parts refused."""
+    assert balanced_cuts([1, 1, 1, 1], 2) == [(0, 2), (2, 4)]
+    assert balanced_cuts([8, 1, 1, 1, 1, 1, 1, 1, 1], 2) == [(0, 1), (1, 9)]
+    assert balanced_cuts([0, 5, 0, 5, 0], 2) in ([(0, 2), (2, 5)], [(0, 3), (3, 5)])
+    with pytest.raises(ValueError, match="at least one layer"):
+        balanced_cuts([1, 2], 3)
+
+
+def test_partition_methods() -> None:
+    """uniform by count, parameters by parameter count, time by measurement, explicit cut points."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 4))
+    assert partition(model, 5, "uniform")[0] == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    bounds, costs = partition(model, 2, "parameters")
+    assert costs == [500, 0, 10100, 0, 404] and bounds in ([(0, 2), (2, 5)], [(0, 3), (3, 5)])
+    bounds, costs = partition(model, 2, "time", sample=torch.randn(8, 4))
+    assert len(bounds) == 2 and all(c >= 0 for c in costs)
+    assert partition(model, 3, [1, 3])[0] == [(0, 1), (1, 3), (3, 5)]
+    with pytest.raises(ValueError, match="increasing cut points"):
+        partition(model, 3, [3, 1])
+    with pytest.raises(ValueError, match="sample input"):
+        partition(model, 2, "time")
+    text = describe(model, [(0, 2), (2, 5)], costs, "time")
+    assert "stage 0: layers 0-1 [0:Linear, 1:ReLU]  params 500" in text and "stage 1" in text
+
+
+def test_grid_coordinates() -> None:
+    """Row-major coordinates, last axis fastest."""
+    assert [coords_of(r, {"dp": 2, "pp": 4}) for r in (0, 3, 4, 7)] == [
+        {"dp": 0, "pp": 0}, {"dp": 0, "pp": 3}, {"dp": 1, "pp": 0}, {"dp": 1, "pp": 3}]
