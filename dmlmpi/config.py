@@ -15,7 +15,7 @@ import yaml
 from dmlmpi.comm import ALGORITHMS
 from dmlmpi.data import DATASETS, TAILS
 
-MODES = ["dp", "ps"]
+MODES = ["dp", "ps", "pipeline", "hybrid"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="YAML file of options (command-line options override it)")
     p.add_argument("--mode", default="dp", choices=MODES,
-                   help="parallelism: dp = data parallel (all-reduce); ps = parameter server")
+                   help="parallelism: dp = data parallel (all-reduce); ps = parameter server; pipeline = "
+                        "layer stages on all ranks; hybrid = --dp x --pp grid of pipelines")
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", default="mnist1d", choices=list(DATASETS),
                    help="mnist1d is generated offline; mnist/cifar10 read files from --data-dir")
@@ -64,6 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="consistency: sync (BSP), async (ASP), ssp (bounded staleness, see --staleness)")
     g.add_argument("--staleness", type=int, default=2,
                    help="ssp: how many steps a worker may run ahead of the slowest (0 = sync)")
+    g = p.add_argument_group("pipeline (--mode pipeline, --mode hybrid)")
+    g.add_argument("--dp", type=int, default=2, help="hybrid: data-parallel replicas of the pipeline")
+    g.add_argument("--pp", type=int, default=4, help="hybrid: pipeline ranks (pipeline mode: all ranks)")
+    g.add_argument("--microbatches", type=int, default=8, help="microbatches per global batch share")
+    g.add_argument("--pipeline-schedule", default="1f1b", choices=["gpipe", "1f1b", "interleaved"],
+                   help="order of the microbatches' forwards and backwards on each stage")
+    g.add_argument("--chunks", type=int, default=2, help="interleaved: model chunks (virtual stages) per rank")
+    g.add_argument("--partition", default="parameters",
+                   help="how layers are cut into stages: uniform, parameters, time, or cut points like 3,6,9")
+    g.add_argument("--recompute", action="store_true",
+                   help="activation checkpointing: keep only stage inputs, recompute in backward")
     g = p.add_argument_group("run directory")
     g.add_argument("--out", help="run directory: config, metrics, checkpoints, trace, summary (default runs/MODE)")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -89,8 +101,19 @@ def straggler(text: str) -> tuple[int, float]:
 
 
 def training_ranks(args: argparse.Namespace, world_size: int) -> int:
-    """How many ranks run the training loop (all but the servers in ps mode)."""
-    return world_size - args.servers if args.mode == "ps" else world_size
+    """Over how many ranks each global batch is split (workers in ps mode, replicas of the pipeline)."""
+    if args.mode == "ps":
+        return world_size - args.servers
+    if args.mode == "pipeline":
+        return 1
+    if args.mode == "hybrid":
+        return args.dp
+    return world_size
+
+
+def pipeline_ranks(args: argparse.Namespace, world_size: int) -> int:
+    """Length of each pipeline: all ranks in pipeline mode, --pp in hybrid mode."""
+    return world_size if args.mode == "pipeline" else args.pp
 
 
 def _yaml_tokens(parser: argparse.ArgumentParser, path: str) -> list[str]:
@@ -147,6 +170,25 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size:
         parser.error(f"--servers {args.servers} on {world_size} rank(s): ps mode needs at least one server and "
                      f"one worker (1 <= --servers <= {world_size - 1})" if world_size > 1 else
                      f"--mode ps needs at least 2 ranks (servers + workers), got {world_size}")
+    if args.mode in ("pipeline", "hybrid"):
+        for name in ("dp", "pp", "microbatches", "chunks"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+        if args.mode == "hybrid" and args.dp * args.pp != world_size:
+            parser.error(f"--mode hybrid --dp {args.dp} --pp {args.pp} needs {args.dp * args.pp} ranks, "
+                         f"but the job has {world_size}")
+        pp = pipeline_ranks(args, world_size)
+        if args.pipeline_schedule == "interleaved" and args.microbatches % pp:
+            parser.error(f"--pipeline-schedule interleaved: --microbatches {args.microbatches} must be a multiple "
+                         f"of the {pp} pipeline ranks")
+        if args.batch_size < training_ranks(args, world_size) * args.microbatches:
+            parser.error(f"--batch-size {args.batch_size} cannot give each of the {training_ranks(args, world_size)} "
+                         f"pipeline(s) {args.microbatches} microbatches")
+        if args.partition not in ("uniform", "parameters", "time"):
+            try:
+                args.partition = [int(c) for c in args.partition.split(",")]
+            except ValueError:
+                parser.error(f"--partition {args.partition!r}: uniform, parameters, time, or cut points like 3,6,9")
     if not 0 <= args.momentum < 1:
         parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
     if args.staleness < 0:

@@ -1,7 +1,8 @@
 """`python -m dmlmpi.plot RUN_DIR [--out DIR]`: PNGs of a run's metrics.jsonl and trace.json.
 
 Writes `loss.png` (training loss, and test loss when logged), `accuracy.png` (test accuracy, when
-logged), `staleness.png` (parameter-server runs: histogram of update staleness) and `timeline.png` (one row per rank, one bar per span coloured by category, a window of
+logged), `staleness.png` (parameter-server runs: histogram of update staleness), `schedule.png`
+(pipeline runs: the executed schedule of the last step as a Gantt chart) and `timeline.png` (one row per rank, one bar per span coloured by category, a window of
 the trace when it is long). A missing input is skipped with a note; neither one -> exit status 2.
 """
 from __future__ import annotations
@@ -237,6 +238,57 @@ def plot_timeline(trace: dict[str, Any], path: str, window_ms: float) -> bool:
     return True
 
 
+def pipeline_blocks(trace: dict[str, Any]) -> list[tuple[int, str, int, int, float, float]]:
+    """Pipeline actions of the last training step: (rank, F/B, microbatch, stage, start ms, duration ms)."""
+    blocks = []
+    for e in trace.get("traceEvents", []):
+        args = e.get("args") if isinstance(e, dict) else None
+        if (e.get("ph") == "X" and e.get("cat") in ("forward", "backward") and isinstance(args, dict)
+                and isinstance(args.get("micro"), int) and _number(e.get("ts")) and _number(e.get("dur"))):
+            blocks.append((e["pid"], "F" if e["cat"] == "forward" else "B", args["micro"],
+                           int(args.get("stage", e["pid"])), e["ts"] / 1000.0, e["dur"] / 1000.0))
+    if not blocks:
+        return []
+    spans, _ = read_spans(trace)
+    last_step = {}  # rank -> start of its last training step
+    for rank, cat, _, t0, _ in spans:
+        if cat == "step":
+            last_step[rank] = max(t0, last_step.get(rank, t0))
+    if last_step:  # the last step, from where the earliest rank began it
+        start = min(last_step.values())
+        blocks = [b for b in blocks if b[4] >= start - 1e-6]
+    return blocks
+
+
+def plot_schedule(trace: dict[str, Any], path: str) -> bool:
+    """schedule.png: the executed pipeline schedule as a Gantt chart (rows: ranks; blocks: microbatches)."""
+    blocks = pipeline_blocks(trace)
+    if not blocks:
+        return False
+    import matplotlib.pyplot as plt
+    ranks = sorted({b[0] for b in blocks})
+    micros = sorted({b[2] for b in blocks})
+    cmap = plt.get_cmap("tab20")
+    lo = min(b[4] for b in blocks)
+    fig, ax = plt.subplots(figsize=(12, 1.2 + 0.6 * len(ranks)))
+    for rank, op, micro, stage, t0, dur in blocks:
+        color = cmap((2 * micro) % 20 if op == "F" else (2 * micro + 1) % 20)
+        ax.broken_barh([(t0 - lo, dur)], (ranks.index(rank) - 0.4, 0.8), facecolors=color,
+                       edgecolors="black", linewidth=0.4, hatch=None if op == "F" else "//")
+        if dur > 0:
+            ax.text(t0 - lo + dur / 2, ranks.index(rank), f"{op}{micro}", ha="center", va="center", fontsize=7)
+    ax.set_yticks(range(len(ranks)), [f"rank {r}" for r in ranks])
+    ax.set_ylim(len(ranks) - 0.5, -0.5)
+    ax.set_xlabel("time in the step (ms), measured")
+    ax.set_title(f"executed pipeline schedule, last step: {len(micros)} microbatches "
+                 "(plain = forward, hatched = backward)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 # ---- command line ------------------------------------------------------------------------------
 
 
@@ -277,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(trace, dict):
             if plot_timeline(trace, os.path.join(out, "timeline.png"), args.window_ms):
                 written.append(os.path.join(out, "timeline.png"))
+            if plot_schedule(trace, os.path.join(out, "schedule.png")):  # pipeline runs only
+                written.append(os.path.join(out, "schedule.png"))
             else:
                 note(f"no complete events in {trace_path}: timeline.png skipped")
     else:

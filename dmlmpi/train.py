@@ -19,7 +19,7 @@ from dmlmpi.data import Dataset, DistributedSampler, load_dataset
 from dmlmpi.entry import run_main
 from dmlmpi.models import build
 from dmlmpi.telemetry import ProgressBar, RunLog, Timeline
-from dmlmpi.trainers import DPTrainer, PSTrainer, Trainer
+from dmlmpi.trainers import DPTrainer, PipelineTrainer, PSTrainer, Trainer
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "trace.json", checkpoint.LATEST)
 
@@ -51,12 +51,12 @@ def make_trainer(args: argparse.Namespace, model: nn.Module, data: Dataset, worl
     """The Trainer of --mode, with the learning-rate schedule sized to the whole run."""
     train_ranks = config.training_ranks(args, world.Get_size())
     steps_per_epoch = len(DistributedSampler(len(data.y_train), args.batch_size, 0, train_ranks, args.seed, args.tail))
-    kind = PSTrainer if args.mode == "ps" else DPTrainer
+    kind = {"ps": PSTrainer, "pipeline": PipelineTrainer, "hybrid": PipelineTrainer}.get(args.mode, DPTrainer)
     return kind(model, data, args, world, device, args.epochs * steps_per_epoch, tl)
 
 
 def gather_stats(trainer: Trainer, world: MPI.Comm, rates: list[float], mine: list[float], log: RunLog) -> float:
-    """Every rank's figures to rank 0's metrics; returns the summed throughput of the training ranks."""
+    """Every rank's figures to rank 0's metrics; returns the training ranks' summed throughput (each sample once)."""
     record = dict(trainer.stats(), rank=world.Get_rank(), role="server" if trainer.is_server else "worker")
     if not trainer.is_server:
         samples, seconds, steps = mine
@@ -68,7 +68,10 @@ def gather_stats(trainer: Trainer, world: MPI.Comm, rates: list[float], mine: li
         return 0.0
     for record in everyone:
         log.log(record)
-    return sum(r.get("samples_per_s", 0.0) for r in everyone)
+    workers = [r for r in everyone if r["role"] == "worker"]
+    # ranks of one pipeline all see the same samples: count each global batch share once
+    shares = trainer.data_size or len(workers)
+    return sum(r["samples_per_s"] for r in workers) * shares / max(1, len(workers))
 
 
 def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
@@ -87,8 +90,9 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
     trainer = make_trainer(args, build(args.model, args.seed, data.x_train.shape[1:], args.dataset).to(device),
                            data, world, device, tl)
     team = trainer.comm  # the ranks that run the training loop (all but the servers)
-    sampler = DistributedSampler(len(data.y_train), args.batch_size, team.Get_rank(), team.Get_size(), args.seed,
-                                 args.tail)
+    share_rank = team.Get_rank() if trainer.data_rank is None else trainer.data_rank
+    share_size = team.Get_size() if trainer.data_size is None else trainer.data_size
+    sampler = DistributedSampler(len(data.y_train), args.batch_size, share_rank, share_size, args.seed, args.tail)
     step, samples_done, wall_before = 0, 0, 0.0
     if args.resume and (path := checkpoint.latest_path(args.out)) is not None:
         state = checkpoint.load(path, world)
@@ -98,9 +102,11 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
         log.info(f"resumed from {path} at step {step} (epoch {sampler.epoch + 1}, batch {sampler.next_batch})")
     elif args.resume:
         log.info(f"no checkpoint in {args.out}: starting from the beginning")
-    n_params = sum(p.numel() for p in trainer.model_parameters())
+    n_params = getattr(trainer, "n_params", None) or sum(p.numel() for p in trainer.model_parameters())
     log.info(f"dmlmpi.train: {describe_mode(args, size)}, {device}, {args.dataset} "
              f"({len(data.y_train)} train / {len(data.y_test)} test), {n_params} parameters")
+    if trainer.describe():
+        log.info(trainer.describe())
     start, loss, stopped = time.perf_counter(), float("nan"), False
     mine, rates = [0, 0.0, 0], []  # this rank's samples, training seconds and steps in this run; samples/s per epoch
 
@@ -184,6 +190,10 @@ def describe_mode(args: argparse.Namespace, size: int) -> str:
         extra = f", staleness {args.staleness}" if args.ps_mode == "ssp" else ""
         return (f"parameter server ({args.ps_mode}{extra}) on {size} ranks: "
                 f"{size - args.servers} worker(s), {args.servers} server(s)")
+    if args.mode in ("pipeline", "hybrid"):
+        dp = args.dp if args.mode == "hybrid" else 1
+        return (f"{args.mode}: {dp} x {size // dp} grid (dp x pp), {args.pipeline_schedule} schedule, "
+                f"{args.microbatches} microbatches" + (", recompute" if args.recompute else ""))
     return f"data parallel on {size} ranks"
 
 

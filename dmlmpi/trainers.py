@@ -17,7 +17,8 @@ from torch import nn
 from dmlmpi import checkpoint
 from dmlmpi import comm as dcomm
 from dmlmpi.data import Dataset, rank_share
-from dmlmpi.parallel import DataParallel, ParameterServer
+from dmlmpi.grid import ProcessGrid
+from dmlmpi.parallel import DataParallel, ParameterServer, Pipeline
 from dmlmpi.telemetry import Timeline
 
 
@@ -75,6 +76,12 @@ class Trainer:
 
     comm: MPI.Comm
     is_server = False
+    data_rank: int | None = None  # this rank's share of each global batch (default: its rank in comm)
+    data_size: int | None = None  # over how many shares a global batch is split (default: comm's size)
+
+    def describe(self) -> str:
+        """Anything the mode prints at start (e.g. the pipeline's partition)."""
+        return ""
 
     def step(self, idx: np.ndarray, batch: int) -> float:
         """One step on this rank's share `idx` of a global batch of `batch`; returns its loss contribution."""
@@ -263,3 +270,113 @@ class PSTrainer(Trainer):
     def close(self) -> None:
         """Free the parameter server's communicators."""
         self.ps.close()
+
+
+class PipelineTrainer(Trainer):
+    """Pipeline (all ranks one pipeline) or hybrid (a --dp x --pp grid): layer stages, microbatches."""
+
+    def __init__(self, model: nn.Sequential, data: Dataset, args: argparse.Namespace, world: MPI.Comm,
+                 device: torch.device, total_steps: int, tl: Timeline) -> None:
+        self.world, self.data, self.device, self.tl = world, data, device, tl
+        dp = args.dp if args.mode == "hybrid" else 1
+        self.grid = ProcessGrid(world, dp=dp, pp=world.Get_size() // dp)
+        self.comm = world  # every rank runs the loop
+        self.dp_comm, self.pp_comm = self.grid.comm("dp"), self.grid.comm("pp")
+        self.data_rank, self.data_size = self.grid.rank("dp"), dp
+        self.n_params = sum(p.numel() for p in model.parameters())
+        sample = torch.from_numpy(data.x_train[:max(1, args.batch_size // max(1, args.microbatches))]).to(device)
+        self.pipe = Pipeline(model, self.pp_comm, microbatches=args.microbatches, schedule=args.pipeline_schedule,
+                             partition_by=args.partition, chunks=args.chunks if args.pipeline_schedule == "interleaved" else 1,
+                             checkpoint=args.recompute, sample=sample, dp_comm=self.dp_comm, timeline=tl)
+        # a stage of parameter-free layers (an activation) gets an optimizer of one unused placeholder
+        params = list(self.pipe.parameters()) or [nn.Parameter(torch.zeros(1, device=device))]
+        self.optimizer = make_optimizer(args)(params)
+        self.schedule = make_schedule(args, total_steps)(self.optimizer)
+        self.peak_activation_bytes = 0
+
+    def describe(self) -> str:
+        """The partition table (printed at start)."""
+        return self.pipe.partition_text
+
+    def step(self, idx: np.ndarray, batch: int) -> float:
+        """One global batch share through the pipeline, then the optimizer; returns this replica's loss share."""
+        self.optimizer.zero_grad(set_to_none=False)
+        x = torch.from_numpy(self.data.x_train[idx])
+        y = torch.from_numpy(self.data.y_train[idx])
+        # mean over this replica's share, scaled so that the dp average is the global batch's mean
+        scale = len(idx) * self.data_size / batch
+        loss = self.pipe.train_step(x, y, lambda out, tg: nn.functional.cross_entropy(out, tg) * scale)
+        self.peak_activation_bytes = max(self.peak_activation_bytes, self.pipe.last_activation_bytes)
+        with self.tl.span("optimizer"):
+            self.optimizer.step()
+        self.schedule.step()
+        return loss / self.data_size
+
+    def logged_loss(self, contributions: list[float]) -> float:
+        """Global mean loss: the replicas' shares added up (every pipeline rank holds its replica's)."""
+        return float(dcomm.allreduce(np.array([sum(contributions)]), comm=self.dp_comm)[0]) / len(contributions)
+
+    def evaluate(self, data: Dataset, final: bool = False) -> tuple[float, float]:
+        """Each replica runs its share of the test set through the pipeline; the last stage scores it."""
+        mine = rank_share(np.arange(len(data.y_test)), self.data_rank, self.data_size)
+        first, last = self.pp_comm.Get_rank() == 0, self.pp_comm.Get_rank() == self.pp_comm.Get_size() - 1
+        self.pipe.eval()
+        logits = self.pipe.forward_only(torch.from_numpy(data.x_test[mine]) if first else None, len(mine))
+        self.pipe.train()
+        local = np.zeros(2)
+        if last:
+            labels = torch.from_numpy(data.y_test[mine]).to(logits.device)
+            local[:] = [(logits.argmax(1) == labels).sum().item(),
+                        nn.functional.cross_entropy(logits, labels, reduction="sum").item()]
+        # broadcast: the last stage's score to its pipeline; then add up the replicas
+        local = self.pp_comm.bcast(local, root=self.pp_comm.Get_size() - 1)
+        correct, loss_sum = dcomm.allreduce(local, comm=self.dp_comm)
+        return correct / len(data.y_test), loss_sum / len(data.y_test)
+
+    def save(self, run_dir: str, step: int, state: dict[str, Any]) -> None:
+        """Rank 0 gathers every stage's layers and optimizer state (from replica 0) and writes them."""
+        mine = None
+        if self.data_rank == 0:
+            mine = dict(layers={k: v.detach().cpu() for k, v in self.pipe.parts.state_dict().items()},
+                        optimizer=self.optimizer.state_dict(), pp_rank=self.pp_comm.Get_rank())
+        # gather: each stage's state to rank 0
+        everyone = self.world.gather(mine, root=0)
+        extra: dict[str, Any] = dict(schedule=self.schedule.state_dict())
+        if everyone is not None:
+            stages = sorted((e for e in everyone if e is not None), key=lambda e: e["pp_rank"])
+            extra.update(model={_layer_key(k): v for e in stages for k, v in e["layers"].items()},
+                         optimizers=[e["optimizer"] for e in stages], bounds=self.pipe.bounds)
+        checkpoint.save(run_dir, step, dict(state, **extra), self.world)
+
+    def load(self, state: dict[str, Any]) -> None:
+        """This rank's layers and optimizer state (the checkpoint must have the same stages)."""
+        if state.get("bounds") != self.pipe.bounds:
+            raise ValueError(f"checkpoint was cut into stages {state.get('bounds')}, this run into {self.pipe.bounds}: "
+                             "resume with the same --pp, --chunks and --partition")
+        own = self.pipe.parts.state_dict()
+        self.pipe.parts.load_state_dict({k: state["model"][_layer_key(k)] for k in own})
+        self.optimizer.load_state_dict(state["optimizers"][self.pp_comm.Get_rank()])
+        self.schedule.load_state_dict(state["schedule"])
+
+    def lr(self) -> float:
+        """The schedule's current learning rate."""
+        return self.schedule.get_last_lr()[0]
+
+    def model_parameters(self) -> list[nn.Parameter]:
+        """This rank's parameters (the log line reports the whole model's count)."""
+        return list(self.pipe.parameters())
+
+    def stats(self) -> dict[str, Any]:
+        """This rank's stages and the most activation bytes it held."""
+        return dict(pp_rank=self.pp_comm.Get_rank(), dp_rank=self.data_rank, layers=self.pipe.layer_indices,
+                    peak_activation_bytes=self.peak_activation_bytes)
+
+    def close(self) -> None:
+        """Stop threads, free communicators."""
+        self.pipe.close()
+        self.grid.free()
+
+
+def _layer_key(key: str) -> str:
+    """'0.3.weight' (chunk 0 of a ModuleList, layer 3 of the model) -> '3.weight', the model's own key."""
+    return key.split(".", 1)[1]

@@ -141,7 +141,7 @@ def test_recompute_holds_fewer_activation_bytes() -> None:
         return
     held = {}
     for checkpoint in (False, True):
-        pp = Pipeline(make_model(), comm, microbatches=P, schedule="gpipe", checkpoint=checkpoint)
+        pp = Pipeline(make_model(), comm, microbatches=4, schedule="gpipe", checkpoint=checkpoint)
         x, y = data()
         pp.train_step(x, y, nn.functional.cross_entropy)
         held[checkpoint] = pp.last_activation_bytes

@@ -6,7 +6,8 @@ import sys
 
 from dmlmpi.entry import run_main
 
-KINDS = {"allreduce": "dmlmpi.bench.allreduce", "dp": "dmlmpi.bench.dp", "ps": "dmlmpi.bench.ps"}
+KINDS = {"allreduce": "dmlmpi.bench.allreduce", "dp": "dmlmpi.bench.dp", "ps": "dmlmpi.bench.ps",
+         "pipeline": "dmlmpi.bench.pipeline"}
 
 
 def main() -> int:

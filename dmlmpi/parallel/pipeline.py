@@ -18,6 +18,7 @@ done (overlapping the rest of the cool-down).
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -110,6 +111,7 @@ class Pipeline(nn.Module):
                 for p in self.parameters():
                     dcomm.broadcast(p.data, root=0, comm=dp_comm, inplace=True)
         self.last_activation_bytes = 0  # peak activation bytes held during the last train_step
+        self.last_compute_s = self.last_step_s = 0.0  # its forward/backward compute time, and its whole time
 
     # -- messages --------------------------------------------------------------------------
     def _tag(self, op: str, micro: int, stage: int) -> int:
@@ -155,6 +157,7 @@ class Pipeline(nn.Module):
         loss_fn(output, target) is the mean loss of a microbatch. Gradients add into .grad.
         """
         device = self._device()
+        start, compute = time.perf_counter(), 0.0
         first, last = self.rank == 0, self.rank == (self.stages - 1) % self.P
         batch = len(targets) if targets is not None else len(inputs)
         mb_in = torch.tensor_split(inputs, self.M) if first else None
@@ -176,6 +179,7 @@ class Pipeline(nn.Module):
                     if x.is_floating_point():
                         x.requires_grad_(a.stage > 0)  # the gradient of a received input goes back
                     with self._span(f"F{a.micro}", "forward", {"micro": a.micro, "chunk": a.chunk, "stage": a.stage}):
+                        t0 = time.perf_counter()
                         saved.current = key
                         with torch.no_grad() if self.checkpoint else contextlib.nullcontext():
                             y = part(x)
@@ -184,6 +188,7 @@ class Pipeline(nn.Module):
                             tg = mb_tg[a.micro].to(device)
                             # this microbatch's share of the whole batch's mean loss
                             y = loss_fn(y, tg) * (len(tg) / batch) if not self.checkpoint else y
+                        compute += time.perf_counter() - t0
                     if a.send_to is not None:
                         self._send(y, a.send_to, "F", a.micro, a.stage + 1, pending)
                     kept[key] = (x, y)
@@ -192,6 +197,7 @@ class Pipeline(nn.Module):
                     x, y = kept.pop(key)
                     grad = None if a.stage == self.stages - 1 else self._recv(a.recv_from, "B", a.micro, a.stage, device)
                     with self._span(f"B{a.micro}", "backward", {"micro": a.micro, "chunk": a.chunk, "stage": a.stage}):
+                        t0 = time.perf_counter()
                         if self.checkpoint:  # recompute the forward, this time recording the graph
                             saved.current = key
                             y = part(x)
@@ -202,8 +208,9 @@ class Pipeline(nn.Module):
                                 y = loss_fn(y, tg) * (len(tg) / batch)
                             total_loss += y.detach().double().cpu()
                             y.backward()
-                        else:
+                        elif y.requires_grad:  # (a first stage without parameters has nothing to do)
                             torch.autograd.backward(y, grad)
+                        compute += time.perf_counter() - t0
                     saved.release(key)
                     if a.send_to is not None:
                         self._send(x.grad, a.send_to, "B", a.micro, a.stage - 1, pending)
@@ -214,6 +221,7 @@ class Pipeline(nn.Module):
         for f in futures:
             f.result()
         self.last_activation_bytes = saved.peak
+        self.last_compute_s, self.last_step_s = compute, time.perf_counter() - start
         # broadcast: the loss from the rank holding the last stage to every rank of the pipeline
         return float(self.comm.bcast(float(total_loss) if last else None, root=(self.stages - 1) % self.P))
 

@@ -1,0 +1,125 @@
+"""`python -m dmlmpi.bench pipeline`: schedules x microbatches -> throughput, bubble, activation memory.
+
+Run under `mpirun -n P`: one pipeline of P ranks over a model of balanced stages (an MLP of equal
+Linear+ReLU blocks, `--layers-per-stage` per stage). For each schedule and each M, timed train
+steps of one batch of `--micro-size * M` rows (weak scaling in M). Per step every rank measures its
+compute time (forwards and backwards) and the step's wall time; the bubble is the idle fraction,
+1 - compute / step time, averaged over the ranks, next to the theory for balanced stages:
+(P-1)/(M+P-1) for GPipe and 1F1B, (P-1)/(V*M+P-1) for interleaved with V chunks. Peak activation
+memory per stage is what autograd saved (and the pipeline kept) for backward at most at once.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from dmlmpi.parallel import Pipeline
+
+from .common import format_table, write_json
+
+
+def parse_args(argv: list[str], P: int) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(prog="python -m dmlmpi.bench pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--schedules", default="gpipe,1f1b,interleaved", help="comma-separated schedules")
+    p.add_argument("--micro", default=",".join(str(m * P) for m in (1, 2, 4, 8)), help="comma-separated M values")
+    p.add_argument("--micro-size", type=int, default=32, help="rows per microbatch")
+    p.add_argument("--width", type=int, default=512, help="width of every Linear layer")
+    p.add_argument("--layers-per-stage", type=int, default=4, help="Linear+ReLU blocks per stage")
+    p.add_argument("--chunks", type=int, default=2, help="chunks per rank for the interleaved schedule")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per row (median, min, max)")
+    p.add_argument("--json", help="write one record per (schedule, M) to this path")
+    return p.parse_args(argv)
+
+
+def make_model(P: int, V: int, args: argparse.Namespace) -> nn.Sequential:
+    """P*V equal stages of `layers-per-stage` Linear+ReLU blocks (balanced by construction)."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(P * V * args.layers_per_stage):
+        layers += [nn.Linear(args.width, args.width), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def theory(schedule: str, P: int, M: int, V: int) -> float:
+    """Bubble fraction of balanced stages."""
+    return (P - 1) / ((V if schedule == "interleaved" else 1) * M + P - 1)
+
+
+def run_one(schedule: str, M: int, comm: MPI.Comm, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Time one (schedule, M); rank 0 returns the record."""
+    P = comm.Get_size()
+    V = args.chunks if schedule == "interleaved" else 1
+    if schedule == "interleaved" and M % P:
+        return None
+    model = make_model(P, V, args)
+    # 2 Linear+ReLU entries per block: cut after every layers-per-stage blocks
+    cuts = [2 * args.layers_per_stage * k for k in range(1, P * V)]
+    pipe = Pipeline(model, comm, microbatches=M, schedule=schedule, partition_by=cuts, chunks=V)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(M * args.micro_size, args.width, generator=g)
+    y = torch.randn(M * args.micro_size, args.width, generator=g)
+    loss = nn.functional.mse_loss
+    pipe.train_step(x, y, loss)  # warm up: allocations, connections
+    steps, bubbles, peaks = [], [], []
+    for _ in range(args.steps):
+        comm.Barrier()  # every step starts together
+        t0 = time.perf_counter()
+        pipe.train_step(x, y, loss)
+        steps.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+        # idle fraction of each rank's step, averaged over the ranks
+        bubbles.append(comm.allreduce(1.0 - pipe.last_compute_s / pipe.last_step_s, op=MPI.SUM) / P)
+        peaks.append(pipe.last_activation_bytes)
+    per_rank_peak = comm.gather(max(peaks), root=0)
+    pipe.close()
+    if comm.Get_rank() != 0:
+        return None
+    rates = [len(x) / t for t in steps]
+    return dict(schedule=schedule, P=P, M=M, V=V, rows=len(x), samples_per_s_median=statistics.median(rates),
+                samples_per_s_min=min(rates), samples_per_s_max=max(rates), step_time_s=statistics.median(steps),
+                bubble_measured=statistics.median(bubbles), bubble_theory=theory(schedule, P, M, V),
+                peak_activation_bytes=per_rank_peak)
+
+
+def main(argv: list[str]) -> int:
+    """Every (schedule, M): table, targets, JSON."""
+    world = MPI.COMM_WORLD
+    P = world.Get_size()
+    args = parse_args(argv, P)
+    torch.set_num_threads(1)  # ranks share the cores
+    records = [r for s in args.schedules.split(",") for m in map(int, args.micro.split(","))
+               if (r := run_one(s, m, world, args)) is not None]
+    if world.Get_rank() != 0:
+        return 0
+    rows = [dict(r, rate=f"{r['samples_per_s_median']:.0f}",
+                 spread=f"{r['samples_per_s_min']:.0f}-{r['samples_per_s_max']:.0f}",
+                 step=f"{r['step_time_s'] * 1e3:.1f}", bm=f"{r['bubble_measured']:.3f}",
+                 bt=f"{r['bubble_theory']:.3f}", mem0=f"{r['peak_activation_bytes'][0] / 2**20:.2f}",
+                 memmax=f"{max(r['peak_activation_bytes']) / 2**20:.2f}") for r in records]
+    print(f"# dmlmpi pipeline benchmark: P={P}, {args.micro_size} rows per microbatch, "
+          f"{args.layers_per_stage} x Linear({args.width})+ReLU per stage")
+    print(format_table(rows, [("schedule", "schedule", ""), ("M", "M", ""), ("V", "V", ""), ("rate", "samples/s", ""),
+                              ("spread", "min-max", ""), ("step", "step(ms)", ""), ("bm", "bubble", ""),
+                              ("bt", "theory", ""), ("mem0", "stage0 act MiB", ""), ("memmax", "max act MiB", "")]))
+    print("\n# targets (medians of this run)")
+    for r in records:
+        if r["M"] >= 4 * P and r["schedule"] in ("gpipe", "1f1b") and P > 1:
+            rel = abs(r["bubble_measured"] - r["bubble_theory"]) / r["bubble_theory"]
+            print(f"{r['schedule']} M={r['M']}: bubble {r['bubble_measured']:.3f} vs theory {r['bubble_theory']:.3f}, "
+                  f"{100 * rel:.0f}% off (<=10%: {'PASS' if rel <= 0.10 else 'MISS'})")
+    by = {(r["schedule"], r["M"]): r for r in records}
+    for (s, m), r in by.items():
+        if s == "1f1b" and ("gpipe", m) in by:
+            ratio = r["peak_activation_bytes"][0] / by[("gpipe", m)]["peak_activation_bytes"][0]
+            print(f"M={m}: 1F1B / GPipe stage-0 activation memory = {ratio:.3f} (about P/M = {P / m:.3f}: "
+                  f"{'PASS' if ratio <= 1.1 * P / m else 'MISS'})")
+    if args.json:
+        write_json(args.json, records)
+    return 0

@@ -1,0 +1,87 @@
+"""`python -m dmlmpi.train --mode pipeline / hybrid` end to end: same losses as data parallel, resume, plots."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dmlmpi.testing import run_mpi
+
+pytestmark = pytest.mark.launches_mpi  # these tests start mpiexec themselves
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--samples", "600", "--batch-size", "32", "--log-every", "1", "--epochs", "2", "--microbatches", "4"]
+
+
+def train(nprocs: int, out, *extra: str, timeout: float = 300):
+    """Run python -m dmlmpi.train on nprocs ranks into `out`; return the finished process."""
+    return run_mpi(nprocs, ["-m", "dmlmpi.train", *SMALL, "--out", str(out), *extra], timeout=timeout, cwd=ROOT)
+
+
+def losses(out) -> dict[int, float]:
+    """step -> logged training loss."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def dp_one_rank(tmp_path_factory):
+    """Single-process training: the reference."""
+    out = tmp_path_factory.mktemp("dp1")
+    result = train(1, out)
+    assert result.returncode == 0, result.stdout
+    return out
+
+
+@pytest.mark.parametrize("ranks,extra", [
+    (3, ["--mode", "pipeline", "--pipeline-schedule", "gpipe"]),
+    (2, ["--mode", "pipeline", "--pipeline-schedule", "interleaved", "--chunks", "2", "--recompute"]),
+    (4, ["--mode", "hybrid", "--dp", "2", "--pp", "2", "--partition", "uniform"]),
+], ids=["pipeline-gpipe-3", "pipeline-interleaved-recompute-2", "hybrid-2x2"])
+def test_same_losses_as_single_process(ranks, extra, dp_one_rank, tmp_path) -> None:
+    """Every logged loss equals single-process training's, step by step."""
+    result = train(ranks, tmp_path, *extra)
+    assert result.returncode == 0, result.stdout
+    assert "partition (" in result.stdout
+    ref, got = losses(dp_one_rank), losses(tmp_path)
+    assert ref.keys() == got.keys() and len(ref) == 30
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-6), step
+
+
+def test_resume_and_schedule_plot(dp_one_rank, tmp_path) -> None:
+    """A hybrid run stopped at step 11 and resumed logs the uninterrupted losses; the plot draws the schedule."""
+    args = ["--mode", "hybrid", "--dp", "2", "--pp", "2"]
+    first = train(4, tmp_path, *args, "--max-steps", "11")
+    assert first.returncode == 0, first.stdout
+    second = train(4, tmp_path, *args, "--resume")
+    assert second.returncode == 0, second.stdout
+    assert "at step 11" in second.stdout
+    ref, got = losses(dp_one_rank), losses(tmp_path)
+    for step in range(12, 31):
+        assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-6), step
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    ranks = [r for r in records if r.get("role") == "worker"]
+    assert sorted((r["dp_rank"], r["pp_rank"]) for r in ranks) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(r["peak_activation_bytes"] > 0 for r in ranks)
+    done = subprocess.run([sys.executable, "-m", "dmlmpi.plot", str(tmp_path), "--out", str(tmp_path / "png")],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "png" / "schedule.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--mode", "hybrid", "--dp", "2", "--pp", "2"], "--mode hybrid --dp 2 --pp 2 needs 4 ranks, but the job has 3"),
+    (["--mode", "pipeline", "--pipeline-schedule", "interleaved", "--microbatches", "4"],
+     "--microbatches 4 must be a multiple of the 3 pipeline ranks"),
+    (["--mode", "pipeline", "--partition", "2,1"], "increasing cut points"),
+    (["--mode", "pipeline", "--microbatches", "40"], "cannot give each of the 1 pipeline(s) 40 microbatches"),
+])
+def test_bad_pipeline_setups_fail_on_every_rank(extra, message, tmp_path) -> None:
+    """A grid that does not fit, a schedule that cannot run, bad cut points: clear error, non-zero exit."""
+    result = train(3, tmp_path, *extra, timeout=120)
+    assert not result.timed_out and result.returncode != 0
+    assert message in result.stdout, result.stdout[-3000:]
