@@ -3,8 +3,10 @@
 Run under `mpirun -n P`: one pipeline of P ranks over a model of balanced stages (an MLP of equal
 Linear+ReLU blocks, `--layers-per-stage` per stage). For each schedule and each M, timed train
 steps of one batch of `--micro-size * M` rows (weak scaling in M). Per step every rank measures its
-compute time (forwards and backwards) and the step's wall time; the bubble is the idle fraction,
-1 - compute / step time, averaged over the ranks, next to the theory for balanced stages:
+compute time (forwards and backwards) and the step's wall time; its idle fraction is 1 - compute /
+step time. The bubble reported is the busiest stage's idle fraction (the others also wait on it when
+stages run at unequal speeds, which the "mean idle" column shows), next to the theory for balanced
+stages:
 (P-1)/(M+P-1) for GPipe and 1F1B, (P-1)/(V*M+P-1) for interleaved with V chunks. Peak activation
 memory per stage is what autograd saved (and the pipeline kept) for backward at most at once.
 """
@@ -68,14 +70,17 @@ def run_one(schedule: str, M: int, comm: MPI.Comm, args: argparse.Namespace) -> 
     y = torch.randn(M * args.micro_size, args.width, generator=g)
     loss = nn.functional.mse_loss
     pipe.train_step(x, y, loss)  # warm up: allocations, connections
-    steps, bubbles, peaks = [], [], []
+    steps, bubbles, busiest, peaks = [], [], [], []
     for _ in range(args.steps):
         comm.Barrier()  # every step starts together
         t0 = time.perf_counter()
         pipe.train_step(x, y, loss)
         steps.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
         # idle fraction of each rank's step, averaged over the ranks
-        bubbles.append(comm.allreduce(1.0 - pipe.last_compute_s / pipe.last_step_s, op=MPI.SUM) / P)
+        idle = 1.0 - pipe.last_compute_s / pipe.last_step_s
+        bubbles.append(comm.allreduce(idle, op=MPI.SUM) / P)
+        # the busiest stage's idle fraction: the schedule's bubble without the other stages' waiting on it
+        busiest.append(comm.allreduce(idle, op=MPI.MIN))
         peaks.append(pipe.last_activation_bytes)
     per_rank_peak = comm.gather(max(peaks), root=0)
     pipe.close()
@@ -84,7 +89,8 @@ def run_one(schedule: str, M: int, comm: MPI.Comm, args: argparse.Namespace) -> 
     rates = [len(x) / t for t in steps]
     return dict(schedule=schedule, P=P, M=M, V=V, rows=len(x), samples_per_s_median=statistics.median(rates),
                 samples_per_s_min=min(rates), samples_per_s_max=max(rates), step_time_s=statistics.median(steps),
-                bubble_measured=statistics.median(bubbles), bubble_theory=theory(schedule, P, M, V),
+                bubble_measured=statistics.median(busiest), bubble_mean=statistics.median(bubbles),
+                bubble_theory=theory(schedule, P, M, V),
                 peak_activation_bytes=per_rank_peak)
 
 
@@ -100,13 +106,13 @@ def main(argv: list[str]) -> int:
         return 0
     rows = [dict(r, rate=f"{r['samples_per_s_median']:.0f}",
                  spread=f"{r['samples_per_s_min']:.0f}-{r['samples_per_s_max']:.0f}",
-                 step=f"{r['step_time_s'] * 1e3:.1f}", bm=f"{r['bubble_measured']:.3f}",
+                 step=f"{r['step_time_s'] * 1e3:.1f}", bm=f"{r['bubble_measured']:.3f}", bmean=f"{r['bubble_mean']:.3f}",
                  bt=f"{r['bubble_theory']:.3f}", mem0=f"{r['peak_activation_bytes'][0] / 2**20:.2f}",
                  memmax=f"{max(r['peak_activation_bytes']) / 2**20:.2f}") for r in records]
     print(f"# dmlmpi pipeline benchmark: P={P}, {args.micro_size} rows per microbatch, "
           f"{args.layers_per_stage} x Linear({args.width})+ReLU per stage")
     print(format_table(rows, [("schedule", "schedule", ""), ("M", "M", ""), ("V", "V", ""), ("rate", "samples/s", ""),
-                              ("spread", "min-max", ""), ("step", "step(ms)", ""), ("bm", "bubble", ""),
+                              ("spread", "min-max", ""), ("step", "step(ms)", ""), ("bm", "bubble", ""), ("bmean", "mean idle", ""),
                               ("bt", "theory", ""), ("mem0", "stage0 act MiB", ""), ("memmax", "max act MiB", "")]))
     print("\n# targets (medians of this run)")
     for r in records:
