@@ -8,7 +8,9 @@ step time. The bubble reported is the busiest stage's idle fraction (the others 
 stages run at unequal speeds, which the "mean idle" column shows), next to the theory for balanced
 stages:
 (P-1)/(M+P-1) for GPipe and 1F1B, (P-1)/(V*M+P-1) for interleaved with V chunks. Peak activation
-memory per stage is what autograd saved (and the pipeline kept) for backward at most at once.
+memory per stage is what autograd saved (and the pipeline kept) for backward at most at once;
+`1f1b+recompute` is 1F1B with activation checkpointing (stage inputs kept, stages run again in
+backward): its memory saving and its cost in step time.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ def parse_args(argv: list[str], P: int) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(prog="python -m dmlmpi.bench pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--schedules", default="gpipe,1f1b,interleaved", help="comma-separated schedules")
+    p.add_argument("--schedules", default="gpipe,1f1b,interleaved,1f1b+recompute",
+                   help="comma-separated schedules; NAME+recompute adds activation checkpointing")
     p.add_argument("--micro", default=",".join(str(m * P) for m in (1, 2, 4, 8)), help="comma-separated M values")
     p.add_argument("--micro-size", type=int, default=32, help="rows per microbatch")
     p.add_argument("--width", type=int, default=512, help="width of every Linear layer")
@@ -58,13 +61,14 @@ def theory(schedule: str, P: int, M: int, V: int) -> float:
 def run_one(schedule: str, M: int, comm: MPI.Comm, args: argparse.Namespace) -> dict[str, Any] | None:
     """Time one (schedule, M); rank 0 returns the record."""
     P = comm.Get_size()
-    V = args.chunks if schedule == "interleaved" else 1
-    if schedule == "interleaved" and M % P:
+    name, recompute = schedule.removesuffix("+recompute"), schedule.endswith("+recompute")
+    V = args.chunks if name == "interleaved" else 1
+    if name == "interleaved" and M % P:
         return None
     model = make_model(P, V, args)
     # 2 Linear+ReLU entries per block: cut after every layers-per-stage blocks
     cuts = [2 * args.layers_per_stage * k for k in range(1, P * V)]
-    pipe = Pipeline(model, comm, microbatches=M, schedule=schedule, partition_by=cuts, chunks=V)
+    pipe = Pipeline(model, comm, microbatches=M, schedule=name, partition_by=cuts, chunks=V, checkpoint=recompute)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(M * args.micro_size, args.width, generator=g)
     y = torch.randn(M * args.micro_size, args.width, generator=g)
@@ -90,7 +94,7 @@ def run_one(schedule: str, M: int, comm: MPI.Comm, args: argparse.Namespace) -> 
     return dict(schedule=schedule, P=P, M=M, V=V, rows=len(x), samples_per_s_median=statistics.median(rates),
                 samples_per_s_min=min(rates), samples_per_s_max=max(rates), step_time_s=statistics.median(steps),
                 bubble_measured=statistics.median(busiest), bubble_mean=statistics.median(bubbles),
-                bubble_theory=theory(schedule, P, M, V),
+                bubble_theory=theory(name, P, M, V),
                 peak_activation_bytes=per_rank_peak)
 
 
@@ -122,6 +126,10 @@ def main(argv: list[str]) -> int:
                   f"{100 * rel:.0f}% off (<=10%: {'PASS' if rel <= 0.10 else 'MISS'})")
     by = {(r["schedule"], r["M"]): r for r in records}
     for (s, m), r in by.items():
+        if s == "1f1b+recompute" and ("1f1b", m) in by:
+            saved = 1 - r["peak_activation_bytes"][0] / by[("1f1b", m)]["peak_activation_bytes"][0]
+            print(f"M={m}: recompute saves {100 * saved:.0f}% of 1F1B's stage-0 activation memory, "
+                  f"step time x{r['step_time_s'] / by[('1f1b', m)]['step_time_s']:.2f}")
         if s == "1f1b" and ("gpipe", m) in by:
             ratio = r["peak_activation_bytes"][0] / by[("gpipe", m)]["peak_activation_bytes"][0]
             print(f"M={m}: 1F1B / GPipe stage-0 activation memory = {ratio:.3f} (about P/M = {P / m:.3f}: "
