@@ -1,0 +1,294 @@
+"""Server-side federated aggregation strategies over flat numpy weight vectors (Flower-style).
+
+Each client reports a delta (its new weights minus the global weights it started from);
+``Strategy.aggregate`` turns the global weights and those deltas into new global weights.
+
+References:
+- FedAvg: McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from Decentralized Data".
+- FedProx: Li et al. 2020, "Federated Optimization in Heterogeneous Networks".
+- FedAvgM: Hsu et al. 2019, "Measuring the Effects of Non-Identical Data Distribution for Federated
+  Visual Classification".
+- FedAdam / FedYogi / FedAdagrad: Reddi et al. 2021, "Adaptive Federated Optimization" (Algorithm 2).
+- SCAFFOLD: Karimireddy et al. 2020, "SCAFFOLD: Stochastic Controlled Averaging for Federated Learning".
+- Median / TrimmedMean: Yin et al. 2018, "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates".
+- Krum / Multi-Krum: Blanchard et al. 2017, "Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class ClientResult:
+    """One client's round outcome: weight delta, sample count and optional SCAFFOLD control delta."""
+
+    update: np.ndarray
+    num_examples: int
+    control_delta: np.ndarray | None = None
+
+
+def proximal_term(weights: np.ndarray, global_weights: np.ndarray, mu: float) -> float:
+    """FedProx penalty mu/2 * ||w - w_g||^2 that a client adds to its local loss."""
+    diff = np.asarray(weights, dtype=np.float64) - np.asarray(global_weights, dtype=np.float64)
+    return float(0.5 * mu * np.dot(diff, diff))
+
+
+def proximal_grad(weights: np.ndarray, global_weights: np.ndarray, mu: float) -> np.ndarray:
+    """Gradient mu * (w - w_g) of the FedProx penalty, added to the client's local gradient."""
+    return mu * (np.asarray(weights) - np.asarray(global_weights))
+
+
+def scaffold_client_step(grad: np.ndarray, c_global: np.ndarray, c_local: np.ndarray) -> np.ndarray:
+    """SCAFFOLD drift-corrected client gradient: grad - c_local + c_global."""
+    return grad - c_local + c_global
+
+
+def scaffold_new_control(c_local: np.ndarray, c_global: np.ndarray, global_weights: np.ndarray,
+                         local_weights: np.ndarray, steps: int, lr: float) -> np.ndarray:
+    """SCAFFOLD option II client control update: c_local - c_global + (w_g - w_local) / (steps * lr)."""
+    if steps < 1 or lr <= 0:
+        raise ValueError(f"scaffold_new_control needs steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
+    return c_local - c_global + (global_weights - local_weights) / (steps * lr)
+
+
+def _stack_updates(global_weights: np.ndarray, results: list[ClientResult]) -> np.ndarray:
+    """Validate results against the global vector and stack their updates as float64 rows."""
+    if not results:
+        raise ValueError("aggregate needs at least one ClientResult, got an empty list")
+    if np.ndim(global_weights) != 1:
+        raise ValueError(f"global weights must be a 1-D vector, got shape {np.shape(global_weights)}")
+    size = len(global_weights)
+    for i, r in enumerate(results):
+        if np.ndim(r.update) != 1 or len(r.update) != size:
+            raise ValueError(f"client result {i} has update of shape {np.shape(r.update)}, "
+                             f"expected ({size},) to match the global weights")
+    return np.stack([np.asarray(r.update, dtype=np.float64) for r in results])
+
+
+def _weighted_mean(updates: np.ndarray, results: list[ClientResult]) -> np.ndarray:
+    """Average update rows weighted by each client's num_examples."""
+    counts = np.array([r.num_examples for r in results], dtype=np.float64)
+    if np.any(counts < 0) or counts.sum() <= 0:
+        raise ValueError(f"num_examples must be >= 0 with a positive total, got {counts.astype(int).tolist()}")
+    return counts @ updates / counts.sum()
+
+
+def _finish(global_weights: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Return new weights in the global vector's floating dtype (float64 otherwise)."""
+    dtype = global_weights.dtype if np.issubdtype(global_weights.dtype, np.floating) else np.float64
+    return new.astype(dtype)
+
+
+class Strategy:
+    """Base aggregation strategy: new global weights = global + combined client deltas."""
+
+    def aggregate(self, global_weights: np.ndarray, results: list[ClientResult]) -> np.ndarray:
+        """Return the new global weights given the current ones and the clients' results."""
+        updates = _stack_updates(global_weights, results)
+        return _finish(global_weights, global_weights + self.combine(updates, results))
+
+    def combine(self, updates: np.ndarray, results: list[ClientResult]) -> np.ndarray:
+        """Reduce stacked client deltas (one per row) to one delta; subclasses override."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Server state to checkpoint (stateless strategies return an empty dict)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore server state saved by state_dict."""
+        unknown = set(state) - set(self.state_dict())
+        if unknown:
+            raise ValueError(f"{type(self).__name__} state has unknown keys {sorted(unknown)}")
+        for key, value in state.items():
+            setattr(self, key, None if value is None else np.array(value, dtype=np.float64))
+
+
+class FedAvg(Strategy):
+    """Average of client deltas weighted by num_examples (McMahan et al. 2017)."""
+
+    def combine(self, updates: np.ndarray, results: list[ClientResult]) -> np.ndarray:
+        """Weighted mean of the deltas."""
+        return _weighted_mean(updates, results)
+
+
+class FedProx(FedAvg):
+    """FedProx: FedAvg on the server; clients add the proximal term with coefficient mu."""
+
+    def __init__(self, mu: float = 0.01) -> None:
+        """Store the proximal coefficient mu (>= 0) for clients to use."""
+        if mu < 0:
+            raise ValueError(f"FedProx mu must be >= 0, got {mu}")
+        self.mu = mu
+
+
+class FedAvgM(Strategy):
+    """FedAvg with server momentum: v = momentum*v + avg_delta; w += server_lr*v (Hsu et al. 2019)."""
+
+    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9) -> None:
+        """Set server learning rate and momentum; the velocity starts at zero."""
+        self.server_lr, self.momentum = server_lr, momentum
+        self.velocity: np.ndarray | None = None
+
+    def combine(self, updates: np.ndarray, results: list[ClientResult]) -> np.ndarray:
+        """Fold the weighted-mean delta into the velocity and return server_lr * velocity."""
+        delta = _weighted_mean(updates, results)
+        self.velocity = delta if self.velocity is None else self.momentum * self.velocity + delta
+        return self.server_lr * self.velocity
+
+    def state_dict(self) -> dict[str, Any]:
+        """Velocity buffer (None before the first round)."""
+        return {"velocity": None if self.velocity is None else self.velocity.copy()}
+
+
+class _Adaptive(Strategy):
+    """Shared FedOpt machinery (Reddi et al. 2021, Algorithm 2); subclasses define the v update."""
+
+    def __init__(self, eta: float = 0.1, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3) -> None:
+        """Set server lr eta, moment decays and adaptivity tau; m starts at 0 and v at tau**2."""
+        self.eta, self.beta_1, self.beta_2, self.tau = eta, beta_1, beta_2, tau
+        self.m: np.ndarray | None = None
+        self.v: np.ndarray | None = None
+
+    def combine(self, updates: np.ndarray, results: list[ClientResult]) -> np.ndarray:
+        """Treat the weighted-mean delta as a pseudo-gradient and take one adaptive step."""
+        delta = _weighted_mean(updates, results)
+        if self.m is None:
+            self.m = np.zeros_like(delta)
+            self.v = np.full_like(delta, self.tau ** 2)
+        self.m = self.beta_1 * self.m + (1 - self.beta_1) * delta
+        self.v = self._second_moment(self.v, delta * delta)
+        return self.eta * self.m / (np.sqrt(self.v) + self.tau)
+
+    def _second_moment(self, v: np.ndarray, sq: np.ndarray) -> np.ndarray:
+        """Update the second-moment estimate v with the squared pseudo-gradient sq."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """First and second moment buffers (None before the first round)."""
+        return {"m": None if self.m is None else self.m.copy(), "v": None if self.v is None else self.v.copy()}
+
+
+class FedAdagrad(_Adaptive):
+    """FedAdagrad: v = v + delta^2."""
+
+    def _second_moment(self, v: np.ndarray, sq: np.ndarray) -> np.ndarray:
+        """Accumulate squared pseudo-gradients."""
+        return v + sq
+
+
+class FedAdam(_Adaptive):
+    """FedAdam: v = beta_2*v + (1-beta_2)*delta^2 (no bias correction, as in the paper)."""
+
+    def _second_moment(self, v: np.ndarray, sq: np.ndarray) -> np.ndarray:
+        """Exponential moving average of squared pseudo-gradients."""
+        return self.beta_2 * v + (1 - self.beta_2) * sq
+
+
+class FedYogi(_Adaptive):
+    """FedYogi: v = v - (1-beta_2)*delta^2*sign(v - delta^2)."""
+
+    def _second_moment(self, v: np.ndarray, sq: np.ndarray) -> np.ndarray:
+        """Additive Yogi update that moves v towards delta^2."""
+        return v - (1 - self.beta_2) * sq * np.sign(v - sq)
+
+
+class Scaffold(Strategy):
+    """SCAFFOLD server: unweighted mean delta step plus server control variate (Karimireddy et al. 2020)."""
+
+    def __init__(self, server_lr: float = 1.0, total_clients: int = 1) -> None:
+        """Set the global step size and N, the total number of clients; c starts at zero."""
+        if total_clients < 1:
+            raise ValueError(f"Scaffold total_clients must be >= 1, got {total_clients}")
+        self.server_lr, self.total_clients = server_lr, total_clients
+        self.control: np.ndarray | None = None
+
+    def aggregate(self, global_weights: np.ndarray, results: list[ClientResult]) -> np.ndarray:
+        """Apply server_lr * mean(delta) and c += (|S|/N) * mean(control_delta)."""
+        updates = _stack_updates(global_weights, results)
+        size = len(global_weights)
+        if len(results) > self.total_clients:
+            raise ValueError(f"Scaffold got {len(results)} results but total_clients={self.total_clients}")
+        for i, r in enumerate(results):
+            if r.control_delta is None or np.shape(r.control_delta) != (size,):
+                raise ValueError(f"Scaffold client result {i} needs a control_delta of shape ({size},), "
+                                 f"got {None if r.control_delta is None else np.shape(r.control_delta)}")
+        if self.control is None:
+            self.control = np.zeros(size)
+        control_mean = np.mean([np.asarray(r.control_delta, dtype=np.float64) for r in results], axis=0)
+        self.control = self.control + (len(results) / self.total_clients) * control_mean
+        return _finish(global_weights, global_weights + self.server_lr * updates.mean(axis=0))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Server control variate c (None before the first round)."""
+        return {"control": None if self.control is None else self.control.copy()}
+
+
+class Median(Strategy):
+    """Coordinate-wise median of client deltas (ignores num_examples)."""
+
+    def combine(self, updates: np.ndarray, results: list[ClientResult]) -> np.ndarray:
+        """Per-coordinate median."""
+        return np.median(updates, axis=0)
+
+
+class TrimmedMean(Strategy):
+    """Coordinate-wise trimmed mean: drop the beta fraction largest and smallest values per coordinate."""
+
+    def __init__(self, beta: float = 0.1) -> None:
+        """Set the trimmed fraction per side, beta in [0, 0.5)."""
+        if not 0 <= beta < 0.5:
+            raise ValueError(f"TrimmedMean beta must be in [0, 0.5), got {beta}")
+        self.beta = beta
+
+    def combine(self, updates: np.ndarray, results: list[ClientResult]) -> np.ndarray:
+        """Sort each coordinate, drop floor(beta*n) from each end, average the rest."""
+        n = len(updates)
+        k = int(np.floor(self.beta * n))
+        if n - 2 * k < 1:
+            raise ValueError(f"TrimmedMean beta={self.beta} would drop all {n} updates")
+        return np.sort(updates, axis=0)[k:n - k].mean(axis=0)
+
+
+class Krum(Strategy):
+    """Krum (m=1) / Multi-Krum (m>1): average the m updates closest to their n-f-2 neighbours."""
+
+    def __init__(self, f: int = 0, m: int = 1) -> None:
+        """Set the number f of tolerated Byzantine clients and the number m of updates kept."""
+        if f < 0 or m < 1:
+            raise ValueError(f"Krum needs f >= 0 and m >= 1, got f={f}, m={m}")
+        self.f, self.m = f, m
+
+    def scores(self, updates: np.ndarray) -> np.ndarray:
+        """Krum score per update: sum of squared distances to its n-f-2 nearest other updates."""
+        n = len(updates)
+        if n <= 2 * self.f + 2:
+            raise ValueError(f"Krum requires n > 2f + 2, got n={n}, f={self.f}")
+        sq = np.sum((updates[:, None, :] - updates[None, :, :]) ** 2, axis=-1)
+        # Column 0 after sorting each row is the zero distance to itself; skip it.
+        return np.sort(sq, axis=1)[:, 1:n - self.f - 1].sum(axis=1)
+
+    def combine(self, updates: np.ndarray, results: list[ClientResult]) -> np.ndarray:
+        """Unweighted mean of the m lowest-scored updates (stable tie-break by client order)."""
+        if self.m > len(updates):
+            raise ValueError(f"Krum m={self.m} exceeds the {len(updates)} updates received")
+        chosen = np.argsort(self.scores(updates), kind="stable")[:self.m]
+        return updates[chosen].mean(axis=0)
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad, "scaffold": Scaffold, "median": Median, "trimmed_mean": TrimmedMean, "krum": Krum,
+}
+
+
+def make(name: str, **kwargs: Any) -> Strategy:
+    """Build a strategy by (case-insensitive) name with its keyword arguments."""
+    try:
+        cls = STRATEGIES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}") from None
+    return cls(**kwargs)
