@@ -260,6 +260,12 @@ class _Span:
 _NULL_SPAN = contextlib.nullcontext()  # reusable: what span() returns when the timeline is disabled
 
 
+def maybe_span(timeline: "Timeline | None", name: str, cat: str = "compute",
+               args: dict[str, Any] | None = None) -> ContextManager[Any]:
+    """timeline.span(...) for an optional timeline: a no-op when there is none."""
+    return _NULL_SPAN if timeline is None else timeline.span(name, cat, args)
+
+
 class Timeline:
     """Per-rank spans on a clock all ranks start together; `write` makes one Chrome trace on rank 0."""
 

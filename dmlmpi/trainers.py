@@ -62,6 +62,11 @@ def evaluate(model: nn.Module, data: Dataset, device: torch.device, comm: MPI.Co
     return correct / len(data.y_test), loss_sum / len(data.y_test)
 
 
+def global_mean(contributions: list[float], comm: MPI.Comm) -> float:
+    """Mean over steps of the loss whose per-rank shares are `contributions`: one small all-reduce of their sum."""
+    return float(dcomm.allreduce(np.array([sum(contributions)]), comm=comm)[0]) / len(contributions)
+
+
 def batch_loss(model: nn.Module, data: Dataset, idx: np.ndarray, scale: float, device: torch.device,
                tl: Timeline) -> torch.Tensor:
     """Forward on the samples `idx`: their summed cross-entropy times `scale`."""
@@ -155,7 +160,7 @@ class DPTrainer(Trainer):
 
     def logged_loss(self, contributions: list[float]) -> float:
         """Global mean loss of the steps: one small all-reduce of the shares."""
-        return float(dcomm.allreduce(np.array([sum(contributions)]), comm=self.comm)[0]) / len(contributions)
+        return global_mean(contributions, self.comm)
 
     def evaluate(self, data: Dataset, final: bool = False) -> tuple[float, float]:
         """Every rank scores a share of the test set."""
@@ -218,7 +223,7 @@ class PSTrainer(Trainer):
     def logged_loss(self, contributions: list[float]) -> float:
         """sync: the global mean (all-reduce over the workers); async/ssp: this worker's own mean loss."""
         if self.mode == "sync":
-            return float(dcomm.allreduce(np.array([sum(contributions)]), comm=self.comm)[0]) / len(contributions)
+            return global_mean(contributions, self.comm)
         # a collective here would make the workers wait for each other: report rank 0's own batches
         return sum(contributions) * self.comm.Get_size() / len(contributions)
 
@@ -314,7 +319,7 @@ class PipelineTrainer(Trainer):
 
     def logged_loss(self, contributions: list[float]) -> float:
         """Global mean loss: the replicas' shares added up (every pipeline rank holds its replica's)."""
-        return float(dcomm.allreduce(np.array([sum(contributions)]), comm=self.dp_comm)[0]) / len(contributions)
+        return global_mean(contributions, self.dp_comm)
 
     def evaluate(self, data: Dataset, final: bool = False) -> tuple[float, float]:
         """Each replica runs its share of the test set through the pipeline; the last stage scores it."""

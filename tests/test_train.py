@@ -2,27 +2,20 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 from dmlmpi.testing import run_mpi
+from trainrun import ROOT, losses, run_train
 
 pytestmark = pytest.mark.launches_mpi  # these tests start mpiexec themselves
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--samples", "600", "--batch-size", "32", "--log-every", "1"]
 
 
 def train(nprocs: int, out, *extra: str, timeout: float = 240):
     """Run python -m dmlmpi.train on nprocs ranks into `out`; return the finished process."""
-    return run_mpi(nprocs, ["-m", "dmlmpi.train", *SMALL, "--out", str(out), *extra], timeout=timeout, cwd=ROOT)
-
-
-def losses(out) -> dict[int, float]:
-    """step -> logged global training loss."""
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+    return run_train(nprocs, out, [*SMALL, *extra], timeout)
 
 
 @pytest.fixture(scope="module")

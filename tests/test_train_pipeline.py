@@ -1,30 +1,21 @@
 """`python -m dmlmpi.train --mode pipeline / hybrid` end to end: same losses as data parallel, resume, plots."""
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from dmlmpi.testing import run_mpi
+from trainrun import ROOT, losses, records, run_train
 
 pytestmark = pytest.mark.launches_mpi  # these tests start mpiexec themselves
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--samples", "600", "--batch-size", "32", "--log-every", "1", "--epochs", "2", "--microbatches", "4"]
 
 
 def train(nprocs: int, out, *extra: str, timeout: float = 300):
     """Run python -m dmlmpi.train on nprocs ranks into `out`; return the finished process."""
-    return run_mpi(nprocs, ["-m", "dmlmpi.train", *SMALL, "--out", str(out), *extra], timeout=timeout, cwd=ROOT)
-
-
-def losses(out) -> dict[int, float]:
-    """step -> logged training loss."""
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+    return run_train(nprocs, out, [*SMALL, *extra], timeout)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +54,7 @@ def test_resume_and_schedule_plot(dp_one_rank, tmp_path) -> None:
     ref, got = losses(dp_one_rank), losses(tmp_path)
     for step in range(12, 31):
         assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-6), step
-    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    ranks = [r for r in records if r.get("role") == "worker"][-4:]  # the resumed run's (the first run's come before)
+    ranks = [r for r in records(tmp_path) if r.get("role") == "worker"][-4:]  # the resumed run's (the first run's come before)
     assert sorted((r["dp_rank"], r["pp_rank"]) for r in ranks) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(r["peak_activation_bytes"] > 0 for r in ranks)
     done = subprocess.run([sys.executable, "-m", "dmlmpi.plot", str(tmp_path), "--out", str(tmp_path / "png")],

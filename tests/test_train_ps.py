@@ -2,33 +2,19 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from dmlmpi.testing import run_mpi
+from trainrun import ROOT, losses, records, run_train
 
 pytestmark = pytest.mark.launches_mpi  # these tests start mpiexec themselves
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--samples", "600", "--batch-size", "32", "--log-every", "1", "--epochs", "2"]
 
 
 def train(nprocs: int, out, *extra: str, small: bool = True, timeout: float = 240):
     """Run python -m dmlmpi.train on nprocs ranks into `out`; return the finished process."""
-    args = ["-m", "dmlmpi.train", *(SMALL if small else []), "--out", str(out), *extra]
-    return run_mpi(nprocs, args, timeout=timeout, cwd=ROOT)
-
-
-def records(out) -> list[dict]:
-    """Every line of metrics.jsonl."""
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def losses(out) -> dict[int, float]:
-    """step -> logged training loss."""
-    return {r["step"]: r["loss"] for r in records(out) if "loss" in r}
+    return run_train(nprocs, out, [*(SMALL if small else []), *extra], timeout)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from torch import nn
 
 from dmlmpi import comm as dcomm
 from dmlmpi.comm.fusion import plan_buckets
+from dmlmpi.telemetry import maybe_span
 
 COMPRESSION = {None: None, "none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -206,10 +207,8 @@ class DataParallel(nn.Module):
     def _allreduce_job(self, bucket: Bucket) -> Callable[[], Any]:
         """The communication thread's job: average one bucket over the ranks, in place."""
         def job() -> Any:
-            span = (self.timeline.span(f"allreduce bucket {self._buckets.index(bucket)}", cat="comm",
-                                       args={"bytes": bucket.buffer.numel() * bucket.buffer.element_size()})
-                    if self.timeline is not None else contextlib.nullcontext())
-            with span:
+            with maybe_span(self.timeline, f"allreduce bucket {self._buckets.index(bucket)}", "comm",
+                            {"bytes": bucket.buffer.numel() * bucket.buffer.element_size()}):
                 # no per-call guard: the bucket layout was checked across ranks at construction and
                 # buckets are reduced in one fixed order, so ranks cannot disagree on these calls
                 return dcomm.allreduce(bucket.buffer, op="avg", algorithm=self.algorithm, comm=self.comm,

@@ -30,6 +30,7 @@ from dmlmpi import comm as dcomm
 from dmlmpi.comm import p2p
 from dmlmpi.comm.dtypes import BY_CODE, lookup
 from dmlmpi.comm.fusion import allreduce_fused
+from dmlmpi.telemetry import maybe_span
 
 from .data import CommThread, Future
 from .partition import describe, partition
@@ -130,7 +131,7 @@ class Pipeline(nn.Module):
         """Receive header and tensor from `source` (blocking: the schedule says it is on its way)."""
         tag = self._tag(op, micro, stage)
         header = np.zeros(HEADER, dtype=np.int64)
-        span = self._span(f"recv {'act' if op == 'F' else 'grad'} {micro}", "comm")
+        span = maybe_span(self.timeline, f"recv {'act' if op == 'F' else 'grad'} {micro}", "comm")
         with span:
             # receive: the header first, to learn the shape and dtype, then the data
             self.comm.Recv(header, source=source, tag=tag)
@@ -138,10 +139,6 @@ class Pipeline(nn.Module):
             out = torch.empty(shape, dtype=_torch_dtype(int(header[0])), device=device)
             p2p.wait(p2p.irecv(out, source, tag, self.comm))
         return out
-
-    def _span(self, name: str, cat: str, args: dict[str, Any] | None = None) -> Any:
-        """A timeline span, or nothing."""
-        return self.timeline.span(name, cat, args) if self.timeline is not None else contextlib.nullcontext()
 
     def _device(self) -> torch.device:
         """Where this rank's parameters live."""
@@ -178,7 +175,7 @@ class Pipeline(nn.Module):
                     x = mb_in[a.micro].to(device) if a.stage == 0 else self._recv(a.recv_from, "F", a.micro, a.stage, device)
                     if x.is_floating_point():
                         x.requires_grad_(a.stage > 0)  # the gradient of a received input goes back
-                    with self._span(f"F{a.micro}", "forward", {"micro": a.micro, "chunk": a.chunk, "stage": a.stage}):
+                    with maybe_span(self.timeline, f"F{a.micro}", "forward", {"micro": a.micro, "chunk": a.chunk, "stage": a.stage}):
                         t0 = time.perf_counter()
                         saved.current = key
                         with torch.no_grad() if self.checkpoint else contextlib.nullcontext():
@@ -196,7 +193,7 @@ class Pipeline(nn.Module):
                 else:
                     x, y = kept.pop(key)
                     grad = None if a.stage == self.stages - 1 else self._recv(a.recv_from, "B", a.micro, a.stage, device)
-                    with self._span(f"B{a.micro}", "backward", {"micro": a.micro, "chunk": a.chunk, "stage": a.stage}):
+                    with maybe_span(self.timeline, f"B{a.micro}", "backward", {"micro": a.micro, "chunk": a.chunk, "stage": a.stage}):
                         t0 = time.perf_counter()
                         if self.checkpoint:  # recompute the forward, this time recording the graph
                             saved.current = key
@@ -230,7 +227,7 @@ class Pipeline(nn.Module):
         grads = [p.grad for p in self.parts[chunk].parameters() if p.grad is not None]
 
         def job() -> None:
-            with self._span(f"dp allreduce chunk {chunk}", "comm"):
+            with maybe_span(self.timeline, f"dp allreduce chunk {chunk}", "comm"):
                 # all-reduce: the chunk's gradients, fused into buckets, averaged over the replicas
                 allreduce_fused(grads, op="avg", comm=self.dp_comm, inplace=True)
         return job

@@ -25,7 +25,6 @@ consistency): sync, async, or bounded staleness.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any, Callable
 
@@ -36,6 +35,7 @@ from torch import nn
 
 from dmlmpi.comm import p2p
 from dmlmpi.comm.ring import chunk_bounds
+from dmlmpi.telemetry import maybe_span
 
 from .consistency import MODES, Consistency, Update
 
@@ -98,7 +98,6 @@ class ParameterServer(nn.Module):
             self.version = 0  # updates this server has applied, over all runs (resumes included)
             self.updates_run = 0  # updates applied in this run
             self.staleness_log: list[int] = []  # per applied gradient: version at apply - version it saw
-            self.worker_clock_at_save = 0
         else:
             self._init_worker(flat)
         # the servers' optimizers exist (torch's first optimizer import can take a second) before
@@ -273,9 +272,7 @@ class ParameterServer(nn.Module):
                 p2p.wait_all(sends)  # answers in flight still read the shard: let them go first
                 sends = []
                 for update in updates:
-                    span = (self.timeline.span(f"update {self.version + 1}", args={"gradients": len(update)})
-                            if self.timeline is not None else contextlib.nullcontext())
-                    with span:
+                    with maybe_span(self.timeline, f"update {self.version + 1}", args={"gradients": len(update)}):
                         self._apply(update, grads, seen)
             if self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_HEADER):
                 continue  # more requests already here: take them in first, so answers are fresher
