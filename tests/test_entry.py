@@ -77,3 +77,22 @@ def test_ps_bench_smoke(tmp_path) -> None:
         assert r["workers"] == 2 and r["samples_per_s_median"] > 0 and 0 <= r["test_accuracy"] <= 1
         # the PS variants count what they send: 8010 float32 gradients + a 24-byte header per step
         assert r["bytes_sent_per_worker_step"] == (8010 * 4 if r["variant"] == "dp" else 8010 * 4 + 24)
+
+
+def test_pipeline_bench_smoke(tmp_path) -> None:
+    """`python -m dmlmpi.bench pipeline` on 3 ranks: every schedule, bubble vs theory, activation memory, JSON."""
+    path = tmp_path / "pipeline.json"
+    result = run_mpi(3, ["-m", "dmlmpi.bench", "pipeline", "--width", "32", "--micro-size", "4", "--micro", "3,6",
+                         "--steps", "2", "--json", str(path)], timeout=180, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "bubble" in result.stdout and "1F1B / GPipe stage-0 activation memory" in result.stdout
+    records = json.loads(path.read_text())
+    assert [(r["schedule"], r["M"]) for r in records] == [
+        (s, m) for s in ("gpipe", "1f1b", "interleaved", "1f1b+recompute") for m in (3, 6)]
+    by = {(r["schedule"], r["M"]): r for r in records}
+    for r in records:
+        assert r["P"] == 3 and len(r["peak_activation_bytes"]) == 3 and r["samples_per_s_median"] > 0
+    # 1F1B's first stage holds P of the M microbatches' activations, GPipe all M (equal microbatches)
+    assert by[("1f1b", 6)]["peak_activation_bytes"][0] * 2 == by[("gpipe", 6)]["peak_activation_bytes"][0]
+    assert by[("1f1b+recompute", 6)]["peak_activation_bytes"][0] < by[("1f1b", 6)]["peak_activation_bytes"][0]
+    assert by[("gpipe", 3)]["bubble_theory"] == pytest.approx(2 / 5)
