@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dp-noise", type=float, default=0.0, help="DP-FedAvg: noise multiplier z")
     g.add_argument("--dp-delta", type=float, default=1e-5, help="DP-FedAvg: delta of the reported (epsilon, delta)")
     g.add_argument("--eval-every", type=int, default=1, help="evaluate the global model every N rounds")
+    g = p.add_argument_group("fault tolerance")
+    g.add_argument("--elastic", action="store_true",
+                   help="dp: survive dead ranks (Open MPI ULFM; launch with mpirun --with-ft ulfm): the survivors "
+                        "shrink the communicator, re-shard the data and go on from the last completed step")
     g = p.add_argument_group("run directory")
     g.add_argument("--out", help="run directory: config, metrics, checkpoints, trace, summary (default runs/MODE)")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -132,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record a Chrome-trace timeline (trace.json)")
     g.add_argument("--verbose", action="store_true", help="let every rank print, not only rank 0")
     return p
+
+
+ELASTIC_MODES = ("dp",)  # the modes that can go on without a dead rank
 
 
 def straggler(text: str) -> tuple[int, float]:
@@ -254,6 +261,14 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size:
     if args.straggler is not None and args.straggler[0] >= train_ranks:
         parser.error(f"--straggler {args.straggler[0]}:{args.straggler[1]}: rank {args.straggler[0]} does not "
                      f"train (training ranks are 0..{train_ranks - 1})")
+    if args.elastic:
+        if args.mode not in ELASTIC_MODES:
+            parser.error(f"--elastic works with --mode {', '.join(ELASTIC_MODES)}, not {args.mode}")
+        from dmlmpi.elastic import ElasticUnavailable, check_available
+        try:
+            check_available()
+        except ElasticUnavailable as exc:
+            parser.error(str(exc))
     if args.dataset != "mnist1d" and not args.data_dir:
         parser.error(f"--dataset {args.dataset} reads files: give --data-dir")
     if args.dataset == "mnist1d" and args.samples < 10:

@@ -52,6 +52,12 @@ class StopAgreement:
         self.checks += 1
         return stop
 
+    def rebind(self, comm: MPI.Comm) -> None:
+        """Agree on `comm` from now on (elastic recovery); the all-reduce pending on the old one is abandoned."""
+        self.comm, self._request = comm, None
+        # fresh buffers: the abandoned request failed, but nothing promises MPI no longer holds the old ones
+        self._send, self._result = np.zeros(1, np.int32), np.zeros(1, np.int32)
+
     def close(self) -> None:
         """Complete the last all-reduce (every rank started it) and restore the previous handlers."""
         if self._request is not None:

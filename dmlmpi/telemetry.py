@@ -200,6 +200,14 @@ class RunLog:
             return f"run directory {self.out_dir!r} is not writable: {exc}"
         return None
 
+    def rebind(self, comm: MPI.Comm) -> None:
+        """Report on `comm` from now on (elastic recovery): its rank 0 writes, opening metrics.jsonl if new to it."""
+        self.comm, self.rank = comm, comm.Get_rank()
+        if self.rank == 0 and self._metrics is None:
+            error = self._open()
+            if error is not None:
+                raise RunDirError(error)
+
     def path(self, name: str) -> str:
         """The path of file `name` in the run directory."""
         return os.path.join(self.out_dir, name)
@@ -305,6 +313,10 @@ class Timeline:
             else:
                 self.dropped += 1
 
+    def rebind(self, comm: MPI.Comm) -> None:
+        """Gather on `comm` at the end (elastic recovery); events keep this rank's original number."""
+        self.comm = comm
+
     def write(self, path: str) -> None:
         """Collective: gather every rank's events to rank 0, which writes the Chrome trace to `path`."""
         if not self.enabled:
@@ -313,7 +325,7 @@ class Timeline:
         # every rank's plain list of events goes to rank 0 (a list of those on rank 0, None elsewhere)
         everyone = self.comm.gather(mine, root=0)
         error = None
-        if self.rank == 0:
+        if self.comm.Get_rank() == 0:  # (self.rank stays the rank the timeline started on, after a rebind too)
             try:
                 atomic_write_json(path, chrome_trace(everyone))
             except OSError as exc:

@@ -21,7 +21,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 from _pytest._io import TerminalWriter
@@ -341,10 +341,10 @@ class MPIRun:
 
 
 def run_mpi(nprocs: int, args: list[str], timeout: float, env: dict[str, str] | None = None,
-            cwd: str | os.PathLike[str] | None = None) -> MPIRun:
-    """Run `mpiexec -n nprocs python *args` in its own session; kill the whole group on timeout."""
+            cwd: str | os.PathLike[str] | None = None, launcher_args: Sequence[str] = ()) -> MPIRun:
+    """Run `mpiexec [launcher_args] -n nprocs python *args` in its own session; kill the whole group on timeout."""
     from dmlmpi.mpienv import find_mpiexec, launch_env
-    cmd = [find_mpiexec(), "-n", str(nprocs), sys.executable, *args]
+    cmd = [find_mpiexec(), *launcher_args, "-n", str(nprocs), sys.executable, *args]
     full_env = launch_env()
     full_env.update(env or {})
     full_env["PYTHONUNBUFFERED"] = "1"

@@ -15,7 +15,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from dmlmpi import checkpoint, config, preempt
+from dmlmpi import checkpoint, config, elastic, preempt
 from dmlmpi.data import Dataset, DistributedSampler, load_dataset
 from dmlmpi.entry import run_main
 from dmlmpi.models import build
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
     if trainer.describe():
         log.info(trainer.describe())
     start, loss, stopped, preempted = time.perf_counter(), float("nan"), False, False
+    failures: list[dict] = []  # --elastic: one record per recovered rank failure
     # this rank's samples, training seconds, steps and seconds spent agreeing on a stop in this run; samples/s per epoch
     mine, rates = [0, 0.0, 0, 0.0], []
 
@@ -128,47 +129,87 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
     else:
         bar = ProgressBar(team, total=len(sampler), epochs=args.epochs)
         stop = preempt.StopAgreement(team)  # SIGUSR1/SIGTERM: checkpoint and exit PREEMPTED_EXIT
-        shares: list[float] = []
-        for epoch in range(sampler.epoch, args.epochs):
-            sampler.set_epoch(epoch)
-            bar.start_epoch(epoch + 1, len(sampler))
-            epoch_start, epoch_samples = time.perf_counter(), 0
-            for idx in sampler:
-                t0 = time.perf_counter()
-                with tl.span(f"step {step + 1}", cat="step"):
-                    if args.straggler is not None and args.straggler[0] == team.Get_rank():
-                        with tl.span("straggler sleep", cat="idle"):
-                            time.sleep(args.straggler[1])
-                    shares.append(trainer.step(idx, args.batch_size))
-                mine[0] += len(idx)
-                mine[1] += time.perf_counter() - t0
-                mine[2] += 1
-                epoch_samples += len(idx)
-                step += 1
-                samples_done += args.batch_size
-                if step % args.log_every == 0 or sampler.next_batch == len(sampler):
-                    loss = trainer.logged_loss(shares)
-                    shares = []
-                    log.log(dict(step=step, epoch=epoch + 1, loss=loss, lr=trainer.lr(),
-                                 samples_per_s=samples_done / elapsed()))
-                if sampler.next_batch < len(sampler):  # the epoch's last line comes with its accuracy, below
-                    bar.update(sampler.next_batch, loss=loss, samples=args.batch_size)
-                preempted = stop.should_stop()  # collective: the same answer on every rank at this step
-                stopped = preempted or (args.max_steps > 0 and step >= args.max_steps)
-                if stopped or (args.checkpoint_every and step % args.checkpoint_every == 0):
-                    save()
+        # the last step this rank completed, and where the sampler stood then (what --elastic recovers to)
+        completed = dict(step=step, samples=samples_done, sampler=sampler.state_dict())
+
+        def train_epochs() -> None:
+            """The epochs from where the sampler stands; sets `stopped` / `preempted` when stopping early."""
+            nonlocal step, samples_done, loss, stopped, preempted, completed
+            shares: list[float] = []
+            for epoch in range(sampler.epoch, args.epochs):
+                sampler.set_epoch(epoch)
+                bar.start_epoch(epoch + 1, len(sampler))
+                epoch_start, epoch_samples = time.perf_counter(), 0
+                for idx in sampler:
+                    t0 = time.perf_counter()
+                    with tl.span(f"step {step + 1}", cat="step"):
+                        if args.straggler is not None and args.straggler[0] == team.Get_rank():
+                            with tl.span("straggler sleep", cat="idle"):
+                                time.sleep(args.straggler[1])
+                        shares.append(trainer.step(idx, args.batch_size))
+                    mine[0] += len(idx)
+                    mine[1] += time.perf_counter() - t0
+                    mine[2] += 1
+                    epoch_samples += len(idx)
+                    step += 1
+                    samples_done += args.batch_size
+                    completed = dict(step=step, samples=samples_done, sampler=sampler.state_dict())
+                    if step % args.log_every == 0 or sampler.next_batch == len(sampler):
+                        loss = trainer.logged_loss(shares)
+                        shares = []
+                        log.log(dict(step=step, epoch=epoch + 1, loss=loss, lr=trainer.lr(),
+                                     samples_per_s=samples_done / elapsed()))
+                    if sampler.next_batch < len(sampler):  # the epoch's last line comes with its accuracy, below
+                        bar.update(sampler.next_batch, loss=loss, samples=args.batch_size)
+                    preempted = stop.should_stop()  # collective: the same answer on every rank at this step
+                    stopped = preempted or (args.max_steps > 0 and step >= args.max_steps)
+                    if stopped or (args.checkpoint_every and step % args.checkpoint_every == 0):
+                        save()
+                    if stopped:
+                        break
+                rates.append(epoch_samples / (time.perf_counter() - epoch_start))
                 if stopped:
                     break
-            rates.append(epoch_samples / (time.perf_counter() - epoch_start))
-            if stopped:
+                result = trainer.evaluate(data)
+                if result is not None:
+                    log.log(dict(step=step, epoch=epoch + 1, test_accuracy=result[0], test_loss=result[1]))
+                bar.update(len(sampler), loss=loss, samples=args.batch_size,
+                           accuracy=None if result is None else result[0])
+                if not args.checkpoint_every:
+                    save()
+
+        while True:
+            try:
+                train_epochs()
                 break
-            result = trainer.evaluate(data)
-            if result is not None:
-                log.log(dict(step=step, epoch=epoch + 1, test_accuracy=result[0], test_loss=result[1]))
-            bar.update(len(sampler), loss=loss, samples=args.batch_size,
-                       accuracy=None if result is None else result[0])
-            if not args.checkpoint_every:
-                save()
+            except Exception as exc:  # noqa: BLE001 - only a process failure under --elastic is handled
+                if not (args.elastic and elastic.is_failure(exc)):
+                    raise
+            # --elastic: a rank died; go on with the survivors from the last step one of them completed
+            t_fail = time.perf_counter()
+            rec = elastic.recover(team, completed["step"], extra=[stop.comm])
+            # broadcast: the furthest survivor's trainer state and position to every survivor
+            state = rec.comm.bcast(dict(completed, trainer=trainer.state()) if rec.comm.Get_rank() == rec.source
+                                   else None, root=rec.source)
+            trainer.close()
+            world = team = rec.comm
+            trainer = make_trainer(args, build(args.model, args.seed, data.x_train.shape[1:], args.dataset).to(device),
+                                   data, team, device, tl)
+            trainer.load(state["trainer"])
+            # re-shard: the same global batches, split over the survivors
+            sampler = DistributedSampler(len(data.y_train), args.batch_size, team.Get_rank(), team.Get_size(),
+                                         args.seed, args.tail)
+            sampler.load_state_dict(state["sampler"])
+            step, samples_done, completed = state["step"], state["samples"], state
+            for part in (stop, log, tl):
+                part.rebind(team)
+            bar.active = team.Get_rank() == 0
+            event = dict(event="rank failure", step=step, dead_ranks=rec.dead, world_size=team.Get_size(),
+                         members=rec.members, shrink_s=rec.seconds, recovery_s=time.perf_counter() - t_fail)
+            failures.append(event)
+            log.log(event)
+            log.info(f"--elastic: rank(s) {rec.dead} died; {team.Get_size()} survivor(s) (world ranks {rec.members}) "
+                     f"go on from step {step} (recovered in {event['recovery_s']:.3f} s)")
         stop.close()
         mine[3] = stop.seconds
         bar.close()
@@ -191,6 +232,8 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
         summary = dict(mode=args.mode, world_size=size, device=str(device), dataset=args.dataset, steps=step,
                        epochs_done=sampler.epoch, stopped_early=stopped, test_accuracy=acc, test_loss=test_loss,
                        final_loss=loss, samples_per_s=throughput, wall_s=wall, parameters=n_params)
+        if args.elastic:
+            summary.update(elastic=True, failures=failures, world_size_end=world.Get_size())
         if args.mode == "ps":
             summary.update(servers=args.servers, workers=team.Get_size(), ps_mode=args.ps_mode,
                            staleness=args.staleness if args.ps_mode == "ssp" else None)

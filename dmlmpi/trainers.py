@@ -166,11 +166,14 @@ class DPTrainer(Trainer):
         """Every rank scores a share of the test set."""
         return evaluate(self.model, data, self.device, self.comm)
 
+    def state(self) -> dict[str, Any]:
+        """Model, optimizer and schedule state (what a checkpoint or an elastic recovery carries)."""
+        return dict(model=self.model.module.state_dict(), optimizer=self.optimizer.state_dict(),
+                    schedule=self.schedule.state_dict())
+
     def save(self, run_dir: str, step: int, state: dict[str, Any]) -> None:
         """Rank 0 writes model, optimizer and schedule with `state`."""
-        checkpoint.save(run_dir, step, dict(state, model=self.model.module.state_dict(),
-                                            optimizer=self.optimizer.state_dict(),
-                                            schedule=self.schedule.state_dict()), self.comm)
+        checkpoint.save(run_dir, step, dict(state, **self.state()), self.comm)
 
     def load(self, state: dict[str, Any]) -> None:
         """Model, optimizer and schedule from a checkpoint."""

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from dmlmpi.testing import run_mpi
-from trainrun import ROOT, losses, run_train
+from trainrun import ROOT, KillableRun, losses, run_train
 
 pytestmark = pytest.mark.launches_mpi  # these tests start mpiexec themselves
 
@@ -152,57 +152,17 @@ def test_corrupt_checkpoint_fails_fast_and_damages_nothing(three_rank_run, damag
     assert after == before  # the damaged file, the older checkpoint and the pointer are as they were
 
 
-def _rank_pid(marker: str, rank: int) -> int | None:
-    """The pid of the training rank `rank` whose command line contains `marker` (scans /proc: no procps needed)."""
-    import os
-
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().decode(errors="replace")
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = f.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if marker in cmdline and "dmlmpi.train" in cmdline and f"OMPI_COMM_WORLD_RANK={rank}" in environ:
-            return int(entry)
-    return None
-
-
 def test_a_killed_rank_ends_the_job_promptly(tmp_path) -> None:
     """Without --elastic, SIGKILL on one rank mid-run ends the whole job quickly, non-zero, the dead rank named."""
-    import os
-    import signal
-    import subprocess
-    import sys
     import time
 
-    from dmlmpi.mpienv import find_mpiexec, launch_env
-
-    out = tmp_path / "killed-run"
-    cmd = [find_mpiexec(), "-n", "3", sys.executable, "-m", "dmlmpi.train", *SMALL, "--epochs", "50",
-           "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env=dict(launch_env(), PYTHONUNBUFFERED="1"), start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        metrics = out / "metrics.jsonl"
-        while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 5):
-            assert proc.poll() is None, proc.communicate()[0]
-            time.sleep(0.2)
-        victim = _rank_pid(str(out), 1)
-        assert victim is not None, "rank 1 not found"
-        os.kill(victim, signal.SIGKILL)
-        killed = time.monotonic()
-        output, _ = proc.communicate(timeout=60)
-        ended = time.monotonic() - killed
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    job = KillableRun(3, tmp_path / "killed-run", [*SMALL, "--epochs", "50"])
+    job.wait_for_records(5)
+    job.kill_rank(1)
+    killed = time.monotonic()
+    output = job.finish(timeout=60)
+    ended = time.monotonic() - killed
+    proc = job.proc
     assert proc.returncode != 0
     assert ended < 30, f"the job took {ended:.1f} s to end after rank 1 was killed"
     # Open MPI's launcher names the dead rank: "process rank 1 with PID ... exited on signal 9 (Killed)"

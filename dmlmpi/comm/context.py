@@ -73,3 +73,11 @@ def context(comm: MPI.Comm) -> Context:
                       ring_min_bytes=ring_threshold(size) if override is None else override)
         comm.Set_attr(_KEYVAL[0], ctx)
     return ctx
+
+
+def existing_comms(comm: MPI.Comm) -> list[MPI.Comm]:
+    """The communicators dmlmpi made for `comm` so far (its duplicate, node splits); creates nothing."""
+    ctx = comm.Get_attr(_KEYVAL[0]) if _KEYVAL else None
+    if ctx is None:
+        return []
+    return [ctx.comm] + [c for pair in ctx.nodes.values() for c in pair if c != MPI.COMM_NULL]

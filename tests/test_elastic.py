@@ -1,0 +1,121 @@
+"""--elastic on Open MPI's ULFM: real rank processes are SIGKILLed mid-run and the survivors go on.
+
+Each end-to-end test launches `mpirun --with-ft ulfm` itself (single-process pytest), kills world
+ranks from outside through /proc, and reads the run directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from mpi4py import MPI
+
+from dmlmpi import elastic
+from dmlmpi.testing import run_mpi
+from trainrun import ROOT, KillableRun, losses, records, run_train
+
+ULFM = ["--with-ft", "ulfm"]
+# default task (CNN on MNIST-1D), logged every step so the curves can be compared step by step
+ARGS = ["--epochs", "16", "--log-every", "1"]
+
+pytestmark = pytest.mark.skipif("Open MPI" not in MPI.Get_library_version(), reason="ULFM is Open MPI's")
+
+
+def test_is_failure_finds_process_failures_in_the_exception_chain() -> None:
+    """MPI_ERR_PROC_FAILED / _PENDING / REVOKED count, also when wrapped; other MPI errors do not."""
+    for cls in (MPI.ERR_PROC_FAILED, MPI.ERR_PROC_FAILED_PENDING, MPI.ERR_REVOKED):
+        assert elastic.is_failure(MPI.Exception(cls))
+        try:
+            try:
+                raise MPI.Exception(cls)
+            except MPI.Exception as inner:
+                raise RuntimeError("raised while reducing a bucket") from inner
+        except RuntimeError as outer:
+            assert elastic.is_failure(outer)
+    assert not elastic.is_failure(MPI.Exception(MPI.ERR_TRUNCATE))
+    assert not elastic.is_failure(ValueError("shapes differ"))
+    assert not elastic.is_failure(None)
+
+
+def test_furthest_survivor_is_the_source() -> None:
+    """The survivor with the most completed steps wins; ties go to the lowest rank; nobody left is an error."""
+    assert elastic.furthest([7, 8, 8]) == 1
+    assert elastic.furthest([5]) == 0
+    with pytest.raises(ValueError):
+        elastic.furthest([])
+
+
+def test_check_available_needs_ft_enabled_at_launch() -> None:
+    """Without mpirun --with-ft ulfm the check says how to launch; with it, it passes."""
+    with pytest.raises(elastic.ElasticUnavailable, match="--with-ft ulfm"):
+        elastic.check_available({})
+    elastic.check_available({"OMPI_MCA_mpi_ft_enable": "1"})
+
+
+def test_elastic_without_ulfm_is_refused_on_every_rank(tmp_path) -> None:
+    """--elastic under a plain mpirun: a clear error before training, non-zero exit, no hang."""
+    result = run_train(2, tmp_path / "run", ["--elastic", "--epochs", "1"], timeout=120)
+    assert result.returncode != 0
+    assert "--elastic needs fault tolerance enabled at launch" in result.stdout
+
+
+def test_elastic_is_refused_for_modes_that_cannot_shrink(tmp_path) -> None:
+    """--elastic with a pipeline: the stage of a dead rank is gone, so the option is rejected up front."""
+    result = run_mpi(2, ["-m", "dmlmpi.train", "--elastic", "--mode", "pipeline", "--out", str(tmp_path / "p")],
+                     timeout=120, cwd=ROOT, launcher_args=ULFM)
+    assert result.returncode != 0
+    assert "--elastic works with --mode" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The same job with no failure: the reference curve."""
+    out = tmp_path_factory.mktemp("elastic-ref")
+    result = run_mpi(4, ["-m", "dmlmpi.train", *ARGS, "--out", str(out)], timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout
+    return out
+
+
+def test_dp_survives_two_killed_ranks_and_reaches_the_target(tmp_path, uninterrupted) -> None:
+    """4 ranks; world rank 2 and then world rank 0 (the logger) are SIGKILLed: 2 survivors finish the run.
+
+    After each failure the survivors re-shard the same global batches, so the steps right after the
+    first recovery equal the uninterrupted run's (the order of float sums differs: tolerance).
+    """
+    out = tmp_path / "elastic"
+    job = KillableRun(4, out, ["--elastic", *ARGS], mpirun_flags=ULFM)
+    job.wait_for_records(60)
+    job.kill_rank(2)
+    job.wait_for_records(400)
+    job.kill_rank(0)
+    output = job.finish(timeout=300)
+    assert job.proc.returncode == 0, output[-4000:]
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    failures = summary["failures"]
+    assert [f["dead_ranks"] for f in failures] == [[2], [0]], failures
+    assert [f["world_size"] for f in failures] == [3, 2]
+    assert failures[1]["members"] == [1, 3]
+    assert summary["world_size_end"] == 2 and summary["epochs_done"] == 16
+    assert summary["test_accuracy"] >= 0.92, summary  # the default task's target, with half the ranks gone
+    # the run said what happened, on the launcher's output and in metrics.jsonl
+    assert "--elastic: rank(s) [2] died; 3 survivor(s)" in output
+    assert "--elastic: rank(s) [0] died; 2 survivor(s)" in output
+    def what(event: dict) -> tuple:
+        """An event without its timings (each rank measured its own)."""
+        return event["event"], event["step"], event["dead_ranks"], event["world_size"], event["members"]
+
+    assert [what(r) for r in records(out) if r.get("event")] == [what(f) for f in failures]
+    # no step trained twice or skipped: logged steps only increase, and one goes unlogged at most where
+    # the logger died between completing a step and logging it
+    logged = [r["step"] for r in records(out) if "loss" in r]
+    assert logged == sorted(set(logged)) and logged[-1] == summary["steps"] == 16 * 62
+    assert all(s in logged or any(abs(s - f["step"]) <= 1 for f in failures) for s in range(1, logged[-1] + 1))
+    # same batches on fewer ranks: the curve goes on as without the failure (sums in another order)
+    first = failures[0]["step"]
+    mine, ref = losses(out), losses(uninterrupted)
+    after = [s for s in range(first + 1, first + 21) if s in mine]
+    assert len(after) >= 19
+    for step in after:
+        assert mine[step] == pytest.approx(ref[step], rel=1e-4), step
