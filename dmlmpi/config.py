@@ -122,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=1, help="evaluate the global model every N rounds")
     g = p.add_argument_group("fault tolerance")
     g.add_argument("--elastic", action="store_true",
-                   help="dp: survive dead ranks (Open MPI ULFM; launch with mpirun --with-ft ulfm): the survivors "
-                        "shrink the communicator, re-shard the data and go on from the last completed step")
+                   help="survive dead ranks (Open MPI ULFM; launch with mpirun --with-ft ulfm). dp: the survivors "
+                        "shrink the communicator, re-shard the data and go on from the last completed step; fl: the "
+                        "dead rank's clients count as dropped and the survivors redo the round")
     g = p.add_argument_group("run directory")
     g.add_argument("--out", help="run directory: config, metrics, checkpoints, trace, summary (default runs/MODE)")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-ELASTIC_MODES = ("dp",)  # the modes that can go on without a dead rank
+ELASTIC_MODES = ("dp", "fl")  # the modes that can go on without a dead rank
 
 
 def straggler(text: str) -> tuple[int, float]:
@@ -264,6 +265,9 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size:
     if args.elastic:
         if args.mode not in ELASTIC_MODES:
             parser.error(f"--elastic works with --mode {', '.join(ELASTIC_MODES)}, not {args.mode}")
+        if args.mode == "fl" and (args.ranks_per_client != 1 or args.strategy == "scaffold"):
+            parser.error("--elastic in fl mode needs --ranks-per-client 1 (a dead rank is a dead client device) and "
+                         "a strategy without client state (SCAFFOLD's control variates would die with the rank)")
         from dmlmpi.elastic import ElasticUnavailable, check_available
         try:
             check_available()

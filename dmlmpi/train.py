@@ -275,23 +275,56 @@ def train_federated(args: argparse.Namespace, world: MPI.Comm, data: Dataset, de
     last: dict = {}
     done_here, preempted = 0, False
     stop = preempt.StopAgreement(world)  # SIGUSR1/SIGTERM: checkpoint and exit PREEMPTED_EXIT
+    failures: list[dict] = []  # --elastic: one record per recovered rank failure
+    homes = elastic.world_ranks(world)  # with one rank per client, client c lives on world rank homes[c % n]
+    completed = sim.round  # rounds the server has completed (it alone holds the global model)
     while sim.round < cfg.rounds:
-        with tl.span(f"round {sim.round + 1}", cat="step"):
-            record = sim.step()
-        done_here += 1
-        if record is not None:
-            log.log(record)
-            last.update({k: v for k, v in record.items() if v is not None})
-            bar.update(sim.round, loss=record["train_loss"], samples=record["participants"],
-                       accuracy=record.get("test_accuracy"))
-        preempted = stop.should_stop()  # collective: the same answer on every rank after this round
-        done = preempted or (args.max_steps > 0 and sim.round >= args.max_steps)
-        if done or sim.round == cfg.rounds or sim.round % max(1, args.checkpoint_every) == 0:
-            state = sim.state()
-            checkpoint.save(args.out, sim.round, dict(state or {}, wall_s=wall_before + time.perf_counter() - start),
-                            world)
-        if done:
-            break
+        try:
+            with tl.span(f"round {sim.round + 1}", cat="step"):
+                record = sim.step()
+            done_here += 1
+            if record is not None:
+                completed = sim.round
+                log.log(record)
+                last.update({k: v for k, v in record.items() if v is not None})
+                bar.update(sim.round, loss=record["train_loss"], samples=record["participants"],
+                           accuracy=record.get("test_accuracy"))
+            preempted = stop.should_stop()  # collective: the same answer on every rank after this round
+            done = preempted or (args.max_steps > 0 and sim.round >= args.max_steps)
+            if done or sim.round == cfg.rounds or sim.round % max(1, args.checkpoint_every) == 0:
+                state = sim.state()
+                checkpoint.save(args.out, sim.round, dict(state or {}, wall_s=wall_before + time.perf_counter() - start),
+                                world)
+            if done:
+                break
+        except Exception as exc:  # noqa: BLE001 - only a process failure under --elastic is handled
+            if not (args.elastic and elastic.is_failure(exc)):
+                raise
+            # --elastic: a client rank died; the survivors redo the round without its clients
+            t_fail = time.perf_counter()
+            rec = elastic.recover(world, completed if sim.is_server else -1, extra=[*sim.comms(), stop.comm])
+            if homes[0] in rec.dead:
+                raise RuntimeError(f"the federated server (world rank {homes[0]}) died: the global model is gone, "
+                                   "the run cannot go on (resume from the last checkpoint)") from exc
+            lost = {c for c in range(cfg.clients) if homes[c % len(homes)] in rec.dead}
+            # broadcast: the server's state after its last completed round, to every survivor
+            state = rec.comm.bcast(sim.server_state(completed, {}) if sim.is_server else None, root=rec.source)
+            world = rec.comm
+            sim = Simulation(build(args.model, args.seed, data.x_train.shape[1:], args.dataset), data, cfg, world,
+                             device, tl)
+            sim.load_state(state)
+            sim.lost |= lost
+            for part in (stop, log, tl):
+                part.rebind(world)
+            bar.active = world.Get_rank() == 0
+            event = dict(event="rank failure", round=completed, dead_ranks=rec.dead, world_size=world.Get_size(),
+                         members=rec.members, lost_clients=len(sim.lost), shrink_s=rec.seconds,
+                         recovery_s=time.perf_counter() - t_fail)
+            failures.append(event)
+            log.log(event)
+            log.info(f"--elastic: rank(s) {rec.dead} died; their {len(lost)} client(s) count as dropped from now on; "
+                     f"{world.Get_size()} survivor(s) redo round {completed + 1} (recovered in "
+                     f"{event['recovery_s']:.3f} s)")
     stop.close()
     bar.close()
     if preempted:  # no summary: the run is not over
@@ -302,12 +335,14 @@ def train_federated(args: argparse.Namespace, world: MPI.Comm, data: Dataset, de
     wall = wall_before + time.perf_counter() - start
     if world.Get_rank() == 0:
         accuracy, test_loss = sim.evaluate()
-        summary = dict(mode="fl", world_size=world.Get_size(), device=str(device), dataset=args.dataset,
+        summary = dict(mode="fl", world_size=len(homes), device=str(device), dataset=args.dataset,
                        rounds=sim.round, stopped_early=sim.round < cfg.rounds, test_accuracy=accuracy,
                        test_loss=test_loss, final_loss=last.get("train_loss"), wall_s=wall,
                        samples_per_s=None, rounds_per_s=done_here / (time.perf_counter() - start),
                        parameters=sim.size, clients=cfg.clients, fraction=cfg.fraction, strategy=cfg.strategy,
                        client_data=cfg.client_data, secagg=cfg.secagg, epsilon=last.get("epsilon"))
+        if args.elastic:
+            summary.update(elastic=True, failures=failures, world_size_end=world.Get_size())
         log.write_summary(summary)
         log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     if args.trace:

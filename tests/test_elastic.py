@@ -119,3 +119,66 @@ def test_dp_survives_two_killed_ranks_and_reaches_the_target(tmp_path, uninterru
     assert len(after) >= 19
     for step in after:
         assert mine[step] == pytest.approx(ref[step], rel=1e-4), step
+
+
+FL = ["--mode", "fl", "--samples", "1000", "--clients", "20", "--fraction", "0.25", "--rounds", "80",
+      "--local-epochs", "2"]
+
+
+def reference_fl(failure_round: int, dead_world_rank: int, world: int) -> list[dict]:
+    """Single-process simulation of FL's run where the dead rank's clients drop out from the next round on."""
+    from dmlmpi import config
+    from dmlmpi.data import load_dataset
+    from dmlmpi.federated.simulation import FLConfig, Simulation
+    from dmlmpi.models import build
+
+    args = config.parse(FL, 1)
+    data = load_dataset(args.dataset, MPI.COMM_SELF, None, args.data_seed, args.samples)
+    cfg = FLConfig.from_args(args)
+    sim = Simulation(build(args.model, args.seed, data.x_train.shape[1:], args.dataset), data, cfg, MPI.COMM_SELF)
+    out = []
+    while sim.round < cfg.rounds:
+        if sim.round == failure_round:  # client c lived on world rank c % world
+            sim.lost = {c for c in range(cfg.clients) if c % world == dead_world_rank}
+        out.append(sim.step())
+    return out
+
+
+def test_fl_dead_client_rank_drops_its_clients_for_the_rest_of_the_run(tmp_path) -> None:
+    """4 ranks of federated rounds; world rank 2 is SIGKILLed: its clients count as dropped, the rest go on.
+
+    The survivors redo the interrupted round without those clients, so the run equals a single-process
+    simulation in which they drop out from that round on.
+    """
+    out = tmp_path / "fl"
+    job = KillableRun(4, out, ["--elastic", *FL], mpirun_flags=ULFM)
+    job.wait_for_records(5)
+    job.kill_rank(2)
+    output = job.finish(timeout=300)
+    assert job.proc.returncode == 0, output[-4000:]
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    (failure,) = summary["failures"]
+    assert failure["dead_ranks"] == [2] and failure["world_size"] == 3 and failure["lost_clients"] == 5
+    assert summary["world_size_end"] == 3 and summary["rounds"] == 80
+    assert "their 5 client(s) count as dropped from now on" in output
+    rounds = [r for r in records(out) if "round" in r and "event" not in r]
+    assert [r["round"] for r in rounds] == list(range(1, 81))  # the interrupted round was redone, none twice
+    ref = reference_fl(failure["round"], 2, 4)
+    for mine, expected in zip(rounds, ref):
+        assert mine["participants"] == expected["participants"], mine["round"]
+        assert mine["dropped"] == expected["dropped"], mine["round"]
+        assert mine["test_loss"] == pytest.approx(expected["test_loss"], rel=1e-4), mine["round"]
+    after = rounds[failure["round"]:]
+    assert all(r["lost"] == r["dropped"] for r in after) and sum(r["lost"] for r in after) > 0
+    assert all("lost" not in r for r in rounds[:failure["round"]])
+
+
+def test_fl_dead_server_ends_the_job_with_a_clear_message(tmp_path) -> None:
+    """The server (world rank 0) holds the global model: its death ends the run, non-zero, saying so."""
+    job = KillableRun(3, tmp_path / "fl0", ["--elastic", *FL], mpirun_flags=ULFM)
+    job.wait_for_records(3)
+    job.kill_rank(0)
+    output = job.finish(timeout=120)
+    assert job.proc.returncode != 0
+    assert "the federated server (world rank 0) died" in output, output[-3000:]

@@ -200,6 +200,11 @@ class Simulation:
             self.accountant = privacy.PrivacyAccountant(cfg.dp_noise, cfg.clients, self.sampled_per_round,
                                                         cfg.dp_delta)
         self.round = 0
+        self.lost: set[int] = set()  # clients whose home rank died (--elastic): dropped for the rest of the run
+
+    def comms(self) -> list[MPI.Comm]:
+        """The communicators this simulation made (what an elastic recovery must revoke with the world)."""
+        return [c for c in (self.group, self.edge_comm, self.top_comm) if c is not None]
 
     @property
     def sampled_per_round(self) -> int:
@@ -231,10 +236,14 @@ class Simulation:
         global_w = self.down[:self.size]
         server_control = self.down[self.size:] if self.scaffold else None
         sampled = rounds.sample_clients(cfg.seed, r, cfg.clients, cfg.fraction)
-        trains = self.assign(sampled)
+        # clients whose home rank died are dropped before the round starts (also from secure aggregation)
+        alive = np.array([c for c in sampled if int(c) not in self.lost], dtype=sampled.dtype)
+        trains = self.assign(alive)
         mine = [c for c, g in trains.items() if g == self.group_id]
         weighting = "uniform" if cfg.dp_clip else STRATEGIES[cfg.strategy].weighting
-        secure = SecureRound(self, sampled, trains, weighting) if cfg.secagg else None
+        secure = SecureRound(self, alive, trains, weighting) if cfg.secagg and len(alive) >= 2 else None
+        if cfg.secagg and secure is None:
+            mine = []  # a lone update would reach the server unmasked: nobody trains, the round is skipped
         reducible = STRATEGIES[cfg.strategy].reducible
         acc = _Accumulator(self.size, self.scaffold, keep_each=not reducible)
         with small_batch_kernels():
@@ -253,7 +262,7 @@ class Simulation:
                 sums = self._reduce(acc.sums())
         if not self.is_server:
             return None
-        return self._server_update(r, sampled, totals, sums, each, start, secure)
+        return self._server_update(r, sampled, totals, sums, each, start, secure, len(sampled) - len(alive))
 
     def assign(self, sampled: np.ndarray) -> dict[int, int]:
         """Which group trains each sampled client this round (the same on every rank)."""
@@ -288,16 +297,20 @@ class Simulation:
         acc.add(client, res, weight)
 
     def _server_update(self, r: int, sampled: np.ndarray, totals: np.ndarray, sums: np.ndarray | None,
-                       each: list | None, start: float, secure: SecureRound | None) -> dict[str, Any]:
-        """4. Aggregate, evaluate and describe the round (server only)."""
+                       each: list | None, start: float, secure: SecureRound | None, lost: int) -> dict[str, Any]:
+        """4. Aggregate, evaluate and describe the round (server only); `lost` sampled clients had a dead home rank."""
         cfg = self.cfg
         weight, count, loss_sum, examples, dropped, late, clipped = totals
         count = int(count)
-        record: dict[str, Any] = dict(round=r, sampled=len(sampled), participants=count, dropped=int(dropped),
+        record: dict[str, Any] = dict(round=r, sampled=len(sampled), participants=count, dropped=int(dropped) + lost,
                                       late=int(late), train_loss=loss_sum / examples if examples else None)
+        if self.lost:
+            record["lost"] = lost  # of the dropped: clients of dead ranks
         skipped = None
         if count < cfg.min_clients:
             skipped = f"{count} client(s) answered, fewer than --min-clients {cfg.min_clients}"
+        elif cfg.secagg and secure is None:
+            skipped = "fewer than 2 clients left for secure aggregation"
         elif secure is not None and sums is None:
             skipped = secure.failure
         if skipped is None:
@@ -392,8 +405,12 @@ class Simulation:
         parts = self.world.gather(mine, root=SERVER)
         if not self.is_server:
             return None
-        return dict(round=self.round, weights=self.weights.copy(), strategy=self.strategy.state_dict(),
-                    client_state={c: v for part in parts for c, v in part.items()},
+        return self.server_state(self.round, {c: v for part in parts for c, v in part.items()})
+
+    def server_state(self, completed: int, client_state: dict[int, Any]) -> dict[str, Any]:
+        """The server's own state after `completed` rounds (no communication), with the given client states."""
+        return dict(round=completed, weights=self.weights.copy(), strategy=self.strategy.state_dict(),
+                    client_state=client_state, lost=sorted(self.lost),
                     accountant=None if self.accountant is None else self.accountant.state_dict(),
                     config=asdict(self.cfg))
 
@@ -409,6 +426,7 @@ class Simulation:
                              for c, v in state["client_state"].items() if self.layout.host(int(c)) == self.group_id}
         if self.accountant is not None and state.get("accountant") is not None:
             self.accountant.load_state_dict(state["accountant"])
+        self.lost = {int(c) for c in state.get("lost", ())}
 
 
 class _Accumulator:
