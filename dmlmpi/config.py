@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--elastic", action="store_true",
                    help="survive dead ranks (Open MPI ULFM; launch with mpirun --with-ft ulfm). dp: the survivors "
                         "shrink the communicator, re-shard the data and go on from the last completed step; fl: the "
-                        "dead rank's clients count as dropped and the survivors redo the round")
+                        "dead rank's clients count as dropped and the survivors redo the round; ps (async): the servers go on "
+                        "with the remaining workers")
     g = p.add_argument_group("run directory")
     g.add_argument("--out", help="run directory: config, metrics, checkpoints, trace, summary (default runs/MODE)")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-ELASTIC_MODES = ("dp", "fl")  # the modes that can go on without a dead rank
+ELASTIC_MODES = ("dp", "fl", "ps")  # the modes that can go on without a dead rank
 
 
 def straggler(text: str) -> tuple[int, float]:
@@ -265,6 +266,9 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size:
     if args.elastic:
         if args.mode not in ELASTIC_MODES:
             parser.error(f"--elastic works with --mode {', '.join(ELASTIC_MODES)}, not {args.mode}")
+        if args.mode == "ps" and args.ps_mode != "async":
+            parser.error(f"--elastic in ps mode needs --ps-mode async (a {args.ps_mode} step waits for every worker; "
+                         "async servers simply go on with the workers that are left)")
         if args.mode == "fl" and (args.ranks_per_client != 1 or args.strategy == "scaffold"):
             parser.error("--elastic in fl mode needs --ranks-per-client 1 (a dead rank is a dead client device) and "
                          "a strategy without client state (SCAFFOLD's control variates would die with the rank)")

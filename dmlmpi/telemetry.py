@@ -72,14 +72,15 @@ class ProgressBar:
 
     def __init__(self, comm: MPI.Comm, total: int, epochs: int | None = None,
                  stream: TextIO | None = None, interval_s: float = 10.0,
-                 tty: bool | None = None, width: int = 24, unit: str = "step", rate: str = "samples") -> None:
+                 tty: bool | None = None, width: int = 24, unit: str = "step", rate: str = "samples",
+                 active: bool = True) -> None:
         """`total` steps per epoch; on a TTY redraw in place, else print a line every `interval_s`.
 
         `unit` names a step and `rate` what update(samples=...) counts (fl: rounds and clients);
-        epochs=0 leaves the epoch out of the line.
+        epochs=0 leaves the epoch out of the line; active=False silences it on every rank.
         """
         self.unit, self.rate = unit, rate
-        self.active = comm.Get_rank() == 0
+        self.active = active and comm.Get_rank() == 0
         self.stream = sys.stderr if stream is None else stream
         self.tty = _is_tty(self.stream) if tty is None else tty
         self.total, self.epochs, self.interval_s, self.width = total, epochs, interval_s, width

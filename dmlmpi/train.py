@@ -48,8 +48,13 @@ def fresh_run_dir(out: str, world: MPI.Comm) -> None:
 
 
 def make_trainer(args: argparse.Namespace, model: nn.Module, data: Dataset, world: MPI.Comm, device: torch.device,
-                 tl: Timeline) -> Trainer:
-    """The Trainer of --mode, with the learning-rate schedule sized to the whole run."""
+                 tl: Timeline, previous: Trainer | None = None) -> Trainer:
+    """The Trainer of --mode, with the learning-rate schedule sized to the whole run.
+
+    `previous`: the trainer this one replaces after an elastic recovery (closed here).
+    """
+    if previous is not None:
+        previous.close()
     train_ranks = config.training_ranks(args, world.Get_size())
     steps_per_epoch = len(DistributedSampler(len(data.y_train), args.batch_size, 0, train_ranks, args.seed, args.tail))
     kind = {"ps": PSTrainer, "pipeline": PipelineTrainer, "hybrid": PipelineTrainer}.get(args.mode, DPTrainer)
@@ -124,92 +129,100 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
         """A complete, atomic checkpoint of everything a resumed run needs."""
         trainer.save(args.out, step, dict(sampler=sampler.state_dict(), samples=samples_done, wall_s=elapsed()))
 
-    if trainer.is_server:
-        trainer.serve(args.out)
-    else:
-        bar = ProgressBar(team, total=len(sampler), epochs=args.epochs)
-        stop = preempt.StopAgreement(team)  # SIGUSR1/SIGTERM: checkpoint and exit PREEMPTED_EXIT
-        # the last step this rank completed, and where the sampler stood then (what --elastic recovers to)
-        completed = dict(step=step, samples=samples_done, sampler=sampler.state_dict())
+    # workers (every rank but ps mode's servers): progress bar and the per-step stop agreement
+    bar = ProgressBar(team, total=len(sampler), epochs=args.epochs, active=not trainer.is_server)
+    stop = preempt.StopAgreement(team) if not trainer.is_server else None  # SIGUSR1/SIGTERM: checkpoint, exit 99
+    # the last step this rank completed, and where the sampler stood then (what --elastic recovers to)
+    completed = dict(step=step, samples=samples_done, sampler=sampler.state_dict())
 
-        def train_epochs() -> None:
-            """The epochs from where the sampler stands; sets `stopped` / `preempted` when stopping early."""
-            nonlocal step, samples_done, loss, stopped, preempted, completed
-            shares: list[float] = []
-            for epoch in range(sampler.epoch, args.epochs):
-                sampler.set_epoch(epoch)
-                bar.start_epoch(epoch + 1, len(sampler))
-                epoch_start, epoch_samples = time.perf_counter(), 0
-                for idx in sampler:
-                    t0 = time.perf_counter()
-                    with tl.span(f"step {step + 1}", cat="step"):
-                        if args.straggler is not None and args.straggler[0] == team.Get_rank():
-                            with tl.span("straggler sleep", cat="idle"):
-                                time.sleep(args.straggler[1])
-                        shares.append(trainer.step(idx, args.batch_size))
-                    mine[0] += len(idx)
-                    mine[1] += time.perf_counter() - t0
-                    mine[2] += 1
-                    epoch_samples += len(idx)
-                    step += 1
-                    samples_done += args.batch_size
-                    completed = dict(step=step, samples=samples_done, sampler=sampler.state_dict())
-                    if step % args.log_every == 0 or sampler.next_batch == len(sampler):
-                        loss = trainer.logged_loss(shares)
-                        shares = []
-                        log.log(dict(step=step, epoch=epoch + 1, loss=loss, lr=trainer.lr(),
-                                     samples_per_s=samples_done / elapsed()))
-                    if sampler.next_batch < len(sampler):  # the epoch's last line comes with its accuracy, below
-                        bar.update(sampler.next_batch, loss=loss, samples=args.batch_size)
-                    preempted = stop.should_stop()  # collective: the same answer on every rank at this step
-                    stopped = preempted or (args.max_steps > 0 and step >= args.max_steps)
-                    if stopped or (args.checkpoint_every and step % args.checkpoint_every == 0):
-                        save()
-                    if stopped:
-                        break
-                rates.append(epoch_samples / (time.perf_counter() - epoch_start))
+    def train_epochs() -> None:
+        """The epochs from where the sampler stands; sets `stopped` / `preempted` when stopping early."""
+        nonlocal step, samples_done, loss, stopped, preempted, completed
+        shares: list[float] = []
+        for epoch in range(sampler.epoch, args.epochs):
+            sampler.set_epoch(epoch)
+            bar.start_epoch(epoch + 1, len(sampler))
+            epoch_start, epoch_samples = time.perf_counter(), 0
+            for idx in sampler:
+                t0 = time.perf_counter()
+                with tl.span(f"step {step + 1}", cat="step"):
+                    if args.straggler is not None and args.straggler[0] == team.Get_rank():
+                        with tl.span("straggler sleep", cat="idle"):
+                            time.sleep(args.straggler[1])
+                    shares.append(trainer.step(idx, args.batch_size))
+                mine[0] += len(idx)
+                mine[1] += time.perf_counter() - t0
+                mine[2] += 1
+                epoch_samples += len(idx)
+                step += 1
+                samples_done += args.batch_size
+                completed = dict(step=step, samples=samples_done, sampler=sampler.state_dict())
+                if step % args.log_every == 0 or sampler.next_batch == len(sampler):
+                    loss = trainer.logged_loss(shares)
+                    shares = []
+                    log.log(dict(step=step, epoch=epoch + 1, loss=loss, lr=trainer.lr(),
+                                 samples_per_s=samples_done / elapsed()))
+                if sampler.next_batch < len(sampler):  # the epoch's last line comes with its accuracy, below
+                    bar.update(sampler.next_batch, loss=loss, samples=args.batch_size)
+                preempted = stop.should_stop()  # collective: the same answer on every rank at this step
+                stopped = preempted or (args.max_steps > 0 and step >= args.max_steps)
+                if stopped or (args.checkpoint_every and step % args.checkpoint_every == 0):
+                    save()
                 if stopped:
                     break
-                result = trainer.evaluate(data)
-                if result is not None:
-                    log.log(dict(step=step, epoch=epoch + 1, test_accuracy=result[0], test_loss=result[1]))
-                bar.update(len(sampler), loss=loss, samples=args.batch_size,
-                           accuracy=None if result is None else result[0])
-                if not args.checkpoint_every:
-                    save()
-
-        while True:
-            try:
-                train_epochs()
+            rates.append(epoch_samples / (time.perf_counter() - epoch_start))
+            if stopped:
                 break
-            except Exception as exc:  # noqa: BLE001 - only a process failure under --elastic is handled
-                if not (args.elastic and elastic.is_failure(exc)):
-                    raise
-            # --elastic: a rank died; go on with the survivors from the last step one of them completed
-            t_fail = time.perf_counter()
-            rec = elastic.recover(team, completed["step"], extra=[stop.comm])
-            # broadcast: the furthest survivor's trainer state and position to every survivor
-            state = rec.comm.bcast(dict(completed, trainer=trainer.state()) if rec.comm.Get_rank() == rec.source
-                                   else None, root=rec.source)
-            trainer.close()
-            world = team = rec.comm
-            trainer = make_trainer(args, build(args.model, args.seed, data.x_train.shape[1:], args.dataset).to(device),
-                                   data, team, device, tl)
-            trainer.load(state["trainer"])
-            # re-shard: the same global batches, split over the survivors
-            sampler = DistributedSampler(len(data.y_train), args.batch_size, team.Get_rank(), team.Get_size(),
-                                         args.seed, args.tail)
-            sampler.load_state_dict(state["sampler"])
-            step, samples_done, completed = state["step"], state["samples"], state
-            for part in (stop, log, tl):
-                part.rebind(team)
-            bar.active = team.Get_rank() == 0
-            event = dict(event="rank failure", step=step, dead_ranks=rec.dead, world_size=team.Get_size(),
-                         members=rec.members, shrink_s=rec.seconds, recovery_s=time.perf_counter() - t_fail)
-            failures.append(event)
-            log.log(event)
-            log.info(f"--elastic: rank(s) {rec.dead} died; {team.Get_size()} survivor(s) (world ranks {rec.members}) "
-                     f"go on from step {step} (recovered in {event['recovery_s']:.3f} s)")
+            result = trainer.evaluate(data)
+            if result is not None:
+                log.log(dict(step=step, epoch=epoch + 1, test_accuracy=result[0], test_loss=result[1]))
+            bar.update(len(sampler), loss=loss, samples=args.batch_size,
+                       accuracy=None if result is None else result[0])
+            if not args.checkpoint_every:
+                save()
+
+    while True:
+        try:
+            if trainer.is_server:
+                trainer.serve(args.out)
+            else:
+                train_epochs()
+            break
+        except Exception as exc:  # noqa: BLE001 - only a process failure under --elastic is handled
+            if not (args.elastic and elastic.is_failure(exc)):
+                raise
+        # --elastic: a rank died; go on with the survivors
+        t_fail = time.perf_counter()
+        servers = elastic.world_ranks(world)[world.Get_size() - args.servers:] if args.mode == "ps" else []
+        rec = elastic.recover(world, completed["step"], extra=trainer.comms() + ([stop.comm] if stop else []))
+        if set(servers) & set(rec.dead):
+            raise RuntimeError(f"parameter server rank(s) {sorted(set(servers) & set(rec.dead))} died: their shards "
+                               "of the parameters are gone, the run cannot go on (resume from the last checkpoint)")
+        mine_now = dict(completed, trainer=trainer.carry())
+        # dp: broadcast the furthest survivor's state to every survivor; ps async: each rank keeps its own
+        state = (rec.comm.bcast(mine_now if rec.comm.Get_rank() == rec.source else None, root=rec.source)
+                 if trainer.shared_state else mine_now)
+        world = rec.comm
+        trainer = make_trainer(args, build(args.model, args.seed, data.x_train.shape[1:], args.dataset).to(device),
+                               data, world, device, tl, previous=trainer)
+        trainer.restore(state["trainer"])
+        team = trainer.comm
+        # re-shard: the same global batches, split over the surviving workers
+        sampler = DistributedSampler(len(data.y_train), args.batch_size, team.Get_rank(), team.Get_size(),
+                                     args.seed, args.tail)
+        sampler.load_state_dict(state["sampler"])
+        step, samples_done, completed = state["step"], state["samples"], state
+        for part in (stop, log, tl):
+            if part is not None:
+                part.rebind(team if part is stop else world)
+        bar.active = not trainer.is_server and team.Get_rank() == 0
+        event = dict(event="rank failure", step=step, dead_ranks=rec.dead, world_size=world.Get_size(),
+                     members=rec.members, shrink_s=rec.seconds, recovery_s=time.perf_counter() - t_fail)
+        failures.append(event)
+        log.log(event)
+        log.info(f"--elastic: rank(s) {rec.dead} died; {world.Get_size()} survivor(s) (world ranks {rec.members}) "
+                 f"go on from step {step} (recovered in {event['recovery_s']:.3f} s)")
+    if stop is not None:
         stop.close()
         mine[3] = stop.seconds
         bar.close()

@@ -16,6 +16,7 @@ from torch import nn
 
 from dmlmpi import checkpoint
 from dmlmpi import comm as dcomm
+from dmlmpi.comm.context import existing_comms
 from dmlmpi.data import Dataset, rank_share
 from dmlmpi.grid import ProcessGrid
 from dmlmpi.parallel import DataParallel, ParameterServer, Pipeline
@@ -126,6 +127,21 @@ class Trainer:
     def close(self) -> None:
         """Release threads and communicators."""
 
+    # --elastic: what a rank carries across a recovery onto the trainer that replaces this one
+    shared_state = True  # True: every survivor takes the furthest survivor's carry(); False: each keeps its own
+
+    def comms(self) -> list[MPI.Comm]:
+        """Communicators besides the world that a recovery must revoke (the world's own dmlmpi ones are found)."""
+        return []
+
+    def carry(self) -> dict[str, Any]:
+        """This rank's state to hand to the next trainer."""
+        raise NotImplementedError(f"{type(self).__name__} cannot recover from a dead rank")
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take over what carry() returned."""
+        raise NotImplementedError(f"{type(self).__name__} cannot recover from a dead rank")
+
 
 class DPTrainer(Trainer):
     """Data parallel: the whole model on every rank, gradients averaged during backward."""
@@ -184,6 +200,14 @@ class DPTrainer(Trainer):
     def close(self) -> None:
         """Stop DataParallel's communication thread."""
         self.model.close()
+
+    def carry(self) -> dict[str, Any]:
+        """Model, optimizer and schedule (the same on every rank after a completed step)."""
+        return self.state()
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Model, optimizer and schedule from carry()."""
+        self.load(state)
 
 
 class PSTrainer(Trainer):
@@ -278,6 +302,28 @@ class PSTrainer(Trainer):
     def close(self) -> None:
         """Free the parameter server's communicators."""
         self.ps.close()
+
+    shared_state = False  # async: every server keeps its shard, every worker its own place in the data
+
+    def comms(self) -> list[MPI.Comm]:
+        """The PS channel and the workers' communicator (with what dmlmpi.comm made of it)."""
+        return [self.ps.comm, self.ps.worker_comm, *existing_comms(self.ps.worker_comm)]
+
+    def carry(self) -> dict[str, Any]:
+        """Server: its shard, optimizer and counters; worker: its learning-rate replica and traffic counters."""
+        if self.is_server:
+            return self.ps.server_state()
+        return dict(schedule=self.schedule.state_dict(), steps=self.ps.steps, bytes_sent=self.ps.bytes_sent,
+                    bytes_received=self.ps.bytes_received)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take over carry()'s state; workers pull the servers' parameters at their next step."""
+        if self.is_server:
+            self.ps.load_server_state(state)
+        else:
+            self.schedule.load_state_dict(state["schedule"])
+            self.ps.steps, self.ps.bytes_sent, self.ps.bytes_received = (state["steps"], state["bytes_sent"],
+                                                                       state["bytes_received"])
 
 
 class PipelineTrainer(Trainer):

@@ -182,3 +182,41 @@ def test_fl_dead_server_ends_the_job_with_a_clear_message(tmp_path) -> None:
     output = job.finish(timeout=120)
     assert job.proc.returncode != 0
     assert "the federated server (world rank 0) died" in output, output[-3000:]
+
+
+PS = ["--mode", "ps", "--servers", "1", "--ps-mode", "async", "--epochs", "10"]
+
+
+def test_ps_async_servers_go_on_with_the_remaining_workers(tmp_path) -> None:
+    """3 workers + 1 server, async; worker world rank 1 is SIGKILLed: the server serves the other two to the end."""
+    out = tmp_path / "ps"
+    job = KillableRun(4, out, ["--elastic", *PS], mpirun_flags=ULFM)
+    job.wait_for_records(30)
+    job.kill_rank(1)
+    output = job.finish(timeout=300)
+    assert job.proc.returncode == 0, output[-4000:]
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    (failure,) = summary["failures"]
+    assert failure["dead_ranks"] == [1] and failure["members"] == [0, 2, 3]
+    assert summary["workers"] == 2 and summary["servers"] == 1 and summary["epochs_done"] == 10
+    assert summary["test_accuracy"] >= 0.8, summary  # it kept learning after the failure
+    stats = [r for r in records(out) if "role" in r]
+    workers = [r for r in stats if r["role"] == "worker"]
+    (server,) = [r for r in stats if r["role"] == "server"]
+    assert len(workers) == 2 and all(w["steps"] == 10 * 62 for w in workers)
+    # every gradient the survivors pushed after the failure was applied (a push in flight at the failure
+    # may be lost), plus what all three pushed before it
+    after = sum(w["steps"] for w in workers) - 2 * failure["step"]
+    assert server["updates"] >= after + 2 * failure["step"] - 2
+    assert server["updates"] > after + 3 * (failure["step"] - 5)
+
+
+def test_ps_dead_server_ends_the_job_with_a_clear_message(tmp_path) -> None:
+    """A server's shard dies with it: the workers say so and the job ends non-zero."""
+    job = KillableRun(4, tmp_path / "ps-server", ["--elastic", *PS], mpirun_flags=ULFM)
+    job.wait_for_records(20)
+    job.kill_rank(3)
+    output = job.finish(timeout=120)
+    assert job.proc.returncode != 0
+    assert "parameter server rank(s) [3] died" in output, output[-3000:]

@@ -56,8 +56,10 @@ class KillableRun:
         cmd = [find_mpiexec(), *mpirun_flags, "-n", str(nprocs), sys.executable, "-m", "dmlmpi.train", *args,
                "--out", self.out]
         # a session of its own: the whole launcher tree can be killed at the end, whatever happened
+        # PYTHONFAULTHANDLER: a rank sent SIGABRT prints where every thread stands (see finish)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                                     env=dict(launch_env(), PYTHONUNBUFFERED="1"), start_new_session=True)
+                                     env=dict(launch_env(), PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1"),
+                                     start_new_session=True)
 
     def wait_for_records(self, count: int, timeout: float = 120) -> None:
         """Wait until metrics.jsonl has `count` lines (the job must still be running)."""
@@ -83,11 +85,20 @@ class KillableRun:
         os.kill(victim, signal.SIGKILL)
 
     def finish(self, timeout: float) -> str:
-        """Wait for the launcher; its output. Whatever is left of the job is killed."""
+        """Wait for the launcher; its output. A job still running at `timeout` fails with every rank's stack."""
         import signal
+        import subprocess
+        import time
 
         try:
             return self.proc.communicate(timeout=timeout)[0]
+        except subprocess.TimeoutExpired:
+            for rank in range(64):
+                if (pid := rank_pid(self.out, rank)) is not None:
+                    os.kill(pid, signal.SIGABRT)
+            time.sleep(3)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise AssertionError(f"the job hung; its output and stacks:\n{self.proc.communicate()[0][-12000:]}") from None
         finally:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)

@@ -51,7 +51,15 @@ def irecv(x: Any, source: int, tag: int, comm: MPI.Comm) -> Transfer:
 
 def wait_all(transfers: list[Transfer]) -> None:
     """Wait for every transfer, then deliver the staged receives."""
-    MPI.Request.Waitall([t.request for t in transfers])
+    statuses = [MPI.Status() for _ in transfers]
+    try:
+        MPI.Request.Waitall([t.request for t in transfers], statuses)
+    except MPI.Exception as exc:
+        if exc.Get_error_class() != MPI.ERR_IN_STATUS:
+            raise
+        # the error of the transfer that failed (e.g. its peer died), not the generic "see the statuses"
+        errors = [s.Get_error() for s in statuses if s.Get_error() not in (MPI.SUCCESS, MPI.ERR_PENDING)]
+        raise MPI.Exception(MPI.Get_error_class(errors[0]) if errors else MPI.ERR_IN_STATUS) from exc
     for t in transfers:
         t.finish()
 

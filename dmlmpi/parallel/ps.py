@@ -191,12 +191,29 @@ class ParameterServer(nn.Module):
                 for v, server in zip(self.seen, self.servers)]
         p2p.wait_all(reqs)
 
+    def server_state(self) -> dict[str, Any]:
+        """Server: its shard, optimizer, schedule and counters (no communication)."""
+        return dict(shard=self.shard.detach().cpu().clone(), optimizer=self.optimizer.state_dict(),
+                    version=self.version, schedule=self.schedule.state_dict() if self.schedule is not None else None,
+                    updates_run=self.updates_run, staleness=list(self.staleness_log))
+
+    def load_server_state(self, mine: dict[str, Any]) -> None:
+        """Server: take over server_state() (a checkpoint's piece, or this server's own across a recovery)."""
+        with torch.no_grad():
+            self.shard.copy_(mine["shard"])
+        self.optimizer.load_state_dict(mine["optimizer"])
+        if self.schedule is not None and mine["schedule"] is not None:
+            self.schedule.load_state_dict(mine["schedule"])
+        self.version = mine["version"]
+        self.updates_run = mine.get("updates_run", self.updates_run)
+        self.staleness_log = list(mine.get("staleness", self.staleness_log))
+
     def state(self) -> dict[str, Any] | None:
         """Collective: on rank 0 the whole PS state (all parameters, every server's optimizer); None elsewhere."""
         mine = None
         if self.is_server:
-            mine = dict(shard=self.shard.detach().cpu(), optimizer=self.optimizer.state_dict(), version=self.version,
-                        schedule=self.schedule.state_dict() if self.schedule is not None else None)
+            mine = self.server_state()
+            del mine["updates_run"], mine["staleness"]  # this run's statistics, not the model's state
         # gather: every server's shard and optimizer state to rank 0
         everyone = self.comm.gather(mine, root=0)
         if self.comm.Get_rank() != 0:
@@ -211,13 +228,7 @@ class ParameterServer(nn.Module):
             raise ValueError(f"parameter server: the checkpoint has {len(state['servers'])} server shard(s), "
                              f"this run has {len(self.servers)}; resume with --servers {len(state['servers'])}")
         if self.is_server:
-            mine = state["servers"][self.index]
-            with torch.no_grad():
-                self.shard.copy_(mine["shard"])
-            self.optimizer.load_state_dict(mine["optimizer"])
-            if self.schedule is not None and mine["schedule"] is not None:
-                self.schedule.load_state_dict(mine["schedule"])
-            self.version = mine["version"]
+            self.load_server_state(state["servers"][self.index])
         else:
             with torch.no_grad():
                 self.flat_params.copy_(state["flat"])
@@ -334,7 +345,7 @@ class ParameterServer(nn.Module):
                 p2p.isend(self.shard.detach(), worker, TAG_PARAMS, self.comm)]
 
     def close(self) -> None:
-        """Free the communicators this object made."""
+        """Free the communicators this object made (a revoked one, after a rank died, is left to MPI_Finalize)."""
         for c in (self.comm, self.worker_comm):
-            if c != MPI.COMM_NULL:
+            if c != MPI.COMM_NULL and not c.Is_revoked():
                 c.Free()
