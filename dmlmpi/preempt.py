@@ -65,3 +65,14 @@ class StopAgreement:
             self._request = None
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+def defer_signals(signals: tuple[signal.Signals, ...] = SIGNALS) -> None:
+    """Ranks outside the stop agreement (ps servers): survive the signal and let the workers decide.
+
+    Slurm signals every task of the job; the servers stop when the workers, having agreed to stop,
+    checkpoint (the servers join the collective write) and say they are done.
+    """
+    for s in signals:
+        signal.signal(s, lambda signum, frame: None)
+

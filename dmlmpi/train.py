@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
     # workers (every rank but ps mode's servers): progress bar and the per-step stop agreement
     bar = ProgressBar(team, total=len(sampler), epochs=args.epochs, active=not trainer.is_server)
     stop = preempt.StopAgreement(team) if not trainer.is_server else None  # SIGUSR1/SIGTERM: checkpoint, exit 99
+    if trainer.is_server:
+        preempt.defer_signals()
     # the last step this rank completed, and where the sampler stood then (what --elastic recovers to)
     completed = dict(step=step, samples=samples_done, sampler=sampler.state_dict())
 
@@ -198,10 +200,13 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
         if set(servers) & set(rec.dead):
             raise RuntimeError(f"parameter server rank(s) {sorted(set(servers) & set(rec.dead))} died: their shards "
                                "of the parameters are gone, the run cannot go on (resume from the last checkpoint)")
-        mine_now = dict(completed, trainer=trainer.carry())
-        # dp: broadcast the furthest survivor's state to every survivor; ps async: each rank keeps its own
-        state = (rec.comm.bcast(mine_now if rec.comm.Get_rank() == rec.source else None, root=rec.source)
-                 if trainer.shared_state else mine_now)
+        source = rec.comm.Get_rank() == rec.source
+        # broadcast: the furthest survivor's step and data position to every survivor (every worker must
+        # make the same number of steps from here: they meet in the per-step stop agreement)
+        state = rec.comm.bcast(completed if source else None, root=rec.source)
+        # dp: the furthest survivor's model and optimizer too; ps async: each rank keeps its own
+        carry = trainer.carry()
+        state["trainer"] = rec.comm.bcast(carry if source else None, root=rec.source) if trainer.shared_state else carry
         world = rec.comm
         trainer = make_trainer(args, build(args.model, args.seed, data.x_train.shape[1:], args.dataset).to(device),
                                data, world, device, tl, previous=trainer)

@@ -139,3 +139,54 @@ def test_dp_job_requeues_itself_and_resumes(uninterrupted: Path, tmp_path: Path)
     text = read(output)
     assert "requeueing" in text and "resumed from" in text, log
     assert_same_run(run, uninterrupted)
+
+
+# the other modes, stopped by SIGTERM sent to the ranks themselves (as Slurm's scancel and preemption do;
+# SIGTERM to mpirun instead makes Open MPI's launcher kill its ranks at once)
+OTHER_MODES = {
+    "fl": ["--mode", "fl", "--samples", "1000", "--clients", "20", "--fraction", "0.25", "--rounds", "40",
+           "--local-epochs", "2"],
+    "ps-sync": ["--mode", "ps", "--servers", "1", "--ps-mode", "sync", *ARGS, "--epochs", "3"],
+    "pipeline": ["--mode", "pipeline", "--microbatches", "2", *ARGS, "--epochs", "3"],
+}
+
+
+def curve(out: Path) -> dict[tuple, tuple]:
+    """What must equal between a resumed and an uninterrupted run: losses and accuracies by step (or round).
+
+    A step logged after the interrupted run's last checkpoint is logged again by the resumed run: the
+    later record wins, as it should.
+    """
+    out_ = {}
+    for r in records(out):
+        if "event" in r or not ("loss" in r or "round" in r or "test_accuracy" in r):
+            continue
+        key = (r.get("step"), r.get("round"), "test" if "test_accuracy" in r and "round" not in r else "train")
+        out_[key] = (r.get("loss"), r.get("train_loss"), r.get("test_accuracy"))
+    return out_
+
+
+@pytest.mark.parametrize("mode", sorted(OTHER_MODES))
+def test_sigterm_to_the_ranks_checkpoints_and_resumes(mode: str, tmp_path: Path) -> None:
+    """SIGTERM to every rank mid-run: checkpoint, exit 99; --resume ends exactly as an uninterrupted run."""
+    from trainrun import KillableRun, rank_pid
+
+    args = OTHER_MODES[mode]
+    full = run_train(2 if mode != "ps-sync" else 3, tmp_path / "full", args, RUN_TIMEOUT)
+    assert full.returncode == 0, full.stdout
+    nprocs = 3 if mode == "ps-sync" else 2
+    job = KillableRun(nprocs, tmp_path / "run", args)
+    job.wait_for_records(15)
+    for rank in range(nprocs):
+        os.kill(rank_pid(job.out, rank), signal.SIGTERM)
+    output = job.finish(timeout=60)
+    assert job.proc.returncode == PREEMPTED_EXIT, output[-3000:]
+    assert "stopped for a signal" in output and not (tmp_path / "run" / "summary.json").exists()
+    second = run_train(nprocs, tmp_path / "run", [*args, "--resume"], RUN_TIMEOUT)
+    assert second.returncode == 0, second.stdout
+    assert "resumed from" in second.stdout
+    resumed, reference = curve(tmp_path / "run"), curve(tmp_path / "full")
+    assert sorted(resumed, key=str) == sorted(reference, key=str)
+    for key, values in reference.items():
+        for a, b in zip(resumed[key], values):
+            assert a == (pytest.approx(b, rel=1e-6, abs=1e-9) if isinstance(b, float) else b), (key, resumed[key], values)
