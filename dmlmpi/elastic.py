@@ -28,9 +28,14 @@ from dataclasses import dataclass, field
 from mpi4py import MPI
 
 from dmlmpi.comm.context import existing_comms
+from dmlmpi.entry import EveryRankExits
 
 # the error classes that mean "a process died" (directly, or via a revoked communicator)
 FAILURE_CLASSES = frozenset({MPI.ERR_PROC_FAILED, MPI.ERR_PROC_FAILED_PENDING, MPI.ERR_REVOKED})
+
+
+class CannotContinue(EveryRankExits):
+    """The survivors agree the run cannot go on (a rank that held unique state died)."""
 
 
 class ElasticUnavailable(RuntimeError):

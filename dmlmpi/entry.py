@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
-from typing import Callable, NoReturn
+from typing import Any, Callable, NoReturn
 
 ABORT_EXIT_CODE = 1
 
@@ -26,8 +27,25 @@ def _rank_and_size() -> tuple[int, int]:
     return 0, 1
 
 
-def abort_job(message: str, code: int = ABORT_EXIT_CODE) -> NoReturn:
-    """Print `message` (prefixed with this rank) to stderr and abort every rank of the job."""
+class EveryRankExits(RuntimeError):
+    """Raised alike on every live rank (e.g. after an elastic recovery finds the job cannot go on).
+
+    Each rank then exits by itself instead of calling MPI_Abort: once a process has died under ULFM,
+    Open MPI 5.0's launcher can hang in an abort (seen here), while ranks that exit end the job.
+    """
+
+
+# how long a failing rank waits for the others to fail too before it aborts them (see abort_job)
+FAREWELL_S = 2.0
+
+
+def abort_job(message: str, code: int = ABORT_EXIT_CODE, farewell: Any = None) -> NoReturn:
+    """Print `message` (prefixed with this rank) to stderr and abort every rank of the job.
+
+    `farewell`: a communicator of the whole job kept for this. Bad options or a bad file fail on every
+    rank at about the same moment; waiting (at most FAREWELL_S) in a barrier on it lets each of them
+    say so before the first abort kills the rest. A rank failing alone waits that long, then aborts.
+    """
     rank, size = _rank_and_size()
     sys.stderr.write(f"dmlmpi: rank {rank} of {size}: {message}\n")
     sys.stderr.flush()
@@ -35,20 +53,41 @@ def abort_job(message: str, code: int = ABORT_EXIT_CODE) -> NoReturn:
     from mpi4py import MPI
 
     if size > 1 and MPI.Is_initialized() and not MPI.Is_finalized():
+        if farewell is not None:
+            try:
+                # a barrier with a deadline: complete when every rank is failing too
+                request, deadline = farewell.Ibarrier(), time.monotonic() + FAREWELL_S
+                while not request.Test() and time.monotonic() < deadline:
+                    time.sleep(0.01)  # yield the core: the other ranks may need it to reach here
+            except Exception:  # noqa: BLE001 - e.g. a dead rank (ULFM): abort anyway
+                pass
         MPI.COMM_WORLD.Abort(code)  # the launcher now kills the other ranks
     os._exit(code)
 
 
 def run_main(main: Callable[[], int | None]) -> NoReturn:
     """Run `main()`, exit with its status; any exception on any rank aborts the whole job."""
+    from mpi4py import MPI
+
+    # a private channel for abort_job's farewell barrier (collective: every rank calls run_main first)
+    farewell = MPI.COMM_WORLD.Dup() if MPI.COMM_WORLD.Get_size() > 1 else None
     try:
         status = main()
     except SystemExit as stop:
         status = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
         if status != 0:
             # e.g. argparse rejected an option: same on every rank, but abort so no rank waits
-            abort_job(f"exited with status {status}", status)
+            abort_job(f"exited with status {status}", status, farewell)
     except BaseException as exc:  # noqa: BLE001 - anything at all must end the job
         detail = "".join(traceback.format_exception(exc))
-        abort_job(f"raised {type(exc).__name__}: {exc}\n{detail}")
+        from dmlmpi.elastic import is_failure
+
+        if isinstance(exc, EveryRankExits) or (is_failure(exc) and os.environ.get("OMPI_MCA_mpi_ft_enable")):
+            # a process died under ULFM (or every rank knows the job is over): exit without MPI_Abort;
+            # a rank blocked on this one gets a process-failure error in turn and exits the same way
+            sys.stderr.write(f"dmlmpi: rank {_rank_and_size()[0]}: {exc}\n{detail}")
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(ABORT_EXIT_CODE)
+        abort_job(f"raised {type(exc).__name__}: {exc}\n{detail}", farewell=farewell)
     sys.exit(status or 0)

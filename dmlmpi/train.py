@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
         servers = elastic.world_ranks(world)[world.Get_size() - args.servers:] if args.mode == "ps" else []
         rec = elastic.recover(world, completed["step"], extra=trainer.comms() + ([stop.comm] if stop else []))
         if set(servers) & set(rec.dead):
-            raise RuntimeError(f"parameter server rank(s) {sorted(set(servers) & set(rec.dead))} died: their shards "
+            raise elastic.CannotContinue(f"parameter server rank(s) {sorted(set(servers) & set(rec.dead))} died: their shards "
                                "of the parameters are gone, the run cannot go on (resume from the last checkpoint)")
         source = rec.comm.Get_rank() == rec.source
         # broadcast: the furthest survivor's step and data position to every survivor (every worker must
@@ -322,7 +322,7 @@ def train_federated(args: argparse.Namespace, world: MPI.Comm, data: Dataset, de
             t_fail = time.perf_counter()
             rec = elastic.recover(world, completed if sim.is_server else -1, extra=[*sim.comms(), stop.comm])
             if homes[0] in rec.dead:
-                raise RuntimeError(f"the federated server (world rank {homes[0]}) died: the global model is gone, "
+                raise elastic.CannotContinue(f"the federated server (world rank {homes[0]}) died: the global model is gone, "
                                    "the run cannot go on (resume from the last checkpoint)") from exc
             lost = {c for c in range(cfg.clients) if homes[c % len(homes)] in rec.dead}
             # broadcast: the server's state after its last completed round, to every survivor

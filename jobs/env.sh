@@ -14,6 +14,8 @@
 #                    arguments), split on spaces: small settings for a quick run, e.g.
 #                    "--epochs 1 --samples 600". Options with spaces in a value go after the
 #                    script name instead: sbatch jobs/bench.sbatch --train-args '--samples 600'
+#   DMLMPI_ELASTIC   1: survive dead ranks (dp, fl, ps async): mpirun --with-ft ulfm and --elastic
+#                    (Open MPI's ULFM; the mpirun launcher only)
 #   DMLMPI_OUT       the run directory (default: runs/MODE-JOBID, relative to the job's directory)
 #   DMLMPI_JOBS      where this file is, for a script submitted from outside the repository root
 #                    (sbatch runs a spooled copy of the script, so the scripts look in
@@ -50,8 +52,14 @@ case "${DMLMPI_LAUNCHER:-mpirun}" in
   *)
     echo "jobs/env.sh: DMLMPI_LAUNCHER must be mpirun or srun, not '$DMLMPI_LAUNCHER'" >&2; exit 2 ;;
 esac
-export DMLMPI_LAUNCH
 DMLMPI_ARGS="${DMLMPI_ARGS:-}"
+if [ "${DMLMPI_ELASTIC:-0}" = 1 ]; then
+  # ULFM: a dead rank leaves the others running, and --elastic tells them to go on without it
+  [ "${DMLMPI_LAUNCHER:-mpirun}" = mpirun ] || { echo "jobs/env.sh: DMLMPI_ELASTIC=1 needs DMLMPI_LAUNCHER=mpirun (ULFM is enabled by mpirun --with-ft ulfm)" >&2; exit 2; }
+  DMLMPI_LAUNCH="mpirun --with-ft ulfm -n ${SLURM_NTASKS:-8}"
+  DMLMPI_ARGS="--elastic $DMLMPI_ARGS"
+fi
+export DMLMPI_LAUNCH
 DMLMPI_JOB="${SLURM_JOB_ID:-local}"
 echo "dmlmpi job $DMLMPI_JOB on $(hostname -s): launcher '$DMLMPI_LAUNCH', python $(command -v "$DMLMPI_PYTHON"), DMLMPI_ARGS '$DMLMPI_ARGS'" >&2
 

@@ -190,3 +190,33 @@ def test_sigterm_to_the_ranks_checkpoints_and_resumes(mode: str, tmp_path: Path)
     for key, values in reference.items():
         for a, b in zip(resumed[key], values):
             assert a == (pytest.approx(b, rel=1e-6, abs=1e-9) if isinstance(b, float) else b), (key, resumed[key], values)
+
+
+def test_elastic_dp_job_loses_a_rank_and_finishes(tmp_path: Path) -> None:
+    """jobs/dp.sbatch with DMLMPI_ELASTIC=1 on 3 tasks: a rank SIGKILLed mid-run, the job ends well on 2."""
+    from trainrun import rank_pid
+
+    run_setup()
+    run, output = tmp_path / "run", tmp_path / "dp.out"
+    name = f"dmlmpi-test-{uuid.uuid4().hex[:8]}"
+    cmd = ["sbatch", "--wait", "--ntasks=3", f"--job-name={name}", f"--chdir={ROOT}", f"--output={output}",
+           "--time=5", "jobs/dp.sbatch"]
+    env = job_env(dict(DMLMPI_ARGS=" ".join(ARGS), DMLMPI_OUT=str(run), DMLMPI_ELASTIC="1"))
+    sbatch = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: last_step(run) >= SIGNAL_AFTER_STEP or sbatch.poll() is not None, 90, "training steps")
+        victim = rank_pid(str(run), 1)
+        assert victim is not None, read(output)
+        os.kill(victim, signal.SIGKILL)
+        sbatch_out, _ = sbatch.communicate(timeout=150)
+    except BaseException:
+        subprocess.run(["scancel", f"--name={name}"], timeout=30)
+        sbatch.kill()
+        raise
+    log = f"--- sbatch (exit {sbatch.returncode}):\n{sbatch_out}\n--- job output:\n{read(output)}"
+    assert sbatch.returncode == 0, log
+    assert "mpirun --with-ft ulfm -n 3" in read(output) and "--elastic: rank(s) [1] died" in read(output), log
+    summary = json.loads((run / "summary.json").read_text())
+    assert [f["dead_ranks"] for f in summary["failures"]] == [[1]] and summary["world_size_end"] == 2
+    assert summary["epochs_done"] == 6

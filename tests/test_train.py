@@ -101,11 +101,13 @@ def test_yaml_config_and_command_line(tmp_path) -> None:
     (["--mode", "ps", "--ps-mode", "ssp", "--staleness", "-1"], "--staleness must not be negative"),
 ])
 def test_bad_input_fails_fast_on_every_rank(extra: list[str], message: str, tmp_path) -> None:
-    """Each bad setting: non-zero exit, the reason in the output, no hang."""
+    """Each bad setting: non-zero exit, the reason in the output from every rank, no hang."""
     args = ["-m", "dmlmpi.train", "--samples", "600", "--out", str(tmp_path / "o"), *extra]
     result = run_mpi(3, args, timeout=90, cwd=ROOT)
     assert not result.timed_out and result.returncode != 0
     assert message in result.stdout, result.stdout[-3000:]
+    for rank in range(3):  # each rank says it stops (they wait for each other briefly before aborting)
+        assert f"dmlmpi: rank {rank} of 3:" in result.stdout, result.stdout[-3000:]
 
 
 def test_bad_yaml_is_refused(tmp_path) -> None:
