@@ -114,21 +114,23 @@ def job_state(job_id: str) -> str:
     return "GONE"
 
 
-def test_dp_job_requeues_itself_and_resumes(uninterrupted: Path, tmp_path: Path) -> None:
-    """jobs/dp.sbatch given SIGUSR1 (as before a time limit): checkpoint, requeue, resume, same result."""
+def dp_job_interrupted(tmp_path: Path, ntasks: int, interrupt: Callable[[str, Path], None],
+                       **variables: str) -> tuple[Path, str]:
+    """Submit jobs/dp.sbatch (sbatch --wait), call interrupt(job name, run dir) mid-training, wait for the end.
+
+    Returns the run directory and the job's output; the job must end with exit 0.
+    """
     run_setup()
     run, output = tmp_path / "run", tmp_path / "dp.out"
     name = f"dmlmpi-test-{uuid.uuid4().hex[:8]}"
-    cmd = ["sbatch", "--wait", "--ntasks=2", f"--job-name={name}", f"--chdir={ROOT}", f"--output={output}",
+    cmd = ["sbatch", "--wait", f"--ntasks={ntasks}", f"--job-name={name}", f"--chdir={ROOT}", f"--output={output}",
            "--time=5", "jobs/dp.sbatch"]
-    env = job_env(dict(DMLMPI_ARGS=" ".join(ARGS), DMLMPI_OUT=str(run)))
+    env = job_env(dict(DMLMPI_ARGS=" ".join(ARGS), DMLMPI_OUT=str(run), **variables))
     sbatch = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: last_step(run) >= SIGNAL_AFTER_STEP or sbatch.poll() is not None, 90, "training steps")
-        signalled = subprocess.run(["scancel", "--signal=USR1", "--batch", f"--name={name}"], timeout=30,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert signalled.returncode == 0, signalled.stdout
+        interrupt(name, run)
         sbatch_out, _ = sbatch.communicate(timeout=150)
     except BaseException:
         subprocess.run(["scancel", f"--name={name}"], timeout=30)
@@ -136,18 +138,28 @@ def test_dp_job_requeues_itself_and_resumes(uninterrupted: Path, tmp_path: Path)
         raise
     log = f"--- sbatch (exit {sbatch.returncode}):\n{sbatch_out}\n--- job output:\n{read(output)}"
     assert sbatch.returncode == 0, log
-    text = read(output)
-    assert "requeueing" in text and "resumed from" in text, log
+    return run, read(output)
+
+
+def test_dp_job_requeues_itself_and_resumes(uninterrupted: Path, tmp_path: Path) -> None:
+    """jobs/dp.sbatch given SIGUSR1 (as before a time limit): checkpoint, requeue, resume, same result."""
+    def usr1(name: str, run: Path) -> None:
+        """What Slurm's --signal=B:USR1@60 does before the time limit."""
+        signalled = subprocess.run(["scancel", "--signal=USR1", "--batch", f"--name={name}"], timeout=30,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert signalled.returncode == 0, signalled.stdout
+
+    run, text = dp_job_interrupted(tmp_path, 2, usr1)
+    assert "requeueing" in text and "resumed from" in text, text
     assert_same_run(run, uninterrupted)
 
 
-# the other modes, stopped by SIGTERM sent to the ranks themselves (as Slurm's scancel and preemption do;
+# the other modes (pipeline and hybrid share dp's loop), stopped by SIGTERM sent to the ranks themselves (as Slurm's scancel and preemption do;
 # SIGTERM to mpirun instead makes Open MPI's launcher kill its ranks at once)
 OTHER_MODES = {
     "fl": ["--mode", "fl", "--samples", "1000", "--clients", "20", "--fraction", "0.25", "--rounds", "40",
            "--local-epochs", "2"],
     "ps-sync": ["--mode", "ps", "--servers", "1", "--ps-mode", "sync", *ARGS, "--epochs", "3"],
-    "pipeline": ["--mode", "pipeline", "--microbatches", "2", *ARGS, "--epochs", "3"],
 }
 
 
@@ -196,27 +208,14 @@ def test_elastic_dp_job_loses_a_rank_and_finishes(tmp_path: Path) -> None:
     """jobs/dp.sbatch with DMLMPI_ELASTIC=1 on 3 tasks: a rank SIGKILLed mid-run, the job ends well on 2."""
     from trainrun import rank_pid
 
-    run_setup()
-    run, output = tmp_path / "run", tmp_path / "dp.out"
-    name = f"dmlmpi-test-{uuid.uuid4().hex[:8]}"
-    cmd = ["sbatch", "--wait", "--ntasks=3", f"--job-name={name}", f"--chdir={ROOT}", f"--output={output}",
-           "--time=5", "jobs/dp.sbatch"]
-    env = job_env(dict(DMLMPI_ARGS=" ".join(ARGS), DMLMPI_OUT=str(run), DMLMPI_ELASTIC="1"))
-    sbatch = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for(lambda: last_step(run) >= SIGNAL_AFTER_STEP or sbatch.poll() is not None, 90, "training steps")
+    def kill_rank_1(name: str, run: Path) -> None:
+        """A crashed node, as far as rank 1 is concerned."""
         victim = rank_pid(str(run), 1)
-        assert victim is not None, read(output)
+        assert victim is not None, "rank 1 not found"
         os.kill(victim, signal.SIGKILL)
-        sbatch_out, _ = sbatch.communicate(timeout=150)
-    except BaseException:
-        subprocess.run(["scancel", f"--name={name}"], timeout=30)
-        sbatch.kill()
-        raise
-    log = f"--- sbatch (exit {sbatch.returncode}):\n{sbatch_out}\n--- job output:\n{read(output)}"
-    assert sbatch.returncode == 0, log
-    assert "mpirun --with-ft ulfm -n 3" in read(output) and "--elastic: rank(s) [1] died" in read(output), log
+
+    run, text = dp_job_interrupted(tmp_path, 3, kill_rank_1, DMLMPI_ELASTIC="1")
+    assert "mpirun --with-ft ulfm -n 3" in text and "--elastic: rank(s) [1] died" in text, text
     summary = json.loads((run / "summary.json").read_text())
     assert [f["dead_ranks"] for f in summary["failures"]] == [[1]] and summary["world_size_end"] == 2
     assert summary["epochs_done"] == 6

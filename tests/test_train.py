@@ -149,6 +149,8 @@ def test_corrupt_checkpoint_fails_fast_and_damages_nothing(three_rank_run, damag
     result = train(3, out, "--epochs", "3", "--resume", timeout=90)
     assert not result.timed_out and result.returncode != 0
     assert f"cannot read checkpoint {latest}" in result.stdout, result.stdout[-3000:]
+    for rank in range(3):  # rank 0 read it and told the others: every rank stops with the reason
+        assert f"dmlmpi: rank {rank} of 3: raised RuntimeError: cannot read checkpoint" in result.stdout
     assert time.monotonic() - start < 60
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.name.startswith("ckpt-") or p.name == "latest"}
     assert after == before  # the damaged file, the older checkpoint and the pointer are as they were
