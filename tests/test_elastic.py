@@ -68,6 +68,19 @@ def test_elastic_is_refused_for_modes_that_cannot_shrink(tmp_path) -> None:
     assert "--elastic works with --mode" in result.stdout
 
 
+def survive(out, nprocs: int, args: list[str], kills: list[tuple[int, int]]) -> tuple[str, dict]:
+    """Run `--elastic` ARGS under ULFM, SIGKILL rank r once `after` records are logged for each (after, r)
+    in `kills`; the job must end with exit 0. Returns its output and summary.json."""
+    job = KillableRun(nprocs, out, ["--elastic", *args], mpirun_flags=ULFM)
+    for after, rank in kills:
+        job.wait_for_records(after)
+        job.kill_rank(rank)
+    output = job.finish(timeout=300)
+    assert job.proc.returncode == 0, output[-4000:]
+    with open(os.path.join(out, "summary.json")) as f:
+        return output, json.load(f)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The same job with no failure: the reference curve."""
@@ -84,15 +97,7 @@ def test_dp_survives_two_killed_ranks_and_reaches_the_target(tmp_path, uninterru
     first recovery equal the uninterrupted run's (the order of float sums differs: tolerance).
     """
     out = tmp_path / "elastic"
-    job = KillableRun(4, out, ["--elastic", *ARGS], mpirun_flags=ULFM)
-    job.wait_for_records(60)
-    job.kill_rank(2)
-    job.wait_for_records(400)
-    job.kill_rank(0)
-    output = job.finish(timeout=300)
-    assert job.proc.returncode == 0, output[-4000:]
-    with open(os.path.join(out, "summary.json")) as f:
-        summary = json.load(f)
+    output, summary = survive(out, 4, ARGS, [(60, 2), (400, 0)])
     failures = summary["failures"]
     assert [f["dead_ranks"] for f in failures] == [[2], [0]], failures
     assert [f["world_size"] for f in failures] == [3, 2]
@@ -151,13 +156,7 @@ def test_fl_dead_client_rank_drops_its_clients_for_the_rest_of_the_run(tmp_path)
     simulation in which they drop out from that round on.
     """
     out = tmp_path / "fl"
-    job = KillableRun(4, out, ["--elastic", *FL], mpirun_flags=ULFM)
-    job.wait_for_records(5)
-    job.kill_rank(2)
-    output = job.finish(timeout=300)
-    assert job.proc.returncode == 0, output[-4000:]
-    with open(os.path.join(out, "summary.json")) as f:
-        summary = json.load(f)
+    output, summary = survive(out, 4, FL, [(5, 2)])
     (failure,) = summary["failures"]
     assert failure["dead_ranks"] == [2] and failure["world_size"] == 3 and failure["lost_clients"] == 5
     assert summary["world_size_end"] == 3 and summary["rounds"] == 50
@@ -190,13 +189,7 @@ PS = ["--mode", "ps", "--servers", "1", "--ps-mode", "async", "--epochs", "10"]
 def test_ps_async_servers_go_on_with_the_remaining_workers(tmp_path) -> None:
     """3 workers + 1 server, async; worker world rank 1 is SIGKILLed: the server serves the other two to the end."""
     out = tmp_path / "ps"
-    job = KillableRun(4, out, ["--elastic", *PS], mpirun_flags=ULFM)
-    job.wait_for_records(30)
-    job.kill_rank(1)
-    output = job.finish(timeout=300)
-    assert job.proc.returncode == 0, output[-4000:]
-    with open(os.path.join(out, "summary.json")) as f:
-        summary = json.load(f)
+    _, summary = survive(out, 4, PS, [(30, 1)])
     (failure,) = summary["failures"]
     assert failure["dead_ranks"] == [1] and failure["members"] == [0, 2, 3]
     assert summary["workers"] == 2 and summary["servers"] == 1 and summary["epochs_done"] == 10
