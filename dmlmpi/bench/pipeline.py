@@ -3,10 +3,12 @@
 Run under `mpirun -n P`: one pipeline of P ranks over a model of balanced stages (an MLP of equal
 Linear+ReLU blocks, `--layers-per-stage` per stage). For each schedule and each M, timed train
 steps of one batch of `--micro-size * M` rows (weak scaling in M). Per step every rank measures its
-compute time (forwards and backwards) and the step's wall time; its idle fraction is 1 - compute /
-step time. The bubble reported is the busiest stage's idle fraction (the others also wait on it when
-stages run at unequal speeds, which the "mean idle" column shows), next to the theory for balanced
-stages:
+compute time (forwards and backwards) and the time it was blocked waiting for a neighbour's message;
+fractions are of the common step, from a common start to the moment the last rank is done. The
+bubble reported is the busiest stage's idle fraction, 1 - compute / step (the others also wait on it
+when stages run at unequal speeds: the "mean idle" column); "waiting" is the part of that idle spent
+blocked on a neighbour or done early (the rest is moving messages and Python). Next to them, the
+theory for balanced stages:
 (P-1)/(M+P-1) for GPipe and 1F1B, (P-1)/(V*M+P-1) for interleaved with V chunks. Peak activation
 memory per stage is what autograd saved (and the pipeline kept) for backward at most at once;
 `1f1b+recompute` is 1F1B with activation checkpointing (stage inputs kept, stages run again in
@@ -35,11 +37,13 @@ def parse_args(argv: list[str], P: int) -> argparse.Namespace:
     p.add_argument("--schedules", default="gpipe,1f1b,interleaved,1f1b+recompute",
                    help="comma-separated schedules; NAME+recompute adds activation checkpointing")
     p.add_argument("--micro", default=",".join(str(m * P) for m in (1, 2, 4, 8)), help="comma-separated M values")
-    p.add_argument("--micro-size", type=int, default=32, help="rows per microbatch")
-    p.add_argument("--width", type=int, default=512, help="width of every Linear layer")
+    p.add_argument("--micro-size", type=int, default=64, help="rows per microbatch")
+    # wide layers: a stage's compute per microbatch grows with width^2, its messages with width, so
+    # the bubble is measured with message handling small next to the compute (as on real models)
+    p.add_argument("--width", type=int, default=2048, help="width of every Linear layer")
     p.add_argument("--layers-per-stage", type=int, default=4, help="Linear+ReLU blocks per stage")
     p.add_argument("--chunks", type=int, default=2, help="chunks per rank for the interleaved schedule")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per row (median, min, max)")
+    p.add_argument("--steps", type=int, default=7, help="timed steps per row (median, min, max)")
     p.add_argument("--json", help="write one record per (schedule, M) to this path")
     return p.parse_args(argv)
 
@@ -74,17 +78,26 @@ def run_one(schedule: str, M: int, comm: MPI.Comm, args: argparse.Namespace) -> 
     y = torch.randn(M * args.micro_size, args.width, generator=g)
     loss = nn.functional.mse_loss
     pipe.train_step(x, y, loss)  # warm up: allocations, connections
-    steps, bubbles, busiest, peaks = [], [], [], []
+    steps, waits, idles, means, peaks = [], [], [], [], []
     for _ in range(args.steps):
         comm.Barrier()  # every step starts together
         t0 = time.perf_counter()
         pipe.train_step(x, y, loss)
-        steps.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
-        # idle fraction of each rank's step, averaged over the ranks
-        idle = 1.0 - pipe.last_compute_s / pipe.last_step_s
-        bubbles.append(comm.allreduce(idle, op=MPI.SUM) / P)
-        # the busiest stage's idle fraction: the schedule's bubble without the other stages' waiting on it
-        busiest.append(comm.allreduce(idle, op=MPI.MIN))
+        mine = time.perf_counter() - t0
+        step = comm.allreduce(mine, op=MPI.MAX)
+        steps.append(step)
+        # fractions of the common step (a common start to the moment the last rank is done): a rank
+        # that finishes early (the last stage, before the first stage's final backward) counts the
+        # rest of the step too, as the theory does. idle = not computing; waiting = blocked on a
+        # neighbour's message or done early (idle less the work of moving messages and Python)
+        idle = 1.0 - pipe.last_compute_s / step
+        waiting = (pipe.last_wait_s + step - mine) / step
+        ranks = comm.allgather((pipe.last_compute_s, idle, waiting))
+        # the bubble is the busiest stage's: the others also wait on it when stages run at unequal speeds
+        _, busiest_idle, busiest_wait = max(ranks)
+        idles.append(busiest_idle)
+        waits.append(busiest_wait)
+        means.append(sum(r[1] for r in ranks) / P)
         peaks.append(pipe.last_activation_bytes)
     per_rank_peak = comm.gather(max(peaks), root=0)
     pipe.close()
@@ -93,7 +106,8 @@ def run_one(schedule: str, M: int, comm: MPI.Comm, args: argparse.Namespace) -> 
     rates = [len(x) / t for t in steps]
     return dict(schedule=schedule, P=P, M=M, V=V, rows=len(x), samples_per_s_median=statistics.median(rates),
                 samples_per_s_min=min(rates), samples_per_s_max=max(rates), step_time_s=statistics.median(steps),
-                bubble_measured=statistics.median(busiest), bubble_mean=statistics.median(bubbles),
+                bubble_measured=statistics.median(idles), waiting_busiest=statistics.median(waits),
+                idle_mean=statistics.median(means),
                 bubble_theory=theory(name, P, M, V),
                 peak_activation_bytes=per_rank_peak)
 
@@ -110,13 +124,15 @@ def main(argv: list[str]) -> int:
         return 0
     rows = [dict(r, rate=f"{r['samples_per_s_median']:.0f}",
                  spread=f"{r['samples_per_s_min']:.0f}-{r['samples_per_s_max']:.0f}",
-                 step=f"{r['step_time_s'] * 1e3:.1f}", bm=f"{r['bubble_measured']:.3f}", bmean=f"{r['bubble_mean']:.3f}",
+                 step=f"{r['step_time_s'] * 1e3:.1f}", bm=f"{r['bubble_measured']:.3f}",
+                 bwait=f"{r['waiting_busiest']:.3f}", bmean=f"{r['idle_mean']:.3f}",
                  bt=f"{r['bubble_theory']:.3f}", mem0=f"{r['peak_activation_bytes'][0] / 2**20:.2f}",
                  memmax=f"{max(r['peak_activation_bytes']) / 2**20:.2f}") for r in records]
     print(f"# dmlmpi pipeline benchmark: P={P}, {args.micro_size} rows per microbatch, "
           f"{args.layers_per_stage} x Linear({args.width})+ReLU per stage")
     print(format_table(rows, [("schedule", "schedule", ""), ("M", "M", ""), ("V", "V", ""), ("rate", "samples/s", ""),
-                              ("spread", "min-max", ""), ("step", "step(ms)", ""), ("bm", "bubble", ""), ("bmean", "mean idle", ""),
+                              ("spread", "min-max", ""), ("step", "step(ms)", ""), ("bm", "bubble", ""), ("bwait", "waiting", ""),
+                              ("bmean", "mean idle", ""),
                               ("bt", "theory", ""), ("mem0", "stage0 act MiB", ""), ("memmax", "max act MiB", "")]))
     print("\n# targets (medians of this run)")
     for r in records:

@@ -112,7 +112,9 @@ class Pipeline(nn.Module):
                 for p in self.parameters():
                     dcomm.broadcast(p.data, root=0, comm=dp_comm, inplace=True)
         self.last_activation_bytes = 0  # peak activation bytes held during the last train_step
-        self.last_compute_s = self.last_step_s = 0.0  # its forward/backward compute time, and its whole time
+        # its forward/backward compute time, the time it was blocked waiting for a neighbour, its whole time
+        self.last_compute_s = self.last_wait_s = self.last_step_s = 0.0
+        self._waited = 0.0
 
     # -- messages --------------------------------------------------------------------------
     def _tag(self, op: str, micro: int, stage: int) -> int:
@@ -133,8 +135,11 @@ class Pipeline(nn.Module):
         header = np.zeros(HEADER, dtype=np.int64)
         span = maybe_span(self.timeline, f"recv {'act' if op == 'F' else 'grad'} {micro}", "comm")
         with span:
-            # receive: the header first, to learn the shape and dtype, then the data
+            # receive: the header first, to learn the shape and dtype, then the data; the time
+            # blocked on the header is time this stage waits for its neighbour (its bubble)
+            t0 = time.perf_counter()
             self.comm.Recv(header, source=source, tag=tag)
+            self._waited += time.perf_counter() - t0
             shape = tuple(int(d) for d in header[2:2 + header[1]])
             out = torch.empty(shape, dtype=_torch_dtype(int(header[0])), device=device)
             p2p.wait(p2p.irecv(out, source, tag, self.comm))
@@ -154,7 +159,7 @@ class Pipeline(nn.Module):
         loss_fn(output, target) is the mean loss of a microbatch. Gradients add into .grad.
         """
         device = self._device()
-        start, compute = time.perf_counter(), 0.0
+        start, compute, self._waited = time.perf_counter(), 0.0, 0.0
         first, last = self.rank == 0, self.rank == (self.stages - 1) % self.P
         batch = len(targets) if targets is not None else len(inputs)
         mb_in = torch.tensor_split(inputs, self.M) if first else None
@@ -218,7 +223,7 @@ class Pipeline(nn.Module):
         for f in futures:
             f.result()
         self.last_activation_bytes = saved.peak
-        self.last_compute_s, self.last_step_s = compute, time.perf_counter() - start
+        self.last_compute_s, self.last_wait_s, self.last_step_s = compute, self._waited, time.perf_counter() - start
         # broadcast: the loss from the rank holding the last stage to every rank of the pipeline
         return float(self.comm.bcast(float(total_loss) if last else None, root=(self.stages - 1) % self.P))
 
