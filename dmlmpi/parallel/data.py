@@ -5,8 +5,8 @@ The semantics are PyTorch DDP's: parameters and buffers are broadcast from rank 
 
 How: parameters are grouped, in reverse registration order (roughly the order backward produces
 their gradients), into buckets of up to `bucket_mb` MiB. Each `.grad` is made a view into its
-bucket (DDP's gradient_as_bucket_view): a hook on each parameter copies a freshly allocated gradient
-into its slot once and re-points `.grad` there, and with `zero_grad(set_to_none=False)` backward
+bucket (DDP's gradient_as_bucket_view): a hook on each parameter copies a freshly allocated gradient,
+scaled by 1/n, into its slot once and re-points `.grad` there, and with `zero_grad(set_to_none=False)` backward
 accumulates straight into the bucket with no copy at all. When a bucket is full it is handed to a
 communication thread, which all-reduces it (ring, native or hierarchical, through dmlmpi.comm)
 while backward goes on computing earlier layers. Buckets are launched strictly in bucket order, so every rank issues the same
@@ -97,15 +97,18 @@ class Bucket:
         self.pending = len(params)
         self.future: Future | None = None
 
-    def take_gradient(self, i: int) -> None:
-        """Put parameter i's current .grad into its slot (zeros if it has none), copying at most once."""
+    def take_gradient(self, i: int, scale: float) -> None:
+        """Put parameter i's current .grad times `scale` into its slot (zeros if it has none), in one pass."""
         p, slot = self.params[i], self.slots[i]
         if p.grad is None:
             slot.zero_()
         elif p.grad.data_ptr() != slot.data_ptr():
-            slot.copy_(p.grad)  # a new gradient tensor (or 16-bit wire format): copy it in once
+            # a new gradient tensor (or 16-bit wire format): scaled on its way in, one pass
+            torch.mul(p.grad, scale, out=slot)
             if slot.dtype == p.dtype:
-                p.grad = slot  # from now on backward accumulates into the bucket itself
+                p.grad = slot  # from now on backward can accumulate into the bucket itself
+        elif scale != 1.0:
+            slot.mul_(scale)  # backward accumulated into the bucket itself
 
     def reset(self) -> None:
         """Ready for the next backward pass."""
@@ -132,10 +135,16 @@ class DataParallel(nn.Module):
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.algorithm = algorithm
         self.broadcast_buffers = broadcast_buffers
+        # the buffers forward() refreshes from rank 0, listed once (as DDP does): walking the module
+        # tree on every forward cost a few percent of a small model's step
+        self._synced_buffers = list(module.buffers()) if broadcast_buffers else []
         self.timeline = timeline  # a dmlmpi.telemetry.Timeline: bucket all-reduces become "comm" spans
         self._wire_dtype = COMPRESSION[compression]
         self._sync = True
         self._backward_queued = False
+        # DDP's pre-division: each rank's gradient is scaled by 1/n as it enters its bucket (no extra
+        # pass over the data) and the buckets are summed, so .grad ends with the average
+        self._scale = 1.0 / self.comm.Get_size()
         self._buckets, self._where = self._make_buckets(int(bucket_mb * (1 << 20)))
         self._check_same_layout()
         self._broadcast_state()
@@ -190,7 +199,7 @@ class DataParallel(nn.Module):
         self._on_late_grad(p)
         b, i = self._where[p]
         bucket = self._buckets[b]
-        bucket.take_gradient(i)
+        bucket.take_gradient(i, self._scale)
         bucket.arrived[i] = True
         bucket.pending -= 1
         self._launch_ready()
@@ -205,13 +214,13 @@ class DataParallel(nn.Module):
             bucket.future = self._thread.submit(self._allreduce_job(bucket))
 
     def _allreduce_job(self, bucket: Bucket) -> Callable[[], Any]:
-        """The communication thread's job: average one bucket over the ranks, in place."""
+        """The communication thread's job: sum one bucket (already scaled by 1/n) over the ranks, in place."""
         def job() -> Any:
             with maybe_span(self.timeline, f"allreduce bucket {self._buckets.index(bucket)}", "comm",
                             {"bytes": bucket.buffer.numel() * bucket.buffer.element_size()}):
                 # no per-call guard: the bucket layout was checked across ranks at construction and
                 # buckets are reduced in one fixed order, so ranks cannot disagree on these calls
-                return dcomm.allreduce(bucket.buffer, op="avg", algorithm=self.algorithm, comm=self.comm,
+                return dcomm.allreduce(bucket.buffer, op="sum", algorithm=self.algorithm, comm=self.comm,
                                        inplace=True, guard=False)
         return job
 
@@ -227,7 +236,7 @@ class DataParallel(nn.Module):
             # (same order on every rank; a handoff to the other thread would only add latency).
             for i in range(len(bucket.params)):
                 if not bucket.arrived[i]:  # no gradient in this pass: contribute what .grad holds, zeros if nothing
-                    bucket.take_gradient(i)
+                    bucket.take_gradient(i, self._scale)
             self._allreduce_job(bucket)()
         for bucket in self._buckets:
             for i, p in enumerate(bucket.params):
@@ -241,9 +250,9 @@ class DataParallel(nn.Module):
     # -- user API ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped module (buffers such as BatchNorm statistics first come from rank 0)."""
-        if self.broadcast_buffers and self._sync:
+        if self._synced_buffers and self._sync:
             with torch.no_grad():
-                for buf in self.module.buffers():
+                for buf in self._synced_buffers:
                     dcomm.broadcast(buf.data, root=0, comm=self.comm, inplace=True)
         return self.module(*args, **kwargs)
 
