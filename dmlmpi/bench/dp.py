@@ -6,7 +6,8 @@ node). For each model, on the same random data: `local` trains each rank's model
 communication: the floor), `dmlmpi` wraps it in DataParallel, `ddp` in torch
 DistributedDataParallel over gloo. Each rank takes a fixed batch per step (weak scaling). Reported:
 samples/s over all K ranks (median, min, max of timed samples, each timed as the slowest rank's)
-and how much longer a step is than `local`'s.
+and how much longer a step is than `local`'s. The three variants of a model take their timed
+samples in turn, so the machine's slow and fast spells fall on all of them alike.
 """
 from __future__ import annotations
 
@@ -58,27 +59,28 @@ def wrap(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, args: argpar
     return model
 
 
-def measure(step: Callable[[], None], sub: MPI.Comm, args: argparse.Namespace) -> list[float]:
-    """Seconds per step for each timed sample (the slowest rank's, all ranks of `sub` agreeing on counts)."""
+def calibrate(step: Callable[[], None], sub: MPI.Comm, args: argparse.Namespace) -> int:
+    """Warm `step` up and return how many steps make a timed sample of about --sample-seconds."""
     for _ in range(3):
         step()  # warm up: allocations, buckets, connections
     sub.Barrier()
     t0 = time.perf_counter()
     step()
     one = sub.allreduce(time.perf_counter() - t0, op=MPI.MAX)
-    n = max(3, int(args.sample_seconds / max(one, 1e-6)))
-    per_step = []
-    for _ in range(args.samples):
-        sub.Barrier()  # start each sample together
-        t0 = time.perf_counter()
-        for _ in range(n):
-            step()
-        per_step.append(sub.allreduce((time.perf_counter() - t0) / n, op=MPI.MAX))
-    return per_step
+    return max(3, int(args.sample_seconds / max(one, 1e-6)))
 
 
-def run_one(name: str, variant: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """Train `name` with `variant` on the k ranks of `sub`; one record."""
+def timed_sample(step: Callable[[], None], n: int, sub: MPI.Comm) -> float:
+    """Seconds per step over n steps: the slowest rank's (all ranks start together)."""
+    sub.Barrier()  # start each sample together
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    return sub.allreduce((time.perf_counter() - t0) / n, op=MPI.MAX)
+
+
+def make_step(name: str, variant: str, sub: MPI.Comm, group: Any, args: argparse.Namespace) -> tuple[nn.Module, Callable[[], None]]:
+    """The model as `variant` trains it, and one training step of it on this rank's fixed batch."""
     build, shape = MODELS[name]
     torch.manual_seed(0)
     model = wrap(variant, build(), sub, group, args)
@@ -90,15 +92,32 @@ def run_one(name: str, variant: str, k: int, sub: MPI.Comm, group: Any, args: ar
         opt.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
+    return model, step
 
-    per_step = measure(step, sub, args)
-    if variant == "dmlmpi":
-        model.close()
-    rates = [k * args.batch / t for t in per_step]
-    return dict(model=name, params=sum(p.numel() for p in model.parameters()), variant=variant, ranks=k,
-                batch_per_rank=args.batch, samples_per_s_median=statistics.median(rates),
-                samples_per_s_min=min(rates), samples_per_s_max=max(rates),
-                step_time_s_median=statistics.median(per_step), algorithm=args.algorithm if variant == "dmlmpi" else "")
+
+def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Train `name` with every variant on the k ranks of `sub`, samples taken in turn; one record per variant.
+
+    The variants alternate sample by sample (local, dmlmpi, ddp, local, ...), so a slow spell of this
+    shared machine falls on all of them instead of on whichever was running then.
+    """
+    built = {v: make_step(name, v, sub, group, args) for v in VARIANTS}
+    counts = {v: calibrate(step, sub, args) for v, (_, step) in built.items()}
+    per_step: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(args.samples):
+        for v, (_, step) in built.items():
+            per_step[v].append(timed_sample(step, counts[v], sub))
+    records = []
+    for v, (model, _) in built.items():
+        if v == "dmlmpi":
+            model.close()
+        rates = [k * args.batch / t for t in per_step[v]]
+        records.append(dict(model=name, params=sum(p.numel() for p in model.parameters()), variant=v, ranks=k,
+                            batch_per_rank=args.batch, samples_per_s_median=statistics.median(rates),
+                            samples_per_s_min=min(rates), samples_per_s_max=max(rates),
+                            step_time_s_median=statistics.median(per_step[v]),
+                            algorithm=args.algorithm if v == "dmlmpi" else ""))
+    return records
 
 
 def main(argv: list[str]) -> int:
@@ -108,8 +127,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)  # ranks share the cores
     dist = init_gloo(world)
     k = world.Get_size()
-    records = [run_one(name, variant, k, world, dist.group.WORLD, args)
-               for name in args.models.split(",") for variant in VARIANTS]
+    records = [r for name in args.models.split(",") for r in run_model(name, k, world, dist.group.WORLD, args)]
     if world.Get_rank() == 0:
         floor = {(r["model"], r["ranks"]): r["step_time_s_median"] for r in records if r["variant"] == "local"}
         for r in records:
