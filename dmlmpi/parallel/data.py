@@ -150,7 +150,7 @@ class DataParallel(nn.Module):
         self._broadcast_state()
         self._thread = CommThread()
         last = set(self._buckets[-1].params) if self._buckets else set()
-        for p in self.module.parameters():
+        for p in self.module.parameters() if self.comm.Get_size() > 1 else []:  # alone, .grad is the average
             if p.requires_grad:
                 # the last bucket is reduced when backward ends anyway: its hooks only make sure
                 # that _finish runs (cheaper than moving each gradient as it arrives)
