@@ -19,7 +19,8 @@ ULFM = ["--with-ft", "ulfm"]
 # default task (CNN on MNIST-1D), logged every step so the curves can be compared step by step
 ARGS = ["--epochs", "16", "--log-every", "1"]
 
-pytestmark = pytest.mark.skipif("Open MPI" not in MPI.Get_library_version(), reason="ULFM is Open MPI's")
+pytestmark = [pytest.mark.skipif("Open MPI" not in MPI.Get_library_version(), reason="ULFM is Open MPI's"),
+              pytest.mark.launches_mpi]  # these tests start mpiexec themselves
 
 
 def test_is_failure_finds_process_failures_in_the_exception_chain() -> None:
