@@ -38,15 +38,18 @@ def calls_per_sample(fn: Callable[[], Any], comm: MPI.Comm, target_s: float = 0.
 def time_collective(fn: Callable[[], Any], comm: MPI.Comm, samples: int = 7, target_s: float = 0.02) -> Timing:
     """Time `fn` (a collective every rank calls) as the slowest rank's seconds per call, per sample."""
     k = calls_per_sample(fn, comm, target_s)
-    per_call = []
-    for _ in range(samples):
-        comm.Barrier()  # start each sample together
-        t0 = time.perf_counter()
-        for _ in range(k):
-            fn()
-        elapsed = (time.perf_counter() - t0) / k
-        per_call.append(comm.allreduce(elapsed, op=MPI.MAX))  # a collective ends when its last rank does
+    per_call = [timed_sample(fn, k, comm) for _ in range(samples)]
     return Timing(statistics.median(per_call), min(per_call), max(per_call), samples)
+
+
+def timed_sample(fn: Callable[[], Any], k: int, comm: MPI.Comm) -> float:
+    """One sample: the slowest rank's seconds per call over k back-to-back calls, all ranks starting together."""
+    comm.Barrier()  # start each sample together
+    t0 = time.perf_counter()
+    for _ in range(k):
+        fn()
+    elapsed = (time.perf_counter() - t0) / k
+    return comm.allreduce(elapsed, op=MPI.MAX)  # a collective ends when its last rank does
 
 
 def human_bytes(n: int) -> str:

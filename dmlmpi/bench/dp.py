@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Any, Callable
 
 import torch
@@ -23,7 +22,7 @@ from torch import nn
 from dmlmpi.models import mlp, mnist1d_cnn
 from dmlmpi.parallel import DataParallel
 
-from .common import format_table, init_gloo, write_json
+from .common import calls_per_sample, format_table, init_gloo, timed_sample, write_json
 
 VARIANTS = ("local", "dmlmpi", "ddp")
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
@@ -61,22 +60,9 @@ def wrap(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, args: argpar
 
 def calibrate(step: Callable[[], None], sub: MPI.Comm, args: argparse.Namespace) -> int:
     """Warm `step` up and return how many steps make a timed sample of about --sample-seconds."""
-    for _ in range(3):
-        step()  # warm up: allocations, buckets, connections
-    sub.Barrier()
-    t0 = time.perf_counter()
-    step()
-    one = sub.allreduce(time.perf_counter() - t0, op=MPI.MAX)
-    return max(3, int(args.sample_seconds / max(one, 1e-6)))
-
-
-def timed_sample(step: Callable[[], None], n: int, sub: MPI.Comm) -> float:
-    """Seconds per step over n steps: the slowest rank's (all ranks start together)."""
-    sub.Barrier()  # start each sample together
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    return sub.allreduce((time.perf_counter() - t0) / n, op=MPI.MAX)
+    for _ in range(2):
+        step()  # warm up (calls_per_sample adds a third): allocations, buckets, connections
+    return max(3, calls_per_sample(step, sub, args.sample_seconds))
 
 
 def make_step(name: str, variant: str, sub: MPI.Comm, group: Any, args: argparse.Namespace) -> tuple[nn.Module, Callable[[], None]]:
