@@ -83,21 +83,20 @@ def run_one(schedule: str, M: int, comm: MPI.Comm, args: argparse.Namespace) -> 
         comm.Barrier()  # every step starts together
         t0 = time.perf_counter()
         pipe.train_step(x, y, loss)
-        mine = time.perf_counter() - t0
-        step = comm.allreduce(mine, op=MPI.MAX)
+        # one gather of every rank's (compute, elapsed, blocked) seconds; the rest is derived from it
+        ranks = comm.allgather((pipe.last_compute_s, time.perf_counter() - t0, pipe.last_wait_s))
+        step = max(elapsed for _, elapsed, _ in ranks)
         steps.append(step)
         # fractions of the common step (a common start to the moment the last rank is done): a rank
         # that finishes early (the last stage, before the first stage's final backward) counts the
         # rest of the step too, as the theory does. idle = not computing; waiting = blocked on a
         # neighbour's message or done early (idle less the work of moving messages and Python)
-        idle = 1.0 - pipe.last_compute_s / step
-        waiting = (pipe.last_wait_s + step - mine) / step
-        ranks = comm.allgather((pipe.last_compute_s, idle, waiting))
+        idle = [1.0 - compute / step for compute, _, _ in ranks]
         # the bubble is the busiest stage's: the others also wait on it when stages run at unequal speeds
-        _, busiest_idle, busiest_wait = max(ranks)
-        idles.append(busiest_idle)
-        waits.append(busiest_wait)
-        means.append(sum(r[1] for r in ranks) / P)
+        compute, elapsed, blocked = max(ranks)
+        idles.append(1.0 - compute / step)
+        waits.append((blocked + step - elapsed) / step)
+        means.append(sum(idle) / P)
         peaks.append(pipe.last_activation_bytes)
     per_rank_peak = comm.gather(max(peaks), root=0)
     pipe.close()
