@@ -65,8 +65,8 @@ def gather_stats(trainer: Trainer, world: MPI.Comm, rates: list[float], mine: li
     """Every rank's figures to rank 0's metrics; returns the training ranks' summed throughput (each sample once)."""
     record = dict(trainer.stats(), rank=world.Get_rank(), role="server" if trainer.is_server else "worker")
     if not trainer.is_server:
-        samples, seconds, steps, check_s = mine
-        record.update(steps=int(steps), samples=int(samples), seconds=seconds,
+        samples, seconds, steps, check_s, adopted = mine
+        record.update(steps=int(steps), steps_adopted=int(adopted), samples=int(samples), seconds=seconds,
                       samples_per_s=samples / seconds if seconds else 0.0, epoch_samples_per_s=rates,
                       stop_check_us_per_step=1e6 * check_s / steps if steps else 0.0)
     # gather: one record per rank to rank 0 (end of run only)
@@ -118,8 +118,9 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
         log.info(trainer.describe())
     start, loss, stopped, preempted = time.perf_counter(), float("nan"), False, False
     failures: list[dict] = []  # --elastic: one record per recovered rank failure
-    # this rank's samples, training seconds, steps and seconds spent agreeing on a stop in this run; samples/s per epoch
-    mine, rates = [0, 0.0, 0, 0.0], []
+    # this rank's samples, training seconds, steps, seconds spent agreeing on a stop, and steps taken over
+    # from the furthest survivor at an --elastic recovery instead of made here, in this run; samples/s per epoch
+    mine, rates = [0, 0.0, 0, 0.0, 0], []
 
     def elapsed() -> float:
         """Seconds of training so far, across resumes."""
@@ -216,6 +217,8 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
         sampler = DistributedSampler(len(data.y_train), args.batch_size, team.Get_rank(), team.Get_size(),
                                      args.seed, args.tail)
         sampler.load_state_dict(state["sampler"])
+        if not trainer.is_server:  # a worker behind the furthest survivor skips to its step
+            mine[4] += state["step"] - completed["step"]
         step, samples_done, completed = state["step"], state["samples"], state
         for part in (stop, log, tl):
             if part is not None:
