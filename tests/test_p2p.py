@@ -52,6 +52,25 @@ def test_non_contiguous_receive_is_delivered() -> None:
     assert target.sum() == 4 * (other + 10)
 
 
+def test_probe_then_receive() -> None:
+    """probe() reports a waiting message's size without taking it; mrecv() then receives exactly it."""
+    other = partner()
+    if other is None:
+        pytest.skip("odd rank out")
+    sends = [p2p.isend_bytes(np.full(3, RANK, dtype=np.uint8), other, 8, WORLD),
+             p2p.isend(torch.arange(5, dtype=torch.float64) * (RANK + 1), other, 8, WORLD)]
+    message, nbytes = p2p.probe(other, 8, WORLD)
+    assert nbytes == 3  # sent first with the same tag: MPI keeps the order
+    small = np.empty(3, dtype=np.uint8)
+    message.Recv(small)  # raw bytes: taken by MPI directly
+    message, nbytes = p2p.probe(other, 8, WORLD)
+    assert nbytes == 5 * 8
+    got = torch.empty(5, dtype=torch.float64)
+    p2p.wait(p2p.mrecv(message, got))
+    p2p.wait_all(sends)
+    assert (small == other).all() and torch.equal(got, torch.arange(5, dtype=torch.float64) * (other + 1))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_tensors_are_staged_or_direct() -> None:
     """CUDA tensors go through host staging (or directly with a CUDA-aware MPI) and arrive on the device."""

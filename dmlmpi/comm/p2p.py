@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from mpi4py import MPI
 
 from .buffers import Flat, pinned_empty, cuda_aware, dtype_of, kind_of, to_flat, write_back
@@ -19,7 +20,7 @@ class Transfer:
 
     __slots__ = ("request", "flat", "target")
 
-    def __init__(self, request: MPI.Request, flat: Flat, target: Any = None) -> None:
+    def __init__(self, request: MPI.Request, flat: Flat | np.ndarray, target: Any = None) -> None:
         self.request = request
         self.flat = flat  # keeps the buffer MPI works on alive until the request completes
         self.target = target  # the array a receive fills (None for a send)
@@ -36,17 +37,39 @@ def isend(x: Any, dest: int, tag: int, comm: MPI.Comm) -> Transfer:
     return Transfer(comm.Isend(flat.data, dest=dest, tag=tag), flat)
 
 
-def irecv(x: Any, source: int, tag: int, comm: MPI.Comm) -> Transfer:
-    """Start receiving into array x; wait_all() (or wait()) completes it."""
+def isend_bytes(buf: np.ndarray, dest: int, tag: int, comm: MPI.Comm) -> Transfer:
+    """Start sending a host byte array (a protocol message rather than a tensor)."""
+    return Transfer(comm.Isend(buf, dest=dest, tag=tag), buf)
+
+
+def _receive_buffer(x: Any) -> Flat:
+    """The buffer MPI receives into for array x: x itself, or staging memory finish() copies from."""
     kind = kind_of(x)
     if kind != "numpy" and getattr(x, "is_cuda", kind == "cupy") and not cuda_aware():
         # staged: receive into page-locked host memory, copied to the device by finish()
         dtype = dtype_of(x)
         host = pinned_empty(int(x.size if kind == "cupy" else x.numel()), dtype, kind)
-        flat = Flat(host, kind, dtype, tuple(x.shape), x.device, False, False)
-    else:
-        flat = to_flat(x, copy=False)  # a view when x is contiguous, else a copy delivered by finish()
+        return Flat(host, kind, dtype, tuple(x.shape), x.device, False, False)
+    return to_flat(x, copy=False)  # a view when x is contiguous, else a copy delivered by finish()
+
+
+def irecv(x: Any, source: int, tag: int, comm: MPI.Comm) -> Transfer:
+    """Start receiving into array x; wait_all() (or wait()) completes it."""
+    flat = _receive_buffer(x)
     return Transfer(comm.Irecv(flat.data, source=source, tag=tag), flat, x)
+
+
+def probe(source: int, tag: int, comm: MPI.Comm) -> tuple[MPI.Message, int]:
+    """Wait for a message from `source` with `tag`; return it, matched (for mrecv), and its size in bytes."""
+    status = MPI.Status()
+    message = comm.Mprobe(source=source, tag=tag, status=status)
+    return message, status.Get_count(MPI.BYTE)
+
+
+def mrecv(message: MPI.Message, x: Any) -> Transfer:
+    """Start receiving a probed message into array x; wait() completes it."""
+    flat = _receive_buffer(x)
+    return Transfer(message.Irecv(flat.data), flat, x)
 
 
 def wait_all(transfers: list[Transfer]) -> None:
