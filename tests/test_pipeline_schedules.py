@@ -40,6 +40,24 @@ def test_bubble_and_memory_match_the_theory() -> None:
     assert check(build("interleaved", P, M, 2), P, M, 2).bubble() < (P - 1) / (M + P - 1)
 
 
+def test_replay_with_measured_action_times() -> None:
+    """check(cost=...) replays given durations: equal ones give the theory, a slow action stretches the step."""
+    P, M = 2, 8
+    def base(r: int, a) -> float:
+        return 1.0 if a.op == "F" else 2.0
+
+    for name in ("gpipe", "1f1b"):
+        schedules = build(name, P, M)
+        even = check(schedules, P, M, cost=base)
+        assert even.busiest_idle() == pytest.approx((P - 1) / (M + P - 1))
+        assert even.makespan == pytest.approx(3.0 * (M + P - 1))
+        # the last stage's final backward takes 1 longer: rank 0 waits for it, the step grows by 1
+        last = schedules[1][-1]
+        slow = check(schedules, P, M, cost=lambda r, a: base(r, a) + (1.0 if (r, a) == (1, last) else 0.0))
+        assert slow.makespan == pytest.approx(3.0 * (M + P - 1) + 1) and slow.busy[1] == pytest.approx(3.0 * M + 1)
+        assert slow.busiest_idle() == pytest.approx(1 - (3.0 * M + 1) / (3.0 * (M + P - 1) + 1))
+
+
 def test_the_checker_catches_broken_schedules() -> None:
     """A deadlock, a backward before its forward, a broken promise, a wrong partner are reported."""
     P, M = 2, 2

@@ -131,6 +131,7 @@ class Pipeline(nn.Module):
         self.last_activation_bytes = 0  # peak activation bytes held during the last train_step
         # its forward/backward compute time, the time it was blocked waiting for a neighbour, its whole time
         self.last_compute_s = self.last_wait_s = self.last_step_s = 0.0
+        self.last_action_s: dict[tuple[str, int, int], float] = {}  # (op, micro, chunk) -> its compute seconds
         self._waited = 0.0
 
     # -- messages --------------------------------------------------------------------------
@@ -209,6 +210,7 @@ class Pipeline(nn.Module):
         kept: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (micro, chunk) -> (input, output or loss)
         pending: list[p2p.Transfer] = []
         total_loss = torch.zeros((), dtype=torch.float64)
+        took = self.last_action_s = {}
         remaining = {c: sum(1 for a in self.actions if a.op == "B" and a.chunk == c) for c in range(self.V)}
         futures: list[Future] = []
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
@@ -229,7 +231,8 @@ class Pipeline(nn.Module):
                             tg = mb_tg[a.micro].to(device)
                             # this microbatch's share of the whole batch's mean loss
                             y = loss_fn(y, tg) * (len(tg) / batch) if not self.checkpoint else y
-                        compute += time.perf_counter() - t0
+                        took["F", a.micro, a.chunk] = time.perf_counter() - t0
+                        compute += took["F", a.micro, a.chunk]
                     if a.send_to is not None:
                         self._send(y, a.send_to, "F", a.micro, a.stage + 1, pending)
                     kept[key] = (x, y)
@@ -251,7 +254,8 @@ class Pipeline(nn.Module):
                             y.backward()
                         elif y.requires_grad:  # (a first stage without parameters has nothing to do)
                             torch.autograd.backward(y, grad)
-                        compute += time.perf_counter() - t0
+                        took["B", a.micro, a.chunk] = time.perf_counter() - t0
+                        compute += took["B", a.micro, a.chunk]
                     saved.release(key)
                     if a.send_to is not None:
                         self._send(x.grad, a.send_to, "B", a.micro, a.stage - 1, pending)

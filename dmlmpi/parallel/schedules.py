@@ -140,10 +140,18 @@ class Report:
         """Fraction of rank-time spent idle in the simulation."""
         return 1.0 - sum(self.busy) / (len(self.busy) * self.makespan)
 
+    def busiest_idle(self) -> float:
+        """Idle fraction of the rank with the most compute (the bubble `bench pipeline` reports)."""
+        return 1.0 - max(self.busy) / self.makespan
+
 
 def check(schedules: list[list[Action]], P: int, M: int, V: int = 1, promise: list[int] | None = None,
-          backward_cost: float = 2.0) -> Report:
-    """Run the schedule in one process (sends never block); ValueError naming what is wrong."""
+          backward_cost: float = 2.0, cost: Callable[[int, Action], float] | None = None) -> Report:
+    """Run the schedule in one process (sends never block); ValueError naming what is wrong.
+
+    Actions take 1 (forward) and `backward_cost` (backward), or cost(rank, action) when given: with
+    measured durations this replays a step as it would run with free, instant messages.
+    """
     if len(schedules) != P:
         raise ValueError(f"schedule has {len(schedules)} ranks, expected {P}")
     for r, actions in enumerate(schedules):
@@ -179,9 +187,9 @@ def check(schedules: list[list[Action]], P: int, M: int, V: int = 1, promise: li
                     raise ValueError(f"rank {r}: {a} receives from rank {a.recv_from}, but stage {source_stage} is on rank {source_stage % P}")
                 received.add(key)
                 ready = max(ready, sent[key])
-            cost = 1.0 if a.op == "F" else backward_cost
-            free_at[r] = ready + cost
-            busy[r] += cost
+            took = (1.0 if a.op == "F" else backward_cost) if cost is None else cost(r, a)
+            free_at[r] = ready + took
+            busy[r] += took
             if a.send_to is not None:
                 to_stage = a.stage + 1 if a.op == "F" else a.stage - 1
                 if not 0 <= to_stage <= last_stage or to_stage % P != a.send_to:
