@@ -118,14 +118,12 @@ def test_async_and_ssp_resume_and_finish(mode, tmp_path) -> None:
 
 
 def test_async_and_ssp_reach_the_default_target(tmp_path) -> None:
-    """The default MNIST-1D task with 3 workers: sync and async reach 92% test accuracy, ssp (s=2) at least 88%."""
+    """The default MNIST-1D task with 3 workers: sync, async and ssp (s=2) reach 92%, within 2 points of sync."""
     accuracy = {}
     for mode in ("sync", "async", "ssp"):
         result = train(4, tmp_path / mode, "--mode", "ps", "--ps-mode", mode, small=False, timeout=300)
         assert result.returncode == 0, result.stdout
         accuracy[mode] = json.load(open(tmp_path / mode / "summary.json"))["test_accuracy"]
     print(accuracy)
-    assert accuracy["sync"] >= 0.92 and accuracy["async"] >= 0.92, accuracy
-    # ssp (s=2) does NOT reliably reach the 92% target: runs gave 91.6% to 94.6% (README, issue note);
-    # what is asserted for it is that bounded staleness still trains the model well
-    assert accuracy["ssp"] >= 0.88, accuracy
+    assert min(accuracy.values()) >= 0.92, accuracy
+    assert accuracy["async"] >= accuracy["sync"] - 0.02 and accuracy["ssp"] >= accuracy["sync"] - 0.02, accuracy

@@ -307,7 +307,7 @@ class ParameterServer(nn.Module):
         stale = [self.version - seen.pop(key) for key in update]
         self.staleness_log += stale
         self.shard.grad = total
-        factor = self._lr_factor(stale)
+        factor = self._lr_factor()
         if factor != 1.0:
             kept = [group["lr"] for group in self.optimizer.param_groups]
             for group in self.optimizer.param_groups:
@@ -323,19 +323,18 @@ class ParameterServer(nn.Module):
         if self.schedule is not None and (self.mode != "async" or self.updates_run % len(self.workers) == 0):
             self.schedule.step()
 
-    def _lr_factor(self, stale: list[int]) -> float:
+    def _lr_factor(self) -> float:
         """How much of the scheduled step size this update takes.
 
         async: each update is one worker's gradient, from 1/W of the global batch: the rate scales
         by sqrt(1/W), the square-root rule for a smaller batch (with W times as many updates; on the
-        default task 1/W under-trains and 1 diverges). ssp: whole rounds, divided by 1 + their mean
-        staleness in rounds (staleness-aware, Zhang et al. 2016): a gradient computed t rounds ago
-        points where the parameters were then.
+        default task 1/W under-trains and 1 diverges). sync and ssp: whole rounds at the full rate;
+        in ssp the bound on staleness is what keeps stale rounds safe (Ho et al. 2013). Dividing by
+        1 + staleness (Zhang et al. 2016) under-trained ssp here: 92.8-93.9% against 94.8-95.6%
+        with the full rate (3 runs each; sync 95.2%).
         """
         if self.mode == "async":
             return 1.0 / len(self.workers) ** 0.5
-        if self.mode == "ssp":
-            return 1.0 / (1.0 + sum(stale) / len(stale))
         return 1.0
 
     def _reply(self, worker: int) -> list[p2p.Transfer]:
