@@ -148,6 +148,46 @@ def test_batches_of_changing_size_equal_single_process() -> None:
     comm.Free()
 
 
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_stages_of_views_only_equal_single_process(schedule: str) -> None:
+    """Stages of views only: their output is their input's memory, their input's gradient the received one's."""
+    comm = sub_world()
+    if comm is None:
+        return
+
+    def model() -> nn.Sequential:
+        torch.manual_seed(0)
+        layers: list[nn.Module] = []
+        for stage in range(P):  # odd stages: reshape there and back (views); even ones: Linear + Tanh
+            layers += [nn.Unflatten(1, (3, 4)), nn.Flatten()] if stage % 2 else [nn.Linear(12, 12), nn.Tanh()]
+        return nn.Sequential(*layers, nn.Linear(12, 5))
+
+    sizes = [2] * P
+    cuts = [sum(sizes[:k]) for k in range(1, P)]
+    x, y = data(3)
+    ref = model()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    pp = Pipeline(model(), comm, microbatches=P + 1, schedule=schedule, partition_by=cuts)
+    params = list(pp.parameters())  # none on a stage of views
+    opt = torch.optim.SGD(params, lr=0.1) if params else None
+    for s in range(3):
+        xb, yb = x[s * BATCH:(s + 1) * BATCH], y[s * BATCH:(s + 1) * BATCH]
+        ref_opt.zero_grad()
+        loss = nn.functional.cross_entropy(ref(xb), yb)
+        loss.backward()
+        ref_opt.step()
+        pp.zero_grad()
+        assert pp.train_step(xb, yb, nn.functional.cross_entropy) == pytest.approx(loss.item(), rel=1e-5, abs=4e-5)
+        if opt is not None:
+            opt.step()
+    for indices, part in zip(pp.layer_indices, pp.parts):
+        for index, layer in zip(indices, part):
+            for p, q in zip(layer.parameters(), ref[index].parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=4e-5)
+    pp.close()
+    comm.Free()
+
+
 def test_forward_only_matches_the_model() -> None:
     """Inference through the stages gives the model's output on the last stage's rank."""
     comm = sub_world()

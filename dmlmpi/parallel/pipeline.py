@@ -179,11 +179,17 @@ class Pipeline(nn.Module):
             p2p.wait(p2p.mrecv(message, out))
         return out
 
-    def _recycle(self, t: torch.Tensor | None) -> None:
-        """Keep a received tensor that nothing uses any more for a later receive of the same shape."""
-        if t is not None:
-            t = t.detach()  # a plain tensor on the same storage: no .grad, no autograd history
-            self._spare.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
+    def _recycle(self, t: torch.Tensor | None, *sent: torch.Tensor | None) -> None:
+        """Keep a received tensor that nothing uses any more for a later receive of the same shape.
+
+        Not when one of the tensors `sent` this step shares its memory: a chunk of views only
+        (Flatten, Identity) sends on its input itself, and a send's buffer is MPI's until the step ends.
+        """
+        if t is None or any(s is not None and s.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+                            for s in sent):
+            return
+        t = t.detach()  # a plain tensor on the same storage: no .grad, no autograd history
+        self._spare.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
 
     def _device(self) -> torch.device:
         """Where this rank's parameters live."""
@@ -261,8 +267,8 @@ class Pipeline(nn.Module):
                         self._send(x.grad, a.send_to, "B", a.micro, a.stage - 1, pending)
                     # backward is done: the received input and gradient can take later messages
                     if a.stage > 0:
-                        self._recycle(x)
-                    self._recycle(grad)
+                        self._recycle(x, y, x.grad)
+                    self._recycle(grad, x.grad)
                     remaining[a.chunk] -= 1
                     if remaining[a.chunk] == 0 and self._dp_thread is not None:
                         futures.append(self._dp_thread.submit(self._average_job(a.chunk)))
