@@ -55,6 +55,12 @@ def my_grads(pp: Pipeline, reference: list[torch.Tensor]) -> list[tuple[torch.Te
     return pairs
 
 
+def layer_pairs(pp: Pipeline, model: nn.Sequential) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """(pipeline parameter, the same parameter of a whole `model`) for each parameter this rank holds."""
+    return [(p, q) for indices, part in zip(pp.layer_indices, pp.parts) for index, layer in zip(indices, part)
+            for p, q in zip(layer.parameters(), model[index].parameters())]
+
+
 def sub_world() -> MPI.Comm | None:
     """The first P ranks (all of a world of up to 4)."""
     sub = WORLD.Split(0 if RANK < P else MPI.UNDEFINED, RANK)
@@ -110,10 +116,8 @@ def test_parameters_after_optimizer_steps_equal_single_process(schedule: str) ->
         popt.zero_grad()
         pp.train_step(x[s * BATCH:(s + 1) * BATCH], y[s * BATCH:(s + 1) * BATCH], nn.functional.cross_entropy)
         popt.step()
-    for indices, part in zip(pp.layer_indices, pp.parts):
-        for index, layer in zip(indices, part):
-            for p, q in zip(layer.parameters(), model[index].parameters()):
-                torch.testing.assert_close(p, q, rtol=1e-5, atol=4e-5)
+    for p, q in layer_pairs(pp, model):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=4e-5)
     pp.close()
     comm.Free()
 
@@ -136,10 +140,8 @@ def test_batches_of_changing_size_equal_single_process() -> None:
         loss.backward()
         pp.zero_grad()
         assert pp.train_step(xb, yb, nn.functional.cross_entropy) == pytest.approx(loss.item(), rel=1e-5, abs=4e-5)
-        for indices, part in zip(pp.layer_indices, pp.parts):
-            for index, layer in zip(indices, part):
-                for p, q in zip(layer.parameters(), model[index].parameters()):
-                    torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=4e-5)
+        for p, q in layer_pairs(pp, model):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=4e-5)
     # inference reuses the forward tags with other shapes (3 microbatches of 7-8 rows)
     out = pp.forward_only(x[:BATCH] if comm.Get_rank() == 0 else None, BATCH)
     if comm.Get_rank() == comm.Get_size() - 1:
@@ -162,8 +164,7 @@ def test_stages_of_views_only_equal_single_process(schedule: str) -> None:
             layers += [nn.Unflatten(1, (3, 4)), nn.Flatten()] if stage % 2 else [nn.Linear(12, 12), nn.Tanh()]
         return nn.Sequential(*layers, nn.Linear(12, 5))
 
-    sizes = [2] * P
-    cuts = [sum(sizes[:k]) for k in range(1, P)]
+    cuts = [2 * k for k in range(1, P)]  # two layers a stage
     x, y = data(3)
     ref = model()
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
@@ -180,10 +181,8 @@ def test_stages_of_views_only_equal_single_process(schedule: str) -> None:
         assert pp.train_step(xb, yb, nn.functional.cross_entropy) == pytest.approx(loss.item(), rel=1e-5, abs=4e-5)
         if opt is not None:
             opt.step()
-    for indices, part in zip(pp.layer_indices, pp.parts):
-        for index, layer in zip(indices, part):
-            for p, q in zip(layer.parameters(), ref[index].parameters()):
-                torch.testing.assert_close(p, q, rtol=1e-5, atol=4e-5)
+    for p, q in layer_pairs(pp, ref):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=4e-5)
     pp.close()
     comm.Free()
 
