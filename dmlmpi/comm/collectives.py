@@ -132,6 +132,10 @@ def allreduce(x: Any, op: str = "sum", algorithm: str = "auto", comm: MPI.Comm |
               inplace: bool = False, guard: bool | None = None) -> Any:
     """Reduce `x` element-wise over all ranks; every rank gets the result (same kind and device as x)."""
     ctx, dtype = _begin(x, comm, guard, "allreduce", op, algorithm)
+    if inplace and type(x) is np.ndarray and x.flags.c_contiguous:
+        # a contiguous numpy array is its own flat buffer: no wrapping (small calls are latency)
+        allreduce_flat(x if x.ndim == 1 else x.reshape(-1), dtype, op, algorithm, ctx)
+        return x
     flat = to_flat(x, copy=not inplace, dtype=dtype)
     allreduce_flat(flat.data, dtype, op, algorithm, ctx)
     return write_back(flat, x) if inplace else to_result(flat, flat.data, flat.shape)

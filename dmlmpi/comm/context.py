@@ -8,6 +8,7 @@ communicator's lifetime without a module-level registry.
 from __future__ import annotations
 
 import os
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ class Context:
     guard: bool = field(default_factory=lambda: _env_flag("DMLMPI_GUARD", True))
     ring_min_bytes: int = 0  # auto's ring/native crossover for this size (DMLMPI_RING_MIN_BYTES overrides)
     buffers: dict[Any, Any] = field(default_factory=dict)  # reusable host buffers, by (purpose, dtype)
+    guard_pair: array = field(default_factory=lambda: array("q", (0, 0)))  # the guard's message: hash, -hash
 
     def scratch(self, n: int, like: Any) -> Any:
         """A reusable uninitialised 1-D host buffer of n elements of like's dtype (grown on demand).

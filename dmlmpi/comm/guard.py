@@ -1,10 +1,14 @@
 """Cross-rank consistency guard: every rank checks that all ranks entered the same collective.
 
-Before a collective, ranks all-reduce (MAX) their call signature next to its negation, which gives
-each field's maximum and minimum in one small message. If any field's max differs from its min the
-ranks disagree: they then gather everyone's signature (this path only runs on error) and every rank
-raises the same CollectiveMismatchError naming the ranks and what differs. MPI itself would hang,
-fail with a truncation error on some ranks only, or silently return garbage instead.
+Before a collective, ranks all-reduce (MAX) a 64-bit hash of their call signature next to its
+negation, which gives the hash's maximum and minimum in one message of two integers. If they differ
+the ranks disagree: they then gather everyone's signature (this path only runs on error) and every
+rank raises the same CollectiveMismatchError naming the ranks and what differs. MPI itself would
+hang, fail with a truncation error on some ranks only, or silently return garbage instead.
+
+Equal signatures always hash equal; two different ones collide with probability about 2**-64 (a
+tuple of integers hashes the same way in every process of one Python version, whatever
+PYTHONHASHSEED says: only str and bytes hashes are salted).
 """
 from __future__ import annotations
 
@@ -69,12 +73,12 @@ def mismatch_message(signatures: list[list[int]]) -> str:
 
 def check(ctx: Context, sig: list[int]) -> None:
     """Raise CollectiveMismatchError on every rank unless all ranks passed the same signature."""
-    k = len(sig)
-    both = array("q", sig + [-v for v in sig])  # int64; cheaper to build than a numpy array
-    # one small collective: the max of each field and the max of its negation (= -min)
-    ctx.comm.Allreduce(MPI.IN_PLACE, both, op=MPI.MAX)
-    folded = both.tolist()
-    if folded[:k] == [-v for v in folded[k:]]:
+    h = hash(tuple(sig))
+    pair = ctx.guard_pair  # two int64, kept with the communicator (building one per call costs more)
+    pair[0], pair[1] = h, -h
+    # one small collective: the max of the hash and the max of its negation (= -min)
+    ctx.comm.Allreduce(MPI.IN_PLACE, pair, op=MPI.MAX)
+    if pair[0] == -pair[1]:
         return
     # error path only: gather all signatures so the message can say who differs and how
     signatures = ctx.comm.allgather(sig)
