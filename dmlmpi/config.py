@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="consistency: sync (BSP), async (ASP), ssp (bounded staleness, see --staleness)")
     g.add_argument("--staleness", type=int, default=2,
                    help="ssp: how many steps a worker may run ahead of the slowest (0 = sync)")
+    g.add_argument("--ps-pace", default="even", choices=["even", "own"],
+                   help="async: even = every worker takes an equal share of each epoch and all stop together; "
+                        "own = each goes through its share at its own speed until the servers have applied "
+                        "epochs x steps-per-epoch x workers gradients, so a fast worker does more of them")
     g = p.add_argument_group("pipeline (--mode pipeline, --mode hybrid)")
     g.add_argument("--dp", type=int, default=2, help="hybrid: data-parallel replicas of the pipeline")
     g.add_argument("--pp", type=int, default=4, help="hybrid: pipeline ranks (pipeline mode: all ranks)")
@@ -263,6 +267,12 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size:
     if args.straggler is not None and args.straggler[0] >= train_ranks:
         parser.error(f"--straggler {args.straggler[0]}:{args.straggler[1]}: rank {args.straggler[0]} does not "
                      f"train (training ranks are 0..{train_ranks - 1})")
+    if args.ps_pace == "own" and (args.mode != "ps" or args.ps_mode != "async"):
+        parser.error(f"--ps-pace own needs --mode ps --ps-mode async (got --mode {args.mode}"
+                     + (f" --ps-mode {args.ps_mode})" if args.mode == "ps" else ")"))
+    if args.ps_pace == "own" and args.elastic:
+        parser.error("--ps-pace own does not work with --elastic (workers at their own places in the data stop "
+                     "through the servers, not through the survivors' agreement): use --ps-pace even")
     if args.elastic:
         if args.mode not in ELASTIC_MODES:
             parser.error(f"--elastic works with --mode {', '.join(ELASTIC_MODES)}, not {args.mode}")

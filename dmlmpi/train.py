@@ -8,6 +8,7 @@ last --servers ranks serve the parameters instead of running the loop.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
 import numpy as np
@@ -19,6 +20,7 @@ from dmlmpi import checkpoint, config, elastic, preempt
 from dmlmpi.data import Dataset, DistributedSampler, load_dataset
 from dmlmpi.entry import run_main
 from dmlmpi.models import build
+from dmlmpi.parallel import pace
 from dmlmpi.telemetry import ProgressBar, RunLog, Timeline, atomic_write_json
 from dmlmpi.trainers import DPTrainer, PipelineTrainer, PSTrainer, Trainer
 
@@ -103,10 +105,18 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
     share_size = team.Get_size() if trainer.data_size is None else trainer.data_size
     sampler = DistributedSampler(len(data.y_train), args.batch_size, share_rank, share_size, args.seed, args.tail)
     step, samples_done, wall_before = 0, 0, 0.0
+    # ps async at its own pace: each worker its own place in the data; the servers say when to stop
+    own = isinstance(trainer, PSTrainer) and trainer.own_pace
     if args.resume and (path := checkpoint.latest_path(args.out)) is not None:
         state = checkpoint.load(path, world)
         trainer.load(state)
-        sampler.load_state_dict(state["sampler"])
+        if own and not trainer.is_server:
+            if len(state["samplers"]) != team.Get_size():
+                raise ValueError(f"--ps-pace own: the checkpoint has {len(state['samplers'])} workers' places in the "
+                                 f"data, this run has {team.Get_size()} workers")
+            sampler.load_state_dict(state["samplers"][team.Get_rank()])
+        else:
+            sampler.load_state_dict(state["sampler"])
         step, samples_done, wall_before = state["step"], state["samples"], state["wall_s"]
         log.info(f"resumed from {path} at step {step} (epoch {sampler.epoch + 1}, batch {sampler.next_batch})")
     elif args.resume:
@@ -128,10 +138,14 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
 
     def save() -> None:
         """A complete, atomic checkpoint of everything a resumed run needs."""
-        trainer.save(args.out, step, dict(sampler=sampler.state_dict(), samples=samples_done, wall_s=elapsed()))
+        extra = {}
+        if own:
+            # gather: every worker's own place in the data to rank 0 (each resumes from its own)
+            extra["samplers"] = team.gather(sampler.state_dict(), root=0)
+        trainer.save(args.out, step, dict(sampler=sampler.state_dict(), samples=samples_done, wall_s=elapsed(), **extra))
 
     # workers (every rank but ps mode's servers): progress bar and the per-step stop agreement
-    bar = ProgressBar(team, total=len(sampler), epochs=args.epochs, active=not trainer.is_server)
+    bar = ProgressBar(team, total=len(sampler), epochs=0 if own else args.epochs, active=not trainer.is_server)
     stop = preempt.StopAgreement(team) if not trainer.is_server else None  # SIGUSR1/SIGTERM: checkpoint, exit 99
     if trainer.is_server:
         preempt.defer_signals()
@@ -142,12 +156,25 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
         """The epochs from where the sampler stands; sets `stopped` / `preempted` when stopping early."""
         nonlocal step, samples_done, loss, stopped, preempted, completed
         shares: list[float] = []
-        for epoch in range(sampler.epoch, args.epochs):
+        # own pace: the first server's answer to the first pull may already call a checkpoint or a stop
+        code = trainer.ps.pull() if own else pace.GO
+        if code != pace.GO:
+            # every worker joins every checkpoint, and the one at its stop, however it is told: a worker
+            # that starts late may find the others already in one, or the budget already spent
+            save()
+            if code != pace.CHECKPOINT:
+                preempted = code == pace.PREEMPTED
+                stopped = preempted
+                return
+        # own pace: a worker goes through its share again and again, until the servers say stop
+        for epoch in itertools.count(sampler.epoch) if own else range(sampler.epoch, args.epochs):
             sampler.set_epoch(epoch)
             bar.start_epoch(epoch + 1, len(sampler))
             epoch_start, epoch_samples = time.perf_counter(), 0
             for idx in sampler:
                 t0 = time.perf_counter()
+                if own:  # a signal here asks the servers (in the push header) to stop every worker
+                    trainer.ps.stop_requested = stop.received is not None
                 with tl.span(f"step {step + 1}", cat="step"):
                     if args.straggler is not None and args.straggler[0] == team.Get_rank():
                         with tl.span("straggler sleep", cat="idle"):
@@ -167,6 +194,17 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
                                  samples_per_s=samples_done / elapsed()))
                 if sampler.next_batch < len(sampler):  # the epoch's last line comes with its accuracy, below
                     bar.update(sampler.next_batch, loss=loss, samples=args.batch_size)
+                if own:
+                    # the first server's answer to this push: go on, checkpoint (every worker is told,
+                    # so all join it), or stop, all at the same checkpoint, for a signal or the budget
+                    code = trainer.ps.code
+                    preempted = code == pace.PREEMPTED
+                    done = code in (pace.DONE, pace.PREEMPTED)
+                    if done or code == pace.CHECKPOINT:
+                        save()
+                    if done:
+                        break
+                    continue
                 preempted = stop.should_stop()  # collective: the same answer on every rank at this step
                 stopped = preempted or (args.max_steps > 0 and step >= args.max_steps)
                 if stopped or (args.checkpoint_every and step % args.checkpoint_every == 0):
@@ -174,14 +212,15 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
                 if stopped:
                     break
             rates.append(epoch_samples / (time.perf_counter() - epoch_start))
-            if stopped:
+            if stopped or (own and code in (pace.DONE, pace.PREEMPTED)):
+                stopped = stopped or preempted
                 break
             result = trainer.evaluate(data)
             if result is not None:
                 log.log(dict(step=step, epoch=epoch + 1, test_accuracy=result[0], test_loss=result[1]))
             bar.update(len(sampler), loss=loss, samples=args.batch_size,
                        accuracy=None if result is None else result[0])
-            if not args.checkpoint_every:
+            if not args.checkpoint_every and not own:  # own pace: the servers call the checkpoints
                 save()
 
     while True:
@@ -239,8 +278,9 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
             log.info(f"stopped for a signal ({why}) at step {step}: checkpoint written, "
                      f"exiting with status {preempt.PREEMPTED_EXIT} (resume with --resume)")
         trainer.finish()
-    # the servers of ps mode learn it from rank 0 (always a worker): all ranks exit alike
-    preempted = world.bcast(preempted, root=0)
+    # the servers of ps mode learn it from the workers: all ranks exit alike (at own pace a worker
+    # told "budget spent" before a signal reached the servers still exits with the others)
+    preempted = bool(world.allreduce(int(preempted), op=MPI.MAX))
     wall = elapsed()
     throughput = gather_stats(trainer, world, rates, mine, log)
     if preempted:  # no final evaluation or summary: the run is not over, and the time before the limit is short

@@ -216,9 +216,18 @@ class PSTrainer(Trainer):
     def __init__(self, model: nn.Module, data: Dataset, args: argparse.Namespace, world: MPI.Comm,
                  device: torch.device, total_steps: int, tl: Timeline) -> None:
         self.world, self.data, self.device, self.tl, self.mode = world, data, device, tl, args.ps_mode
+        self.own_pace, self.total_steps = args.ps_pace == "own", total_steps
+        budget = checkpoint_every = None
+        if self.own_pace:
+            # the gradients of an even run (each global step is one from every worker), checkpoints
+            # every --checkpoint-every global steps or every epoch's worth
+            workers = world.Get_size() - args.servers
+            steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
+            budget = steps * workers
+            checkpoint_every = (args.checkpoint_every or total_steps // args.epochs) * workers
         self.ps = ParameterServer(model, world, servers=args.servers, mode=args.ps_mode, staleness=args.staleness,
                                   optimizer=make_optimizer(args), schedule=make_schedule(args, total_steps),
-                                  timeline=tl)
+                                  timeline=tl, budget=budget, checkpoint_every=checkpoint_every or 0)
         self.is_server = self.ps.is_server
         self.comm = self.ps.worker_comm
         self.server_stats: dict[str, Any] = {}
@@ -243,8 +252,16 @@ class PSTrainer(Trainer):
             (share * workers).backward()
         with self.tl.span(f"push/pull ({self.mode})", cat="comm"):
             self.ps.step()
-        self._lr_opt.step()  # (the schedule expects its optimizer to step first)
-        self.schedule.step()
+        if self.own_pace:
+            # own pace: a worker's steps are not the run's; follow the global step the first server
+            # has reached (one per `workers` gradients), as its schedule does
+            target = min(self.total_steps, self.ps.seen[0] // workers)
+            while self.schedule.last_epoch < target:
+                self._lr_opt.step()
+                self.schedule.step()
+        else:
+            self._lr_opt.step()  # (the schedule expects its optimizer to step first)
+            self.schedule.step()
         return share.item()
 
     def logged_loss(self, contributions: list[float]) -> float:

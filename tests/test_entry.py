@@ -72,11 +72,11 @@ def test_ps_bench_smoke(tmp_path) -> None:
     assert "2 workers + 1 server(s)" in result.stdout and "sync PS step time / ring DP step time" in result.stdout
     records = json.loads(path.read_text())
     assert [(r["variant"], r["straggler"] != "none") for r in records] == [
-        (v, s) for s in (False, True) for v in ("dp", "sync", "async", "ssp")]
+        (v, s) for s in (False, True) for v in ("dp", "sync", "async", "ssp", "async-own")]
     for r in records:
         assert r["workers"] == 2 and r["samples_per_s_median"] > 0 and 0 <= r["test_accuracy"] <= 1
-        # the PS variants count what they send: 8010 float32 gradients + a 24-byte header per step
-        assert r["bytes_sent_per_worker_step"] == (8010 * 4 if r["variant"] == "dp" else 8010 * 4 + 24)
+        # the PS variants count what they send: 8010 float32 gradients + a 32-byte header per step
+        assert r["bytes_sent_per_worker_step"] == (8010 * 4 if r["variant"] == "dp" else 8010 * 4 + 32)
 
 
 def test_pipeline_bench_smoke(tmp_path) -> None:

@@ -102,3 +102,77 @@ def test_bad_mode_and_staleness() -> None:
         Consistency("bsp", [0])
     with pytest.raises(ValueError, match="staleness"):
         Consistency("ssp", [0], staleness=-1)
+
+
+# -- own pace: what the first server tells each worker --------------------------------------------
+
+from dmlmpi.parallel.pace import CHECKPOINT, DONE, GO, PREEMPTED, Pace  # noqa: E402
+
+
+def drive(book: Pace, order: list[int], block: bool = True) -> dict[int, list[int]]:
+    """Workers push in `order` (each push is one applied gradient) until every one was told to stop; codes per worker.
+
+    A worker told CHECKPOINT waits (in the collective write) until every running worker has been told
+    (`block=False`: it keeps pushing, as if its gradients were still in flight).
+    """
+    codes: dict[int, list[int]] = {w: [] for w in book.workers}
+    saving: set[int] = set()
+    for w in order:
+        if w in book.finished or w in saving:
+            continue
+        book.applied(book.version + 1)
+        codes[w].append(book.code(w))
+        if codes[w][-1] == CHECKPOINT and block:
+            saving.add(w)
+        if saving and not book.owed:
+            saving.clear()  # everyone is in: the checkpoint is written, all go on
+    return codes
+
+
+def test_own_pace_goes_until_the_budget_then_stops_everyone() -> None:
+    """GO until the budget is applied, then DONE to each worker once; a fast worker does more of it."""
+    book = Pace([0, 1, 2], budget=30)
+    order = [w for _ in range(40) for w in (0, 0, 1, 2, 2)]  # workers 0 and 2 push twice as often as 1
+    codes = drive(book, order)
+    assert all(c[-1] == DONE and set(c[:-1]) <= {GO} for c in codes.values())
+    assert sum(len(c) for c in codes.values()) <= 30 + 2  # at most one more push per other worker
+    assert len(codes[0]) > len(codes[1]) and len(codes[2]) > len(codes[1])
+
+
+def test_every_worker_joins_each_checkpoint_before_anyone_stops() -> None:
+    """A checkpoint every 10 gradients: each worker hears of each one exactly once, in the same sequence."""
+    rng = random.Random(3)
+    for trial in range(20):
+        book = Pace([0, 1, 2], budget=45, checkpoint_every=10)
+        order = [rng.choice([0, 0, 0, 1, 2, 2]) for _ in range(400)]
+        codes = drive(book, order)
+        sequences = {w: [c for c in cs if c != GO] for w, cs in codes.items()}
+        # 4 checkpoints (10, 20, 30, 40 < 45), then the stop: the same for everyone
+        assert all(s == [CHECKPOINT] * 4 + [DONE] for s in sequences.values()), (trial, sequences)
+        # pushes that keep coming while a checkpoint is announced delay the next one, never split the sequence
+        loose = drive(Pace([0, 1, 2], budget=45, checkpoint_every=3), order, block=False)
+        sequences = [[c for c in cs if c != GO] for cs in loose.values()]
+        assert sequences[0][-1] == DONE and all(s == sequences[0] for s in sequences), (trial, sequences)
+
+
+def test_a_stop_request_stops_everyone_after_the_checkpoint_they_owe() -> None:
+    """A signal (stop_requested): no new checkpoints; owed ones first, then PREEMPTED for every worker."""
+    book = Pace([0, 1], budget=100, checkpoint_every=5)
+    for _ in range(5):
+        book.applied(book.version + 1)
+    assert book.code(0) == CHECKPOINT  # worker 1 still owes it
+    book.stop_requested = True
+    book.applied(book.version + 1)
+    assert book.code(0) == GO  # worker 1 has not heard of the checkpoint yet: no stop for anyone
+    assert book.code(1) == CHECKPOINT
+    for _ in range(10):  # past the next checkpoint version: none is called after a stop request
+        book.applied(book.version + 1)
+    assert [book.code(0), book.code(1)] == [PREEMPTED, PREEMPTED]
+
+
+def test_own_pace_resumed_with_its_budget_spent_stops_at_once() -> None:
+    """A resumed run whose servers already applied the budget: the first answer is DONE; bad budgets refused."""
+    book = Pace([0, 1], budget=10, checkpoint_every=4, version=12)
+    assert book.code(0) == DONE and book.code(1) == DONE
+    with pytest.raises(ValueError, match="budget"):
+        Pace([0], budget=0)

@@ -64,8 +64,8 @@ def test_run_directory_has_staleness_and_worker_throughput(ps_sync, tmp_path) ->
     assert [r["rank"] for r in workers] == [0, 1] and [r["rank"] for r in servers] == [2]
     for r in workers:
         assert r["samples_per_s"] > 0 and len(r["epoch_samples_per_s"]) == 2
-        # 8010 float32 gradients + a 24-byte header to the one server per step
-        assert r["bytes_sent_per_step"] == 8010 * 4 + 24
+        # 8010 float32 gradients + a 32-byte header to the one server per step
+        assert r["bytes_sent_per_step"] == 8010 * 4 + 32
     assert servers[0]["updates"] == 30 and servers[0]["staleness"] == [0] * 60  # sync: never stale
     assert "parameter server (sync) on 3 ranks: 2 worker(s), 1 server(s)" in result.stdout
     done = subprocess.run([sys.executable, "-m", "dmlmpi.plot", str(out), "--out", str(tmp_path)],
@@ -127,3 +127,76 @@ def test_async_and_ssp_reach_the_default_target(tmp_path) -> None:
     print(accuracy)
     assert min(accuracy.values()) >= 0.92, accuracy
     assert accuracy["async"] >= accuracy["sync"] - 0.02 and accuracy["ssp"] >= accuracy["sync"] - 0.02, accuracy
+
+
+def server_record(out) -> dict:
+    """The server's statistics record of the last finished run in `out` (one server)."""
+    return [r for r in records(out) if r.get("role") == "server"][-1]
+
+
+def worker_steps(out) -> dict[int, int]:
+    """Each worker's steps in the run, by rank."""
+    return {r["rank"]: r["steps"] for r in records(out) if r.get("role") == "worker"}
+
+
+def test_own_pace_fast_workers_take_more_of_the_budget(tmp_path) -> None:
+    """--ps-pace own with worker 1 slowed: the servers apply the run's budget, the fast workers most of it."""
+    # 480 / 32 = 15 global steps per epoch, 2 epochs, 3 workers: a budget of 90 gradients
+    result = train(4, tmp_path, "--mode", "ps", "--ps-mode", "async", "--ps-pace", "own", "--straggler", "1:0.03")
+    assert result.returncode == 0, result.stdout
+    server = server_record(tmp_path)
+    assert 90 <= server["version"] <= 90 + 2, server["version"]  # at most one more push per other worker
+    steps = worker_steps(tmp_path)
+    assert sum(steps.values()) == server["updates"]  # every push applied, none lost
+    assert steps[1] < steps[0] and steps[1] < steps[2], steps
+    assert (tmp_path / "summary.json").exists()
+
+
+def test_own_pace_resumes_where_the_budget_stood(tmp_path) -> None:
+    """A run stopped by --max-steps at 6 global steps (18 gradients), resumed without: it completes the budget."""
+    first = train(4, tmp_path, "--mode", "ps", "--ps-mode", "async", "--ps-pace", "own", "--max-steps", "6")
+    assert first.returncode == 0, first.stdout
+    before = server_record(tmp_path)["version"]
+    assert 18 <= before <= 20
+    second = train(4, tmp_path, "--mode", "ps", "--ps-mode", "async", "--ps-pace", "own", "--resume")
+    assert second.returncode == 0, second.stdout
+    assert "resumed from" in second.stdout
+    server = server_record(tmp_path)  # the resumed run's
+    assert 90 <= server["version"] <= 92 and server["updates"] == server["version"] - before, (before, server)
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert not summary["stopped_early"] and summary["final_loss"] == summary["final_loss"]  # finished, not NaN
+
+
+def test_own_pace_is_refused_where_it_cannot_work(tmp_path) -> None:
+    """Own pace needs ps async and no --elastic: a clear error before training."""
+    for extra in (["--mode", "ps", "--ps-mode", "sync"], ["--mode", "dp"]):
+        result = train(3, tmp_path / extra[-1], *extra, "--ps-pace", "own")
+        assert result.returncode == 2 and "--ps-pace own needs --mode ps --ps-mode async" in result.stdout, result.stdout
+
+
+def test_own_pace_signal_stops_every_worker_and_resume_completes(tmp_path) -> None:
+    """SIGTERM to every rank of an own-pace run: the servers stop all workers, checkpoint, exit 99; --resume finishes."""
+    import os
+    import signal
+
+    from dmlmpi.preempt import PREEMPTED_EXIT
+    from trainrun import KillableRun, rank_pid
+
+    # 2400 / 32 = 75 global steps per epoch, 12 epochs, 3 workers: a budget of 2700 gradients
+    args = ["--samples", "3000", "--batch-size", "32", "--log-every", "1", "--epochs", "12", "--mode", "ps",
+            "--ps-mode", "async", "--ps-pace", "own"]
+    job = KillableRun(4, tmp_path, args)
+    # rank 0 logs its own steps, and may start a second before the others: wait until all surely train
+    # (a rank signalled before it set its handler would just die)
+    job.wait_for_records(300)
+    for rank in range(4):
+        os.kill(rank_pid(job.out, rank), signal.SIGTERM)
+    output = job.finish(timeout=60)
+    assert job.proc.returncode == PREEMPTED_EXIT, output[-3000:]
+    assert "stopped for a signal" in output and not (tmp_path / "summary.json").exists()
+    before = server_record(tmp_path)["version"]
+    assert 0 < before < 2700
+    second = train(4, tmp_path, *args, "--resume", small=False)
+    assert second.returncode == 0, second.stdout
+    server = server_record(tmp_path)
+    assert 2700 <= server["version"] <= 2702 and server["updates"] == server["version"] - before, (before, server)

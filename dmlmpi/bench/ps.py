@@ -4,7 +4,8 @@ Run under `mpirun -n K` with K = workers + servers (default one server). Every v
 default task (the training job's defaults: MNIST-1D CNN, AdamW, one-cycle schedule) through
 `dmlmpi.train` on the same W = K - S worker ranks and the same data: `dp` is data parallel with the
 ring all-reduce on the W workers alone (the server ranks wait), `sync`, `async` and `ssp` (s=2)
-are `--mode ps`. Each runs once as it is and once with worker 1 (worker 0 when W = 1) slowed to half
+are `--mode ps`, and `async-own` is async with `--ps-pace own` (each worker at its own speed
+until the servers have applied the run's budget of gradients, so a fast worker does more of them). Each runs once as it is and once with worker 1 (worker 0 when W = 1) slowed to half
 speed: it sleeps, before each step, the median step time measured for `dp` without a straggler.
 The runs write no checkpoints (in async and ssp modes a checkpoint makes every worker wait for the
 slowest, which would measure the checkpoint policy rather than the consistency model).
@@ -31,7 +32,7 @@ from dmlmpi import train
 
 from .common import format_table, write_json
 
-VARIANTS = ("dp", "sync", "async", "ssp")
+VARIANTS = ("dp", "sync", "async", "ssp", "async-own")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -68,8 +69,9 @@ def run(variant: str, straggler: tuple[int, float] | None, args: argparse.Namesp
         if dp_comm != MPI.COMM_NULL:  # the workers only; server ranks wait at the barrier below
             train.main(argv, dp_comm)
     else:
-        argv += ["--mode", "ps", "--servers", str(args.servers), "--ps-mode", variant,
-                 "--staleness", str(args.staleness)]
+        mode, _, pace = variant.partition("-")
+        argv += ["--mode", "ps", "--servers", str(args.servers), "--ps-mode", mode,
+                 "--staleness", str(args.staleness), "--ps-pace", pace or "even"]
         train.main(argv, world)
     world.Barrier()
     if world.Get_rank() != 0:
@@ -149,7 +151,7 @@ def report(records: list[dict[str, Any]], args: argparse.Namespace, workers: int
     if ("dp", False) in by and ("sync", False) in by:
         ratio = by[("sync", False)]["step_time_s"] / by[("dp", False)]["step_time_s"]
         print(f"sync PS step time / ring DP step time = {ratio:.2f}x (<=1.5x: {'PASS' if ratio <= 1.5 else 'MISS'})")
-    for v in ("async", "ssp"):
+    for v in ("async", "ssp", "async-own"):
         if (v, True) in by and ("sync", True) in by:
             ratio = by[(v, True)]["samples_per_s_median"] / by[("sync", True)]["samples_per_s_median"]
             wall = by[("sync", True)]["wall_s"] / by[(v, True)]["wall_s"]

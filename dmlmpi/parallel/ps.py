@@ -11,7 +11,9 @@ each shard of it to its server and posts the receives of every server's answer a
 point-to-point, so a worker talks to all its servers together); the answer is the server's current
 shard, received straight into the parameters (also views into one flat buffer). When a server
 answers, and how it turns gradients into updates, is the consistency model (dmlmpi.parallel.
-consistency): sync, async, or bounded staleness.
+consistency): sync, async, or bounded staleness. With a gradient `budget` (async only) workers go at
+their own pace until the servers have applied that many gradients, a fast worker doing more of them;
+every answer then also says whether to go on, checkpoint or stop (dmlmpi.parallel.pace).
 
     ps = ParameterServer(model, comm, servers=1, mode="ssp", staleness=2,
                          optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9))
@@ -39,9 +41,11 @@ from dmlmpi.telemetry import maybe_span
 
 from .consistency import MODES, Consistency, Update
 from .flat import view_into
+from .pace import GO, Pace
 
 # what a worker's header message asks of a server
 PUSH, PULL, SAVE, DONE = 1, 2, 3, 4
+STOP_FLAG = 1  # header flags: this worker had a signal (own pace: the first server stops everyone)
 # message tags on the private communicator
 TAG_HEADER, TAG_GRAD, TAG_REPLY, TAG_PARAMS = 1, 2, 3, 4
 
@@ -67,13 +71,19 @@ class ParameterServer(nn.Module):
 
     def __init__(self, module: nn.Module, comm: MPI.Comm | None = None, servers: int = 1, mode: str = "sync",
                  staleness: int = 0, optimizer: OptimizerFactory | None = None,
-                 schedule: Callable[[torch.optim.Optimizer], Any] | None = None, timeline: Any = None) -> None:
+                 schedule: Callable[[torch.optim.Optimizer], Any] | None = None, timeline: Any = None,
+                 budget: int | None = None, checkpoint_every: int = 0) -> None:
+        """`budget` (async only): own pace, until the servers have applied that many gradients (resumes
+        included); `checkpoint_every` gradients the workers are told to checkpoint (see dmlmpi.parallel.pace)."""
         super().__init__()
         world = MPI.COMM_WORLD if comm is None else comm
         size, rank = world.Get_size(), world.Get_rank()
         check_setup(size, servers)
         if mode not in MODES:
             raise ValueError(f"parameter server: mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if budget is not None and mode != "async":
+            raise ValueError(f"parameter server: own pace (a gradient budget) needs mode async, got {mode!r}")
+        self.budget, self.checkpoint_every = budget, checkpoint_every
         self.module, self.mode, self.staleness = module, mode, staleness
         self.timeline = timeline  # a dmlmpi.telemetry.Timeline: server updates become "compute" spans
         self.comm = world.Dup()  # private channel: PS messages never match the user's own
@@ -99,6 +109,7 @@ class ParameterServer(nn.Module):
             self.version = 0  # updates this server has applied, over all runs (resumes included)
             self.updates_run = 0  # updates applied in this run
             self.staleness_log: list[int] = []  # per applied gradient: version at apply - version it saw
+            self.pace: Pace | None = None  # own pace: made in serve(), from the version a resume restored
         else:
             self._init_worker(flat)
         # the servers' optimizers exist (torch's first optimizer import can take a second) before
@@ -117,6 +128,8 @@ class ParameterServer(nn.Module):
         self.seen = [0] * len(self.servers)  # version of each server's shard our parameters hold
         self.clock = 0  # pushes done in this run
         self.pulled = False
+        self.code = GO  # own pace: what the first server said with its last answer (dmlmpi.parallel.pace)
+        self.stop_requested = False  # own pace: set to ask the servers to stop every worker (a signal)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped module's forward; the first call pulls the servers' parameters."""
@@ -127,8 +140,9 @@ class ParameterServer(nn.Module):
     def _exchange(self, kind: int, with_grads: bool) -> tuple[int, int]:
         """Send a header (and gradient shards) to every server, receive every server's shard; bytes (sent, received)."""
         transfers, sent, received = [], 0, 0
-        headers = [np.array([kind, self.clock, v], dtype=np.int64) for v in self.seen]
-        replies = [np.zeros(1, dtype=np.int64) for _ in self.servers]
+        flags = STOP_FLAG if self.stop_requested else 0
+        headers = [np.array([kind, self.clock, v, flags], dtype=np.int64) for v in self.seen]
+        replies = [np.zeros(2, dtype=np.int64) for _ in self.servers]  # (version, what to do next)
         for s, server in enumerate(self.servers):
             start, stop = self.ranges[s]
             # push: header, then this server's gradient shard
@@ -143,16 +157,21 @@ class ParameterServer(nn.Module):
             received += replies[s].nbytes + (stop - start) * self.flat_params.element_size()
         p2p.wait_all(transfers)  # all servers at once; how long this takes is the consistency model
         self.seen = [int(r[0]) for r in replies]
+        self.code = int(replies[0][1])  # only the first server keeps the budget
         return sent, received
 
-    def pull(self) -> None:
-        """Fetch the servers' current parameters (the start of training, or after a resume)."""
+    def pull(self) -> int:
+        """Fetch the servers' current parameters (the start of training, or after a resume); the first server's code."""
         self._check_worker("pull")
         self._exchange(PULL, with_grads=False)
         self.pulled = True
+        return self.code
 
-    def step(self) -> None:
-        """Push this step's gradients, pull parameters (waiting as the consistency model says), zero the gradients."""
+    def step(self) -> int:
+        """Push this step's gradients, pull parameters (waiting as the consistency model says), zero the gradients.
+
+        Returns the first server's code (dmlmpi.parallel.pace): always GO unless a budget was set.
+        """
         self._check_worker("step")
         if not self.pulled:
             raise RuntimeError("parameter server: step() before the first forward (or pull()): no parameters yet")
@@ -168,6 +187,7 @@ class ParameterServer(nn.Module):
         self.clock += 1
         self.steps += 1
         self.flat_grads.zero_()
+        return self.code
 
     def finish(self) -> None:
         """Stop pushing; return when every worker has, holding the servers' final parameters."""
@@ -187,7 +207,7 @@ class ParameterServer(nn.Module):
         """Worker: ask every server to join a checkpoint once all workers have asked (then call state())."""
         self._check_worker("request_checkpoint")
         # only the header: the servers answer nothing, they join the collective state() instead
-        reqs = [p2p.isend(np.array([SAVE, self.clock, v], dtype=np.int64), server, TAG_HEADER, self.comm)
+        reqs = [p2p.isend(np.array([SAVE, self.clock, v, 0], dtype=np.int64), server, TAG_HEADER, self.comm)
                 for v, server in zip(self.seen, self.servers)]
         p2p.wait_all(reqs)
 
@@ -251,13 +271,17 @@ class ParameterServer(nn.Module):
         seen: dict[tuple[int, int], int] = {}
         sends: list[p2p.Transfer] = []
         saving: set[int] = set()
-        header = np.zeros(3, dtype=np.int64)
+        if self.budget is not None and self.index == 0:
+            self.pace = Pace(self.workers, self.budget, self.checkpoint_every, version=self.version)
+        header = np.zeros(4, dtype=np.int64)
         status = MPI.Status()
         start = time.perf_counter()
         while not book.all_finished():
             # receive: the next header from any worker
             self.comm.Recv(header, source=MPI.ANY_SOURCE, tag=TAG_HEADER, status=status)
-            worker, (kind, clock, version_seen) = status.Get_source(), header.tolist()
+            worker, (kind, clock, version_seen, flags) = status.Get_source(), header.tolist()
+            if flags & STOP_FLAG and self.pace is not None:
+                self.pace.stop_requested = True
             updates: list[Update] = []
             if kind == PUSH:
                 grad = torch.empty_like(self.shard)
@@ -319,6 +343,8 @@ class ParameterServer(nn.Module):
             self.optimizer.step()
         self.version += 1
         self.updates_run += 1
+        if self.pace is not None:
+            self.pace.applied(self.version)
         # the schedule counts global steps: in async mode one per len(workers) updates
         if self.schedule is not None and (self.mode != "async" or self.updates_run % len(self.workers) == 0):
             self.schedule.step()
@@ -339,8 +365,9 @@ class ParameterServer(nn.Module):
 
     def _reply(self, worker: int) -> list[p2p.Transfer]:
         """Start sending `worker` our version and shard."""
-        version = np.array([self.version], dtype=np.int64)
-        return [p2p.isend(version, worker, TAG_REPLY, self.comm),
+        code = self.pace.code(worker) if self.pace is not None else GO
+        answer = np.array([self.version, code], dtype=np.int64)
+        return [p2p.isend(answer, worker, TAG_REPLY, self.comm),
                 p2p.isend(self.shard.detach(), worker, TAG_PARAMS, self.comm)]
 
     def close(self) -> None:
