@@ -144,6 +144,17 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
             extra["samplers"] = team.gather(sampler.state_dict(), root=0)
         trainer.save(args.out, step, dict(sampler=sampler.state_dict(), samples=samples_done, wall_s=elapsed(), **extra))
 
+    def obey(code: int) -> bool:
+        """Own pace: act on the first server's answer (dmlmpi.parallel.pace); True when it stops this worker."""
+        nonlocal stopped, preempted
+        if code == pace.GO:
+            return False
+        # every worker joins every checkpoint, and the one at its stop, however it is told: a worker
+        # that starts late may find the others already in one, or the budget already spent
+        save()
+        preempted = stopped = code == pace.PREEMPTED
+        return code != pace.CHECKPOINT
+
     # workers (every rank but ps mode's servers): progress bar and the per-step stop agreement
     bar = ProgressBar(team, total=len(sampler), epochs=0 if own else args.epochs, active=not trainer.is_server)
     stop = preempt.StopAgreement(team) if not trainer.is_server else None  # SIGUSR1/SIGTERM: checkpoint, exit 99
@@ -157,15 +168,9 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
         nonlocal step, samples_done, loss, stopped, preempted, completed
         shares: list[float] = []
         # own pace: the first server's answer to the first pull may already call a checkpoint or a stop
-        code = trainer.ps.pull() if own else pace.GO
-        if code != pace.GO:
-            # every worker joins every checkpoint, and the one at its stop, however it is told: a worker
-            # that starts late may find the others already in one, or the budget already spent
-            save()
-            if code != pace.CHECKPOINT:
-                preempted = code == pace.PREEMPTED
-                stopped = preempted
-                return
+        halted = own and obey(trainer.ps.pull())
+        if halted:
+            return
         # own pace: a worker goes through its share again and again, until the servers say stop
         for epoch in itertools.count(sampler.epoch) if own else range(sampler.epoch, args.epochs):
             sampler.set_epoch(epoch)
@@ -196,13 +201,9 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
                     bar.update(sampler.next_batch, loss=loss, samples=args.batch_size)
                 if own:
                     # the first server's answer to this push: go on, checkpoint (every worker is told,
-                    # so all join it), or stop, all at the same checkpoint, for a signal or the budget
-                    code = trainer.ps.code
-                    preempted = code == pace.PREEMPTED
-                    done = code in (pace.DONE, pace.PREEMPTED)
-                    if done or code == pace.CHECKPOINT:
-                        save()
-                    if done:
+                    # so all join it), or stop, for a signal or the budget
+                    halted = obey(trainer.ps.code)
+                    if halted:
                         break
                     continue
                 preempted = stop.should_stop()  # collective: the same answer on every rank at this step
@@ -212,8 +213,7 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
                 if stopped:
                     break
             rates.append(epoch_samples / (time.perf_counter() - epoch_start))
-            if stopped or (own and code in (pace.DONE, pace.PREEMPTED)):
-                stopped = stopped or preempted
+            if stopped or halted:
                 break
             result = trainer.evaluate(data)
             if result is not None:

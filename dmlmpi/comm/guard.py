@@ -12,8 +12,6 @@ PYTHONHASHSEED says: only str and bytes hashes are salted).
 """
 from __future__ import annotations
 
-from array import array
-
 from mpi4py import MPI
 
 from .context import Context

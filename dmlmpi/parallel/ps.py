@@ -137,11 +137,15 @@ class ParameterServer(nn.Module):
             self.pull()
         return self.module(*args, **kwargs)
 
+    def _headers(self, kind: int) -> list[np.ndarray]:
+        """One header per server: what we ask, our clock, the version of its shard we hold, our flags."""
+        flags = STOP_FLAG if self.stop_requested else 0
+        return [np.array([kind, self.clock, v, flags], dtype=np.int64) for v in self.seen]
+
     def _exchange(self, kind: int, with_grads: bool) -> tuple[int, int]:
         """Send a header (and gradient shards) to every server, receive every server's shard; bytes (sent, received)."""
         transfers, sent, received = [], 0, 0
-        flags = STOP_FLAG if self.stop_requested else 0
-        headers = [np.array([kind, self.clock, v, flags], dtype=np.int64) for v in self.seen]
+        headers = self._headers(kind)
         replies = [np.zeros(2, dtype=np.int64) for _ in self.servers]  # (version, what to do next)
         for s, server in enumerate(self.servers):
             start, stop = self.ranges[s]
@@ -207,8 +211,7 @@ class ParameterServer(nn.Module):
         """Worker: ask every server to join a checkpoint once all workers have asked (then call state())."""
         self._check_worker("request_checkpoint")
         # only the header: the servers answer nothing, they join the collective state() instead
-        reqs = [p2p.isend(np.array([SAVE, self.clock, v, 0], dtype=np.int64), server, TAG_HEADER, self.comm)
-                for v, server in zip(self.seen, self.servers)]
+        reqs = [p2p.isend(header, server, TAG_HEADER, self.comm) for header, server in zip(self._headers(SAVE), self.servers)]
         p2p.wait_all(reqs)
 
     def server_state(self) -> dict[str, Any]:
