@@ -39,6 +39,8 @@ from .data import CommThread, Future
 from .partition import describe, partition
 from .schedules import Action, build, promised_activations
 
+# tensors whose numpy view MPI takes as it is (bfloat16 has none: it goes through the buffer handling)
+_HOST_DTYPES = frozenset({torch.float16, torch.float32, torch.float64, torch.int32, torch.int64, torch.uint8, torch.int8})
 HEADER = 8  # int64 words: dtype code, ndim, up to 6 dimensions
 # a header message is HEADER words and one pad byte: an odd size, which no tensor message can have
 # (every supported dtype is 2, 4 or 8 bytes), so a receiver tells the two apart by size alone
@@ -149,35 +151,92 @@ class Pipeline(nn.Module):
             # the receiver remembers the last one per tag, so a steady run sends no headers at all
             self._sent[(to, tag)] = meta
             pending.append(p2p.isend_bytes(_header(t), to, tag, self.comm))
-        # send: the tensor itself, with the same tag (MPI keeps the two in order)
-        pending.append(p2p.isend(t, to, tag, self.comm))
+        if not t.is_cuda and t.dtype in _HOST_DTYPES:
+            # send: a host tensor as its numpy view, straight to MPI (the few calls matter: code run
+            # right after a large matrix product finds nothing in the caches and runs 10-30x slower)
+            a = t.numpy()
+            pending.append(p2p.Transfer(self.comm.Isend(a, dest=to, tag=tag), a))
+        else:
+            # send: the tensor itself through the buffer handling (GPU: direct or staged), same tag
+            pending.append(p2p.isend(t, to, tag, self.comm))
 
     def _recv(self, source: int, op: str, micro: int, stage: int, device: torch.device) -> torch.Tensor:
         """Receive a tensor from `source` (blocking: the schedule says it is on its way)."""
         tag = self._tag(op, micro, stage)
-        with maybe_span(self.timeline, f"recv {'act' if op == 'F' else 'grad'} {micro}", "comm"):
-            # probe: wait for the next message with this tag; the time blocked here is time this
-            # stage waits for its neighbour (its bubble)
-            t0 = time.perf_counter()
+        if self.timeline is None:
+            return self._receive(source, tag, stage, device)
+        with self.timeline.span(f"recv {'act' if op == 'F' else 'grad'} {micro}", "comm"):
+            return self._receive(source, tag, stage, device)
+
+    def _receive(self, source: int, tag: int, stage: int, device: torch.device) -> torch.Tensor:
+        """The message with `tag` from `source`, as a tensor of the dtype and shape its header gave."""
+        meta = self._received.get((source, tag))
+        if meta is not None and device.type == "cpu" and meta[0] in _HOST_DTYPES:
+            out = self._quick_recv(source, tag, meta, device)
+            if out is not None:
+                return out
+        # probe: wait for the next message with this tag; the time blocked here is time this
+        # stage waits for its neighbour (its bubble)
+        t0 = time.perf_counter()
+        message, nbytes = p2p.probe(source, tag, self.comm)
+        self._waited += time.perf_counter() - t0
+        if nbytes == HEADER_BYTES:
+            # receive: a header, so a new dtype or shape; the tensor follows with the same tag
+            header = np.empty(HEADER_BYTES, dtype=np.uint8)
+            message.Recv(header)
+            self._received[(source, tag)] = _read_header(header)
             message, nbytes = p2p.probe(source, tag, self.comm)
-            self._waited += time.perf_counter() - t0
-            if nbytes == HEADER_BYTES:
-                # receive: a header, so a new dtype or shape; the tensor follows with the same tag
-                header = np.empty(HEADER_BYTES, dtype=np.uint8)
-                message.Recv(header)
-                self._received[(source, tag)] = _read_header(header)
-                message, nbytes = p2p.probe(source, tag, self.comm)
-            meta = self._received.get((source, tag))
-            expected = -1 if meta is None else math.prod(meta[1]) * meta[0].itemsize
-            if nbytes != expected:
-                raise RuntimeError(f"pipeline (stage {stage}, rank {self.rank}): message {tag} from rank {source} has "
-                                   f"{nbytes} bytes, expected {'a header' if meta is None else meta}")
-            dtype, shape = meta
-            # receive: the tensor, into a recycled buffer of its shape when there is one
-            spare = self._spare.get((shape, dtype, device))
-            out = spare.pop() if spare else torch.empty(shape, dtype=dtype, device=device)
-            p2p.wait(p2p.mrecv(message, out))
+        meta = self._received.get((source, tag))
+        expected = -1 if meta is None else math.prod(meta[1]) * meta[0].itemsize
+        if nbytes != expected:
+            raise RuntimeError(f"pipeline (stage {stage}, rank {self.rank}): message {tag} from rank {source} has "
+                               f"{nbytes} bytes, expected {'a header' if meta is None else meta}")
+        dtype, shape = meta
+        # receive: the tensor, into a recycled buffer of its shape when there is one
+        out = self._buffer(shape, dtype, device)
+        p2p.wait(p2p.mrecv(message, out))
         return out
+
+    def _quick_recv(self, source: int, tag: int, meta: tuple[torch.dtype, tuple[int, ...]],
+                    device: torch.device) -> torch.Tensor | None:
+        """Receive a host tensor of the shape this tag last carried in one call; None if a header came instead.
+
+        The steady case, cut to one MPI call (see _send for why so few calls matter). A header (its
+        odd size tells it apart) lands in the buffer's first bytes: the shape changed, and the
+        caller receives the tensor that follows the long way. The time blocked counts as waiting
+        (it includes copying the message in, which the long way counts apart).
+        """
+        dtype, shape = meta
+        out = self._buffer(shape, dtype, device)
+        expected = out.numel() * out.element_size()
+        if expected < HEADER_BYTES:  # too small to hold a header: the long way
+            self._recycle(out)
+            return None
+        status = MPI.Status()
+        t0 = time.perf_counter()
+        try:
+            # receive: blocked until the neighbour's message is here (this stage's bubble), then copied in
+            self.comm.Recv(out.numpy(), source=source, tag=tag, status=status)
+        except MPI.Exception as exc:
+            if exc.Get_error_class() != MPI.ERR_TRUNCATE:
+                raise
+            raise RuntimeError(f"pipeline (rank {self.rank}): message {tag} from rank {source} is larger than "
+                               f"{expected} bytes, expected {meta}") from exc
+        self._waited += time.perf_counter() - t0
+        nbytes = status.Get_count(MPI.BYTE)
+        if nbytes == expected:
+            return out
+        if nbytes != HEADER_BYTES:
+            raise RuntimeError(f"pipeline (rank {self.rank}): message {tag} from rank {source} has {nbytes} bytes, "
+                               f"expected {meta}")
+        self._received[(source, tag)] = _read_header(out.reshape(-1).view(torch.uint8)[:HEADER_BYTES].numpy().copy())
+        self._recycle(out)
+        return None
+
+    def _buffer(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A tensor to receive into: a recycled one of this shape when there is one, else a new one."""
+        spare = self._spare.get((shape, dtype, device))
+        return spare.pop() if spare else torch.empty(shape, dtype=dtype, device=device)
 
     def _recycle(self, t: torch.Tensor | None, *sent: torch.Tensor | None) -> None:
         """Keep a received tensor that nothing uses any more for a later receive of the same shape.
