@@ -7,7 +7,8 @@ compute time (forwards and backwards) and the time it was blocked waiting for a 
 fractions are of the common step, from a common start to the moment the last rank is done. The
 bubble reported is the busiest stage's idle fraction, 1 - compute / step (the others also wait on it
 when stages run at unequal speeds: the "mean idle" column); "waiting" is the part of that idle spent
-blocked on a neighbour or done early (the rest is moving messages and Python). "replay" is the
+blocked in a receive (for a neighbour's message, and copying it in) or done early (the rest is
+Python and sends). "replay" is the
 same step replayed by the schedule checker with each action's measured compute time and free,
 instant messages: the bubble the machine's compute times alone allow, so bubble - replay is what
 the executor adds and replay - theory what uneven action times add. Next to them, the theory for
@@ -44,7 +45,10 @@ def parse_args(argv: list[str], P: int) -> argparse.Namespace:
     # wide layers: a stage's compute per microbatch grows with width^2, its messages with width, so
     # the bubble is measured with message handling small next to the compute (as on real models)
     p.add_argument("--width", type=int, default=2048, help="width of every Linear layer")
-    p.add_argument("--layers-per-stage", type=int, default=4, help="Linear+ReLU blocks per stage")
+    # 8 blocks: 4.3 GFLOP of forward per 512 KiB message (8,200 FLOP per byte; a transformer layer of
+    # width h does about 12h per byte of activation, and a stage holds several), so the bubble
+    # measured is the schedule's, not the cost of moving messages
+    p.add_argument("--layers-per-stage", type=int, default=8, help="Linear+ReLU blocks per stage")
     p.add_argument("--chunks", type=int, default=2, help="chunks per rank for the interleaved schedule")
     p.add_argument("--steps", type=int, default=7, help="timed steps per row (median, min, max)")
     p.add_argument("--json", help="write one record per (schedule, M) to this path")
@@ -101,8 +105,8 @@ def run_one(schedule: str, M: int, comm: MPI.Comm, args: argparse.Namespace) -> 
         steps.append(step)
         # fractions of the common step (a common start to the moment the last rank is done): a rank
         # that finishes early (the last stage, before the first stage's final backward) counts the
-        # rest of the step too, as the theory does. idle = not computing; waiting = blocked on a
-        # neighbour's message or done early (idle less the work of moving messages and Python)
+        # rest of the step too, as the theory does. idle = not computing; waiting = blocked in a
+        # receive or done early (idle less Python and sends)
         idle = [1.0 - compute / step for compute, _, _ in ranks]
         # the bubble is the busiest stage's: the others also wait on it when stages run at unequal speeds
         compute, elapsed, blocked = max(ranks)
