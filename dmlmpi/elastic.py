@@ -54,15 +54,54 @@ def check_available(environ: dict[str, str] | None = None) -> None:
                                  "(without it a dead rank ends or hangs the job)")
 
 
-def is_failure(exc: BaseException | None) -> bool:
-    """Whether `exc` (or an exception it was raised from or during) is an MPI process-failure error."""
+def is_failure(exc: BaseException | None, comm: MPI.Comm | None = None, patience: float = 10.0) -> bool:
+    """Whether `exc` (or an exception it was raised from or during) is an MPI process-failure error.
+
+    With `comm`, another MPI error counts too if, within `patience` seconds, this rank learns of a
+    failed process in `comm` or finds it revoked by a survivor: Open MPI 5's barrier under ULFM reports
+    a peer that dies mid-schedule as MPI_ERR_OTHER on some ranks (measured: rank 0 of 4, every time),
+    and that rank may hear of the death only through the revocation.
+    """
     seen: set[int] = set()
+    mpi_error = False
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, MPI.Exception) and exc.Get_error_class() in FAILURE_CLASSES:
-            return True
+        if isinstance(exc, MPI.Exception):
+            if exc.Get_error_class() in FAILURE_CLASSES:
+                return True
+            mpi_error = True
         exc = exc.__cause__ or exc.__context__
-    return False
+    return mpi_error and comm is not None and _hears_of_failure(comm, patience)
+
+
+def _hears_of_failure(comm: MPI.Comm, patience: float) -> bool:
+    """Whether, within `patience` seconds, `comm` has a known failed process or is revoked."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            if knows_failed(comm) or comm.Is_revoked():
+                return True
+            # a probe drives MPI's progress engine, which delivers failure news and revocations
+            comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)
+        except MPI.Exception as exc:
+            return exc.Get_error_class() in FAILURE_CLASSES
+        except NotImplementedError:  # not a ULFM build: no failure can be told apart
+            return False
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)  # yield the core to the ranks that are still running
+
+
+def knows_failed(comm: MPI.Comm) -> bool:
+    """Whether this rank knows of a failed process in `comm` (local; works on a revoked communicator)."""
+    try:
+        group = comm.Get_failed()
+    except (MPI.Exception, NotImplementedError):  # not a ULFM build, or fault tolerance not enabled
+        return False
+    try:
+        return group.Get_size() > 0
+    finally:
+        group.Free()
 
 
 def furthest(progress: list[int]) -> int:
@@ -118,7 +157,7 @@ def recover(comm: MPI.Comm, progress: int, extra: list[MPI.Comm] | None = None) 
             table = survivors.allgather((MPI.COMM_WORLD.Get_rank(), progress))
             break
         except MPI.Exception as exc:  # another rank died during recovery: shrink again
-            if not is_failure(exc):
+            if not is_failure(exc, survivors):
                 raise
             revoke(survivors)
             comm = survivors

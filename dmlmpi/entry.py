@@ -82,7 +82,8 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
         detail = "".join(traceback.format_exception(exc))
         from dmlmpi.elastic import is_failure
 
-        if isinstance(exc, EveryRankExits) or (is_failure(exc) and os.environ.get("OMPI_MCA_mpi_ft_enable")):
+        ft = bool(os.environ.get("OMPI_MCA_mpi_ft_enable"))
+        if isinstance(exc, EveryRankExits) or (ft and is_failure(exc, MPI.COMM_WORLD)):
             # a process died under ULFM (or every rank knows the job is over): exit without MPI_Abort;
             # a rank blocked on this one gets a process-failure error in turn and exits the same way
             sys.stderr.write(f"dmlmpi: rank {_rank_and_size()[0]}: {exc}\n{detail}")
@@ -106,8 +107,6 @@ def _a_process_died() -> bool:
 
     if not os.environ.get("OMPI_MCA_mpi_ft_enable") or not MPI.Is_initialized() or MPI.Is_finalized():
         return False
-    group = MPI.COMM_WORLD.Get_failed()  # the failed processes this one knows of (any communicator)
-    try:
-        return group.Get_size() > 0
-    finally:
-        group.Free()
+    from dmlmpi.elastic import knows_failed
+
+    return knows_failed(MPI.COMM_WORLD)  # the failed processes this one knows of (any communicator)

@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
                 train_epochs()
             break
         except Exception as exc:  # noqa: BLE001 - only a process failure under --elastic is handled
-            if not (args.elastic and elastic.is_failure(exc)):
+            if not (args.elastic and elastic.is_failure(exc, world)):
                 raise
         # --elastic: a rank died; go on with the survivors
         t_fail = time.perf_counter()
@@ -359,7 +359,7 @@ def train_federated(args: argparse.Namespace, world: MPI.Comm, data: Dataset, de
             if done:
                 break
         except Exception as exc:  # noqa: BLE001 - only a process failure under --elastic is handled
-            if not (args.elastic and elastic.is_failure(exc)):
+            if not (args.elastic and elastic.is_failure(exc, world)):
                 raise
             # --elastic: a client rank died; the survivors redo the round without its clients
             t_fail = time.perf_counter()

@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.skipif("Open MPI" not in MPI.Get_library_version(), re
 
 
 def test_is_failure_finds_process_failures_in_the_exception_chain() -> None:
-    """MPI_ERR_PROC_FAILED / _PENDING / REVOKED count, also when wrapped; other MPI errors do not."""
+    """MPI_ERR_PROC_FAILED / _PENDING / REVOKED count, also when wrapped; other errors do not."""
     for cls in (MPI.ERR_PROC_FAILED, MPI.ERR_PROC_FAILED_PENDING, MPI.ERR_REVOKED):
         assert elastic.is_failure(MPI.Exception(cls))
         try:
@@ -37,6 +37,8 @@ def test_is_failure_finds_process_failures_in_the_exception_chain() -> None:
     assert not elastic.is_failure(MPI.Exception(MPI.ERR_TRUNCATE))
     assert not elastic.is_failure(ValueError("shapes differ"))
     assert not elastic.is_failure(None)
+    # another MPI error with a communicator that knows of no failure (no ULFM here) is not one either
+    assert not elastic.is_failure(MPI.Exception(MPI.ERR_OTHER), MPI.COMM_SELF, patience=0.05)
 
 
 def test_furthest_survivor_is_the_source() -> None:
@@ -67,6 +69,18 @@ def test_elastic_is_refused_for_modes_that_cannot_shrink(tmp_path) -> None:
                      timeout=120, cwd=ROOT, launcher_args=ULFM)
     assert result.returncode != 0
     assert "--elastic works with --mode" in result.stdout
+
+
+def test_a_death_inside_a_barrier_counts_as_a_failure_on_every_survivor() -> None:
+    """A rank dies while 3 others wait in MPI_Barrier: each survivor's error counts as a process failure
+    (Open MPI 5 reports it as MPI_ERR_OTHER on some ranks, the failed group tells) and recovery finds it."""
+    result = run_mpi(4, [os.path.join(ROOT, "tests", "cases", "death_in_barrier.py")], timeout=120, cwd=ROOT,
+                     launcher_args=ULFM)
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 3, result.stdout
+    for rank, line in zip((0, 2, 3), lines):
+        assert line.startswith(f"rank {rank}: class "), result.stdout
+        assert line.endswith("failure True dead [1] members [0, 2, 3]"), result.stdout
 
 
 def survive(out, nprocs: int, args: list[str], kills: list[tuple[int, int]]) -> tuple[str, dict]:
