@@ -57,7 +57,7 @@ def test_probe_then_receive() -> None:
     other = partner()
     if other is None:
         pytest.skip("odd rank out")
-    sends = [p2p.isend_bytes(np.full(3, RANK, dtype=np.uint8), other, 8, WORLD),
+    sends = [p2p.isend_host(np.full(3, RANK, dtype=np.uint8), other, 8, WORLD),
              p2p.isend(torch.arange(5, dtype=torch.float64) * (RANK + 1), other, 8, WORLD)]
     message, nbytes = p2p.probe(other, 8, WORLD)
     assert nbytes == 3  # sent first with the same tag: MPI keeps the order

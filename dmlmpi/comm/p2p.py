@@ -37,8 +37,8 @@ def isend(x: Any, dest: int, tag: int, comm: MPI.Comm) -> Transfer:
     return Transfer(comm.Isend(flat.data, dest=dest, tag=tag), flat)
 
 
-def isend_bytes(buf: np.ndarray, dest: int, tag: int, comm: MPI.Comm) -> Transfer:
-    """Start sending a host byte array (a protocol message rather than a tensor)."""
+def isend_host(buf: np.ndarray, dest: int, tag: int, comm: MPI.Comm) -> Transfer:
+    """Start sending a contiguous host numpy array as it is, with no buffer handling (protocol messages, hot paths)."""
     return Transfer(comm.Isend(buf, dest=dest, tag=tag), buf)
 
 

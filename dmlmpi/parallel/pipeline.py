@@ -61,6 +61,11 @@ def _header(t: torch.Tensor) -> np.ndarray:
     return h
 
 
+def _nbytes(meta: tuple[torch.dtype, tuple[int, ...]]) -> int:
+    """Bytes of a tensor of this (dtype, shape)."""
+    return math.prod(meta[1]) * meta[0].itemsize
+
+
 def _read_header(h: np.ndarray) -> tuple[torch.dtype, tuple[int, ...]]:
     """(dtype, shape) from a header message."""
     words = h[:HEADER * 8].view(np.int64)
@@ -150,12 +155,11 @@ class Pipeline(nn.Module):
             # send: a header (dtype, shape) when this tag last carried a different tensor (or none):
             # the receiver remembers the last one per tag, so a steady run sends no headers at all
             self._sent[(to, tag)] = meta
-            pending.append(p2p.isend_bytes(_header(t), to, tag, self.comm))
+            pending.append(p2p.isend_host(_header(t), to, tag, self.comm))
         if not t.is_cuda and t.dtype in _HOST_DTYPES:
             # send: a host tensor as its numpy view, straight to MPI (the few calls matter: code run
             # right after a large matrix product finds nothing in the caches and runs 10-30x slower)
-            a = t.numpy()
-            pending.append(p2p.Transfer(self.comm.Isend(a, dest=to, tag=tag), a))
+            pending.append(p2p.isend_host(t.numpy(), to, tag, self.comm))
         else:
             # send: the tensor itself through the buffer handling (GPU: direct or staged), same tag
             pending.append(p2p.isend(t, to, tag, self.comm))
@@ -171,8 +175,10 @@ class Pipeline(nn.Module):
     def _receive(self, source: int, tag: int, stage: int, device: torch.device) -> torch.Tensor:
         """The message with `tag` from `source`, as a tensor of the dtype and shape its header gave."""
         meta = self._received.get((source, tag))
-        if meta is not None and device.type == "cpu" and meta[0] in _HOST_DTYPES:
-            out = self._quick_recv(source, tag, meta, device)
+        # the steady case, one call; a message smaller than a header could not take one in its place
+        if (meta is not None and device.type == "cpu" and meta[0] in _HOST_DTYPES
+                and _nbytes(meta) >= HEADER_BYTES):
+            out = self._quick_recv(source, tag, stage, meta, device)
             if out is not None:
                 return out
         # probe: wait for the next message with this tag; the time blocked here is time this
@@ -187,17 +193,15 @@ class Pipeline(nn.Module):
             self._received[(source, tag)] = _read_header(header)
             message, nbytes = p2p.probe(source, tag, self.comm)
         meta = self._received.get((source, tag))
-        expected = -1 if meta is None else math.prod(meta[1]) * meta[0].itemsize
-        if nbytes != expected:
-            raise RuntimeError(f"pipeline (stage {stage}, rank {self.rank}): message {tag} from rank {source} has "
-                               f"{nbytes} bytes, expected {'a header' if meta is None else meta}")
+        if meta is None or nbytes != _nbytes(meta):
+            raise self._size_error(source, tag, stage, f"has {nbytes} bytes", meta)
         dtype, shape = meta
         # receive: the tensor, into a recycled buffer of its shape when there is one
         out = self._buffer(shape, dtype, device)
         p2p.wait(p2p.mrecv(message, out))
         return out
 
-    def _quick_recv(self, source: int, tag: int, meta: tuple[torch.dtype, tuple[int, ...]],
+    def _quick_recv(self, source: int, tag: int, stage: int, meta: tuple[torch.dtype, tuple[int, ...]],
                     device: torch.device) -> torch.Tensor | None:
         """Receive a host tensor of the shape this tag last carried in one call; None if a header came instead.
 
@@ -206,12 +210,7 @@ class Pipeline(nn.Module):
         caller receives the tensor that follows the long way. The time blocked counts as waiting
         (it includes copying the message in, which the long way counts apart).
         """
-        dtype, shape = meta
-        out = self._buffer(shape, dtype, device)
-        expected = out.numel() * out.element_size()
-        if expected < HEADER_BYTES:  # too small to hold a header: the long way
-            self._recycle(out)
-            return None
+        out = self._buffer(meta[1], meta[0], device)
         status = MPI.Status()
         t0 = time.perf_counter()
         try:
@@ -220,18 +219,22 @@ class Pipeline(nn.Module):
         except MPI.Exception as exc:
             if exc.Get_error_class() != MPI.ERR_TRUNCATE:
                 raise
-            raise RuntimeError(f"pipeline (rank {self.rank}): message {tag} from rank {source} is larger than "
-                               f"{expected} bytes, expected {meta}") from exc
+            raise self._size_error(source, tag, stage, f"is larger than {_nbytes(meta)} bytes", meta) from exc
         self._waited += time.perf_counter() - t0
         nbytes = status.Get_count(MPI.BYTE)
-        if nbytes == expected:
+        if nbytes == _nbytes(meta):
             return out
         if nbytes != HEADER_BYTES:
-            raise RuntimeError(f"pipeline (rank {self.rank}): message {tag} from rank {source} has {nbytes} bytes, "
-                               f"expected {meta}")
-        self._received[(source, tag)] = _read_header(out.reshape(-1).view(torch.uint8)[:HEADER_BYTES].numpy().copy())
+            raise self._size_error(source, tag, stage, f"has {nbytes} bytes", meta)
+        self._received[(source, tag)] = _read_header(out.reshape(-1).view(torch.uint8)[:HEADER_BYTES].numpy())
         self._recycle(out)
         return None
+
+    def _size_error(self, source: int, tag: int, stage: int, what: str,
+                    meta: tuple[torch.dtype, tuple[int, ...]] | None) -> RuntimeError:
+        """The error for a message whose size is not the one its tag's header announced."""
+        return RuntimeError(f"pipeline (stage {stage}, rank {self.rank}): message {tag} from rank {source} {what}, "
+                            f"expected {'a header' if meta is None else meta}")
 
     def _buffer(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A tensor to receive into: a recycled one of this shape when there is one, else a new one."""
