@@ -11,30 +11,31 @@ from __future__ import annotations
 
 import signal
 import time
-from types import FrameType
 
 import numpy as np
 from mpi4py import MPI
 
+from dmlmpi.signal_latch import SIGNALS, SignalLatch
+
 PREEMPTED_EXIT = 99  # exit status of a run that checkpointed on a signal: the batch script requeues it
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class StopAgreement:
     """Signal flag plus a per-step nonblocking all-reduce that makes every rank stop at the same step."""
 
-    def __init__(self, comm: MPI.Comm, signals: tuple[signal.Signals, ...] = SIGNALS) -> None:
+    def __init__(self, comm: MPI.Comm, signals: tuple[signal.Signals, ...] = SIGNALS,
+                 latch: SignalLatch | None = None) -> None:
         self.comm = comm
-        self.received: signal.Signals | None = None  # the first signal this rank got
+        # the signal flag: a latch installed earlier (at start-up, so no signal is missed) or one of our own
+        self.latch = SignalLatch(signals) if latch is None else latch
         self.seconds, self.checks = 0.0, 0  # time spent in should_stop (the agreement's cost)
         self._send, self._result = np.zeros(1, np.int32), np.zeros(1, np.int32)
         self._request: MPI.Request | None = None
-        self._previous = {s: signal.signal(s, self._handle) for s in signals}
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        """Signal handler: remember the signal, nothing else (MPI calls are not safe here)."""
-        if self.received is None:
-            self.received = signal.Signals(signum)
+    @property
+    def received(self) -> signal.Signals | None:
+        """The first signal this rank got, if any."""
+        return self.latch.received
 
     def should_stop(self) -> bool:
         """Collective, once per step on every rank of comm: whether any rank had a signal by the previous call."""
@@ -63,8 +64,7 @@ class StopAgreement:
         if self._request is not None:
             self._request.Wait()
             self._request = None
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
+        self.latch.restore()
 
 
 def defer_signals(signals: tuple[signal.Signals, ...] = SIGNALS) -> None:

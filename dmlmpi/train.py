@@ -7,7 +7,13 @@ last --servers ranks serve the parameters instead of running the loop.
 """
 from __future__ import annotations
 
-import argparse
+from dmlmpi.signal_latch import SignalLatch
+
+# `python -m dmlmpi.train`: catch SIGUSR1/SIGTERM before the imports below (MPI and torch take a second
+# or two): a signal during start-up then stops the run at its first step, with a checkpoint (exit 99)
+STARTUP_SIGNALS = SignalLatch() if __name__ == "__main__" else None
+
+import argparse  # noqa: E402 - after the latch, on purpose
 import itertools
 import os
 import time
@@ -83,8 +89,12 @@ def gather_stats(trainer: Trainer, world: MPI.Comm, rates: list[float], mine: li
     return sum(r["samples_per_s"] for r in workers) * shares / max(1, len(workers))
 
 
-def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
-    """Train on the ranks of `comm` (default COMM_WORLD), evaluate each epoch, checkpoint, write the run directory."""
+def main(argv: list[str] | None = None, comm: MPI.Comm | None = None, signals: SignalLatch | None = None) -> int:
+    """Train on the ranks of `comm` (default COMM_WORLD), evaluate each epoch, checkpoint, write the run directory.
+
+    `signals`: a SIGUSR1/SIGTERM latch installed earlier (else one is installed here).
+    """
+    signals = SignalLatch() if signals is None else signals
     world = MPI.COMM_WORLD if comm is None else comm
     size = world.Get_size()
     args = config.parse(argv, size)
@@ -97,7 +107,7 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
     tl = Timeline(world, enabled=args.trace)
     data = load_dataset(args.dataset, world, args.data_dir, args.data_seed, args.samples)
     if args.mode == "fl":
-        return train_federated(args, world, data, device, log, tl)
+        return train_federated(args, world, data, device, log, tl, signals)
     trainer = make_trainer(args, build(args.model, args.seed, data.x_train.shape[1:], args.dataset).to(device),
                            data, world, device, tl)
     team = trainer.comm  # the ranks that run the training loop (all but the servers)
@@ -157,7 +167,7 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
 
     # workers (every rank but ps mode's servers): progress bar and the per-step stop agreement
     bar = ProgressBar(team, total=len(sampler), epochs=0 if own else args.epochs, active=not trainer.is_server)
-    stop = preempt.StopAgreement(team) if not trainer.is_server else None  # SIGUSR1/SIGTERM: checkpoint, exit 99
+    stop = preempt.StopAgreement(team, latch=signals) if not trainer.is_server else None  # SIGUSR1/SIGTERM: checkpoint, exit 99
     if trainer.is_server:
         preempt.defer_signals()
     # the last step this rank completed, and where the sampler stood then (what --elastic recovers to)
@@ -308,7 +318,7 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None) -> int:
 
 
 def train_federated(args: argparse.Namespace, world: MPI.Comm, data: Dataset, device: torch.device, log: RunLog,
-                    tl: Timeline) -> int:
+                    tl: Timeline, signals: SignalLatch) -> int:
     """--mode fl: rounds of the federated simulation, one metrics record per round, checkpoint, summary."""
     from dmlmpi.federated.simulation import FLConfig, Simulation  # federated imports stay out of the other modes
     cfg = FLConfig.from_args(args)
@@ -335,7 +345,7 @@ def train_federated(args: argparse.Namespace, world: MPI.Comm, data: Dataset, de
     bar.start_epoch(1, cfg.rounds)
     last: dict = {}
     done_here, preempted = 0, False
-    stop = preempt.StopAgreement(world)  # SIGUSR1/SIGTERM: checkpoint and exit PREEMPTED_EXIT
+    stop = preempt.StopAgreement(world, latch=signals)  # SIGUSR1/SIGTERM: checkpoint and exit PREEMPTED_EXIT
     failures: list[dict] = []  # --elastic: one record per recovered rank failure
     homes = elastic.world_ranks(world)  # with one rank per client, client c lives on world rank homes[c % n]
     completed = sim.round  # rounds the server has completed (it alone holds the global model)
@@ -433,4 +443,4 @@ def describe_mode(args: argparse.Namespace, size: int) -> str:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(lambda: main(signals=STARTUP_SIGNALS))

@@ -219,3 +219,58 @@ def test_elastic_dp_job_loses_a_rank_and_finishes(tmp_path: Path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert [f["dead_ranks"] for f in summary["failures"]] == [[1]] and summary["world_size_end"] == 2
     assert summary["epochs_done"] == 6
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler installed for `signum` (SigCgt in /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(line.split()[1] for line in f if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(mask, 16) >> (signum - 1) & 1)
+
+
+def _has_loaded_torch(pid: int) -> bool:
+    """Whether torch's library is mapped into process `pid` yet."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return "libtorch" in f.read()
+    except OSError:
+        return True  # gone: count it as too late
+
+
+def test_sigterm_during_start_up_stops_at_the_first_step_with_a_checkpoint(tmp_path: Path) -> None:
+    """SIGTERM to each rank while it is still importing torch: it neither dies nor loses the signal;
+    the run stops at its first agreed step with a checkpoint (exit 99) and --resume finishes it."""
+    from trainrun import KillableRun, rank_pid
+
+    job = KillableRun(2, tmp_path / "run", ARGS)
+    pids: dict[int, int] = {}
+
+    def caught_early() -> bool:
+        """Both ranks found, each with its SIGTERM handler installed."""
+        for rank in range(2):
+            pids.setdefault(rank, rank_pid(job.out, rank) or 0)
+            if not pids[rank]:
+                del pids[rank]
+        return len(pids) == 2 and all(_catches(pid, signal.SIGTERM) for pid in pids.values())
+
+    deadline = time.monotonic() + 60
+    while not caught_early():
+        assert time.monotonic() < deadline, "the ranks never installed a SIGTERM handler"
+        time.sleep(0.005)
+    early = [not _has_loaded_torch(pid) for pid in pids.values()]
+    for pid in pids.values():
+        os.kill(pid, signal.SIGTERM)
+    output = job.finish(timeout=RUN_TIMEOUT)
+    # the handler was there before torch was imported: start-up is covered, not only the training loop
+    assert all(early), "a rank installed its handler only after importing torch"
+    assert job.proc.returncode == PREEMPTED_EXIT, output[-3000:]
+    assert "stopped for a signal" in output and not (tmp_path / "run" / "summary.json").exists()
+    assert last_step(tmp_path / "run") <= 2  # the step after the first agreement
+    from dmlmpi.checkpoint import checkpoints
+    assert checkpoints(str(tmp_path / "run")) and max(checkpoints(str(tmp_path / "run"))) <= 2
+    second = run_train(2, tmp_path / "run", [*ARGS, "--resume"], RUN_TIMEOUT)
+    assert second.returncode == 0, second.stdout
+    assert "resumed from" in second.stdout and (tmp_path / "run" / "summary.json").exists()
