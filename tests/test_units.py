@@ -70,3 +70,22 @@ def test_global_batches_split_over_ranks() -> None:
     for world in (1, 3, 4):
         parts = [rank_share(batches[0], r, world) for r in range(world)]
         assert np.array_equal(np.concatenate(parts), batches[0])
+
+
+def test_signal_latch_keeps_the_first_signal_and_restores_the_handlers() -> None:
+    """The latch notes the first SIGUSR1/SIGTERM (the process survives it) and puts the old handlers back."""
+    import os
+    import signal
+
+    from dmlmpi.signal_latch import SignalLatch
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    latch = SignalLatch()
+    try:
+        assert latch.received is None
+        os.kill(os.getpid(), signal.SIGUSR1)  # Python runs the handler before the next bytecode
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert latch.received == signal.SIGUSR1
+    finally:
+        latch.restore()
+    assert {s: signal.getsignal(s) for s in before} == before
