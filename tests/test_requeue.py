@@ -251,9 +251,8 @@ def test_sigterm_during_start_up_stops_at_the_first_step_with_a_checkpoint(tmp_p
     def caught_early() -> bool:
         """Both ranks found, each with its SIGTERM handler installed."""
         for rank in range(2):
-            pids.setdefault(rank, rank_pid(job.out, rank) or 0)
-            if not pids[rank]:
-                del pids[rank]
+            if rank not in pids and (pid := rank_pid(job.out, rank)) is not None:
+                pids[rank] = pid  # /proc is scanned only until each rank is found
         return len(pids) == 2 and all(_catches(pid, signal.SIGTERM) for pid in pids.values())
 
     deadline = time.monotonic() + 60
