@@ -73,7 +73,8 @@ def test_elastic_is_refused_for_modes_that_cannot_shrink(tmp_path) -> None:
 
 def test_a_death_inside_a_barrier_counts_as_a_failure_on_every_survivor() -> None:
     """A rank dies while 3 others wait in MPI_Barrier: each survivor's error counts as a process failure
-    (Open MPI 5 reports it as MPI_ERR_OTHER on some ranks, the failed group tells) and recovery finds it."""
+    (Open MPI 5 reports it as MPI_ERR_OTHER on some ranks; a known failed process or the survivors'
+    revocation tells) and recovery finds it."""
     result = run_mpi(4, [os.path.join(ROOT, "tests", "cases", "death_in_barrier.py")], timeout=120, cwd=ROOT,
                      launcher_args=ULFM)
     lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
