@@ -228,6 +228,13 @@ class TestGuard:
         tensors = [np.ones(3)] * (2 if RANK == 0 else 3)
         self._expect_mismatch(lambda: allreduce_fused(tensors), "length")
 
+    @pytest.mark.parametrize("field", ["length", "dtype", "op"])
+    def test_in_place_numpy(self, field: str) -> None:
+        # a contiguous numpy array reduced in place takes its own shorter path: the same checks
+        x = np.ones(4 + (field == "length" and RANK == 1), np.float32 if field == "dtype" and RANK == 1 else np.float64)
+        op = "max" if field == "op" and RANK == 1 else "sum"
+        self._expect_mismatch(lambda: comm.allreduce(x, op=op, inplace=True), field, "rank 1")
+
     def test_still_usable_after_mismatch(self) -> None:
         with pytest.raises(comm.CollectiveMismatchError):
             comm.allreduce(np.ones(2 + RANK))
@@ -254,6 +261,19 @@ def test_bad_arguments() -> None:
         comm.allreduce(np.ones(2, np.uint8))
     with pytest.raises(TypeError, match="numpy array, torch tensor or CuPy array"):
         comm.allreduce([1.0, 2.0])
+
+
+def test_context_follows_the_communicator() -> None:
+    """Calls that alternate between communicators each get their own state; a freed one is refused."""
+    from dmlmpi.comm.context import context
+
+    sub = WORLD.Dup()
+    mine, world = context(sub), context(WORLD)
+    assert mine is not world and context(sub) is mine and context(WORLD) is world
+    assert comm.allreduce(np.ones(2), comm=sub, inplace=True).tolist() == [SIZE, SIZE]
+    sub.Free()
+    with pytest.raises(MPI.Exception):
+        comm.allreduce(np.ones(2), comm=sub, inplace=True)
 
 
 def test_subcommunicator() -> None:

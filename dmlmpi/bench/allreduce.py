@@ -2,7 +2,8 @@
 
 Run under mpirun. Every row is measured in the same run on the same buffers: dmlmpi `auto`, `ring`,
 `mpi` and `hierarchical` (guard in its default setting), `auto` with the guard off (its cost), raw
-`MPI_Allreduce` through mpi4py (native), and torch.distributed gloo `all_reduce`. Bandwidths follow
+`MPI_Allreduce` through mpi4py (native), and torch.distributed gloo `all_reduce`, their timed samples
+taken in turn at each size so that a slow spell of the machine falls on all of them. Bandwidths follow
 nccl-tests: algbw = bytes / time, busbw = algbw * 2(n-1)/n. Then tensor fusion: 100 tensors of mixed
 sizes all-reduced fused vs one call each.
 """
@@ -17,7 +18,7 @@ from mpi4py import MPI
 from dmlmpi import comm as dcomm
 from dmlmpi.comm.fusion import allreduce_fused
 
-from .common import format_table, human_bytes, init_gloo, parse_bytes, time_collective, write_json
+from .common import format_table, human_bytes, init_gloo, parse_bytes, time_interleaved, write_json
 
 DEFAULT_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M"
 ALGOS = ("auto", "ring", "mpi", "hierarchical", "auto-noguard", "native", "gloo")
@@ -73,16 +74,17 @@ def bench_sizes(args: argparse.Namespace, world: MPI.Comm, dist: Any) -> list[di
     records = []
     for nbytes in [parse_bytes(s) for s in args.sizes.split(",")]:
         count = max(1, nbytes // dtype.itemsize)
-        for algo in args.algorithms.split(","):
-            if algo == "gloo" and dist is None:
-                continue
-            wrong = wrong_elements(algo, count, dtype, world, dist)
-            x = np.ones(count, dtype=dtype)
-            t = time_collective(make_call(algo, x, world, dist), world, args.samples, args.sample_seconds)
+        algos = [a for a in args.algorithms.split(",") if not (a == "gloo" and dist is None)]
+        wrong = {algo: wrong_elements(algo, count, dtype, world, dist) for algo in algos}
+        # each algorithm on its own buffer; their samples are taken in turn (see time_interleaved)
+        calls = {algo: make_call(algo, np.ones(count, dtype=dtype), world, dist) for algo in algos}
+        timings = time_interleaved(calls, world, args.samples, args.sample_seconds)
+        for algo in algos:
+            t = timings[algo]
             algbw = count * dtype.itemsize / t.median / 1e9
             records.append(dict(algorithm=algo, ranks=size, bytes=count * dtype.itemsize, count=count,
                                 dtype=args.dtype, time_s_median=t.median, time_s_min=t.min, time_s_max=t.max,
-                                algbw_GBps=algbw, busbw_GBps=algbw * 2 * (size - 1) / size, wrong=wrong,
+                                algbw_GBps=algbw, busbw_GBps=algbw * 2 * (size - 1) / size, wrong=wrong[algo],
                                 chosen=dcomm.choose_algorithm(count * dtype.itemsize, size) if algo.startswith("auto") else algo))
     return records
 
@@ -101,8 +103,8 @@ def bench_fusion(world: MPI.Comm, args: argparse.Namespace) -> list[dict[str, An
         allreduce_fused(tensors, inplace=True)
 
     records = []
-    for name, fn in (("one-call-each", each), ("fused", fused)):
-        t = time_collective(fn, world, args.samples, args.sample_seconds)
+    timings = time_interleaved({"one-call-each": each, "fused": fused}, world, args.samples, args.sample_seconds)
+    for name, t in timings.items():
         records.append(dict(algorithm=f"fusion:{name}", ranks=world.Get_size(), bytes=total, count=len(tensors),
                             dtype="float32", time_s_median=t.median, time_s_min=t.min, time_s_max=t.max,
                             algbw_GBps=total / t.median / 1e9,

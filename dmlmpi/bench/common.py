@@ -42,6 +42,21 @@ def time_collective(fn: Callable[[], Any], comm: MPI.Comm, samples: int = 7, tar
     return Timing(statistics.median(per_call), min(per_call), max(per_call), samples)
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], comm: MPI.Comm, samples: int = 7,
+                     target_s: float = 0.02) -> dict[str, Timing]:
+    """Time several collectives by taking their samples in turn (a, b, c, a, b, c, ...).
+
+    A slow spell of a shared machine then falls on every variant alike, so ratios between them hold
+    better than when each variant's samples are taken in one block.
+    """
+    k = {name: calls_per_sample(fn, comm, target_s) for name, fn in fns.items()}
+    per_call: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(samples):
+        for name, fn in fns.items():
+            per_call[name].append(timed_sample(fn, k[name], comm))
+    return {name: Timing(statistics.median(t), min(t), max(t), samples) for name, t in per_call.items()}
+
+
 def timed_sample(fn: Callable[[], Any], k: int, comm: MPI.Comm) -> float:
     """One sample: the slowest rank's seconds per call over k back-to-back calls, all ranks starting together."""
     comm.Barrier()  # start each sample together

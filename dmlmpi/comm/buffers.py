@@ -48,6 +48,10 @@ _DTYPE_MEMO: dict[Any, DType] = {}  # numpy/torch dtype object -> DType (str(dty
 
 def dtype_of(x: Any) -> DType:
     """The DType of an array of any supported kind."""
+    if type(x) is np.ndarray:  # the common case, without kind_of's checks
+        found = _DTYPE_MEMO.get(x.dtype)
+        if found is not None:
+            return found
     kind_of(x)  # TypeError for anything that is not an array
     found = _DTYPE_MEMO.get(x.dtype)
     if found is None:

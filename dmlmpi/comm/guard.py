@@ -32,10 +32,10 @@ _ALGORITHM_CODES = {name: i + 1 for i, name in enumerate(ALGORITHMS)}
 
 
 def signature(collective: str, length: int, dtype_code: int, op: str | None, algorithm: str,
-              root: int, call: int) -> list[int]:
+              root: int, call: int) -> tuple[int, ...]:
     """The integers that must agree across ranks for one collective call."""
-    return [_COLLECTIVE_CODES[collective], length, dtype_code, OP_CODES.get(op or "", 0),
-            _ALGORITHM_CODES[algorithm], root, call]
+    return (_COLLECTIVE_CODES[collective], length, dtype_code, OP_CODES[op] if op else 0,
+            _ALGORITHM_CODES[algorithm], root, call)
 
 
 def _describe(value: int, name: str) -> str:
@@ -56,7 +56,7 @@ def _rank_list(ranks: list[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ",".join(map(str, ranks))
 
 
-def mismatch_message(signatures: list[list[int]]) -> str:
+def mismatch_message(signatures: list[tuple[int, ...]]) -> str:
     """Name every field on which ranks differ, with which ranks hold which value."""
     parts = []
     for i, name in enumerate(FIELDS):
@@ -69,9 +69,16 @@ def mismatch_message(signatures: list[list[int]]) -> str:
     return "ranks entered a collective with different arguments -- " + " | ".join(parts)
 
 
-def check(ctx: Context, sig: list[int]) -> None:
+def check_call(ctx: Context, collective: str, length: int, dtype_code: int, op: str | None, algorithm: str,
+               root: int) -> None:
+    """check() for the signature of ctx's current call (ctx.calls counts it)."""
+    check(ctx, (_COLLECTIVE_CODES[collective], length, dtype_code, OP_CODES[op] if op else 0,
+                _ALGORITHM_CODES[algorithm], root, ctx.calls))
+
+
+def check(ctx: Context, sig: tuple[int, ...]) -> None:
     """Raise CollectiveMismatchError on every rank unless all ranks passed the same signature."""
-    h = hash(tuple(sig))
+    h = hash(sig)
     pair = ctx.guard_pair  # two int64, kept with the communicator (building one per call costs more)
     pair[0], pair[1] = h, -h
     # one small collective: the max of the hash and the max of its negation (= -min)
