@@ -2,8 +2,9 @@
 
 Run under mpirun. Every row is measured in the same run on the same buffers: dmlmpi `auto`, `ring`,
 `mpi` and `hierarchical` (guard in its default setting), `auto` with the guard off (its cost), raw
-`MPI_Allreduce` through mpi4py (native), and torch.distributed gloo `all_reduce`, their timed samples
-taken in turn at each size so that a slow spell of the machine falls on all of them. Bandwidths follow
+`MPI_Allreduce` through mpi4py (native), and torch.distributed gloo `all_reduce`. At each size the
+MPI-based rows take their timed samples in turn, so that a slow spell of the machine falls on all of
+them; gloo is timed after them (its threads stay busy after a call). Bandwidths follow
 nccl-tests: algbw = bytes / time, busbw = algbw * 2(n-1)/n. Then tensor fusion: 100 tensors of mixed
 sizes all-reduced fused vs one call each.
 """
@@ -18,7 +19,7 @@ from mpi4py import MPI
 from dmlmpi import comm as dcomm
 from dmlmpi.comm.fusion import allreduce_fused
 
-from .common import format_table, human_bytes, init_gloo, parse_bytes, time_interleaved, write_json
+from .common import Timing, format_table, human_bytes, init_gloo, parse_bytes, time_collective, time_interleaved, write_json
 
 DEFAULT_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M"
 ALGOS = ("auto", "ring", "mpi", "hierarchical", "auto-noguard", "native", "gloo")
@@ -71,20 +72,29 @@ def bench_sizes(args: argparse.Namespace, world: MPI.Comm, dist: Any) -> list[di
     """One record per (algorithm, size)."""
     dtype = np.dtype(args.dtype)
     size = world.Get_size()
+    sizes = [max(1, parse_bytes(s) // dtype.itemsize) for s in args.sizes.split(",")]
+    algos = [a for a in args.algorithms.split(",") if not (a == "gloo" and dist is None)]
+    timings: dict[tuple[str, int], Timing] = {}
+    for count in sizes:
+        # MPI-based rows on their own buffers, their samples taken in turn (see time_interleaved)
+        calls = {a: make_call(a, np.ones(count, dtype=dtype), world, dist) for a in algos if a != "gloo"}
+        for algo, t in time_interleaved(calls, world, args.samples, args.sample_seconds).items():
+            timings[algo, count] = t
+    if "gloo" in algos:
+        # gloo last and on its own: its background threads keep a core busy for a while after each
+        # call, which inflated whichever row came next (auto at 8 ranks, 4 MiB: 1.03x -> 1.23x of native)
+        for count in sizes:
+            timings["gloo", count] = time_collective(make_call("gloo", np.ones(count, dtype=dtype), world, dist),
+                                                     world, args.samples, args.sample_seconds)
     records = []
-    for nbytes in [parse_bytes(s) for s in args.sizes.split(",")]:
-        count = max(1, nbytes // dtype.itemsize)
-        algos = [a for a in args.algorithms.split(",") if not (a == "gloo" and dist is None)]
-        wrong = {algo: wrong_elements(algo, count, dtype, world, dist) for algo in algos}
-        # each algorithm on its own buffer; their samples are taken in turn (see time_interleaved)
-        calls = {algo: make_call(algo, np.ones(count, dtype=dtype), world, dist) for algo in algos}
-        timings = time_interleaved(calls, world, args.samples, args.sample_seconds)
+    for count in sizes:
         for algo in algos:
-            t = timings[algo]
+            t = timings[algo, count]
             algbw = count * dtype.itemsize / t.median / 1e9
             records.append(dict(algorithm=algo, ranks=size, bytes=count * dtype.itemsize, count=count,
                                 dtype=args.dtype, time_s_median=t.median, time_s_min=t.min, time_s_max=t.max,
-                                algbw_GBps=algbw, busbw_GBps=algbw * 2 * (size - 1) / size, wrong=wrong[algo],
+                                algbw_GBps=algbw, busbw_GBps=algbw * 2 * (size - 1) / size,
+                                wrong=wrong_elements(algo, count, dtype, world, dist),
                                 chosen=dcomm.choose_algorithm(count * dtype.itemsize, size) if algo.startswith("auto") else algo))
     return records
 
