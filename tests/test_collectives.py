@@ -276,6 +276,37 @@ def test_context_follows_the_communicator() -> None:
         comm.allreduce(np.ones(2), comm=sub, inplace=True)
 
 
+def test_context_from_two_threads() -> None:
+    """Two threads on two communicators each always get their own communicator's state."""
+    import sys
+    import threading
+
+    from dmlmpi.comm.context import context
+
+    comms = [MPI.COMM_SELF.Dup(), MPI.COMM_SELF.Dup()]
+    want = [context(c) for c in comms]
+    wrong: list[int] = []
+
+    def use(i: int) -> None:
+        for _ in range(20000):
+            if context(comms[i]) is not want[i]:
+                wrong.append(i)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=use, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not wrong
+    for c in comms:
+        c.Free()
+
+
 def test_subcommunicator() -> None:
     """An explicit communicator: even and odd ranks reduce separately."""
     sub = WORLD.Split(RANK % 2, RANK)

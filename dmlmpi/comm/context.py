@@ -19,9 +19,10 @@ from .ring import empty_like
 from .select import ring_threshold
 
 _KEYVAL: list[int] = []  # the attribute key, created once per process on first use
-# the communicator used last and its Context: most programs call dmlmpi on one communicator, and
-# MPI_Comm_get_attr costs 0.3 us per call (about 1 us of a 2-rank 4 KiB all-reduce's time)
-_LAST: list[Any] = [None, None]
+# (communicator, Context) of the last call: most programs call dmlmpi on one communicator, and
+# MPI_Comm_get_attr costs 0.3 us per call (about 1 us of a 2-rank 4 KiB all-reduce's time). One
+# tuple, replaced whole, so that a thread never sees one communicator paired with another's Context.
+_LAST: list[tuple[Any, Any]] = [(None, None)]
 
 
 @dataclass
@@ -68,8 +69,9 @@ def _env_int(name: str) -> int | None:
 
 def context(comm: MPI.Comm) -> Context:
     """The Context of `comm`, created (collectively: it duplicates comm) on first use."""
-    if comm is _LAST[0] and comm:  # the same live communicator as last time (a freed one is false)
-        return _LAST[1]
+    last_comm, last_ctx = _LAST[0]
+    if comm is last_comm and comm:  # the same live communicator as last time (a freed one is false)
+        return last_ctx
     if not _KEYVAL:
         _KEYVAL.append(MPI.Comm.Create_keyval())
     ctx = comm.Get_attr(_KEYVAL[0])
@@ -79,7 +81,7 @@ def context(comm: MPI.Comm) -> Context:
         ctx = Context(comm.Dup(), size, comm.Get_rank(),
                       ring_min_bytes=ring_threshold(size) if override is None else override)
         comm.Set_attr(_KEYVAL[0], ctx)
-    _LAST[0], _LAST[1] = comm, ctx
+    _LAST[0] = (comm, ctx)
     return ctx
 
 
