@@ -17,7 +17,7 @@ from . import hierarchical, ring
 from .buffers import Flat, dtype_of, to_flat, to_result, write_back
 from .context import Context, context
 from .dtypes import DType
-from .ops import MPI_OPS, OP_CODES, check_op, divide_in_place
+from .ops import MPI_OPS, check_op, divide_in_place
 from .select import choose_algorithm
 
 ALGORITHMS = ("auto", "ring", "mpi", "hierarchical")
@@ -45,22 +45,20 @@ def _enter(ctx: Context, guard: bool | None, collective: str, length: int, dtype
     """Count this call and, if the guard is on, check that every rank made the same one."""
     ctx.calls += 1
     if ctx.guard if guard is None else guard:
-        _guard.check_call(ctx, collective, length, dtype.code, op, algorithm, root)
+        _guard.check(ctx, _guard.signature(collective, length, dtype.code, op, algorithm, root, ctx.calls))
 
 
 def _begin(x: Any, comm: MPI.Comm | None, guard: bool | None, collective: str, op: str | None,
            algorithm: str, root: int = 0) -> tuple[Context, DType]:
     """Validate the arguments, find the communicator's context, and pass the guard."""
-    # every check below is a set or dict lookup on the way in: small calls are all latency
-    if op is not None and op not in OP_CODES:
+    if op is not None:
         check_op(op)
-    if algorithm not in _KNOWN:
-        _check_algorithm(algorithm)
+    _check_algorithm(algorithm)
     dtype = dtype_of(x)
-    ctx = context(MPI.COMM_WORLD if comm is None else comm)
+    ctx = context(_comm(comm))
     if not 0 <= root < ctx.size:
         raise ValueError(f"dmlmpi.comm.{collective}: root {root} is not a rank of a {ctx.size}-rank communicator")
-    _enter(ctx, guard, collective, x.size if type(x) is np.ndarray else _numel(x), dtype, op, algorithm, root)
+    _enter(ctx, guard, collective, _numel(x), dtype, op, algorithm, root)
     return ctx, dtype
 
 
@@ -120,9 +118,7 @@ def allreduce_flat(data: Any, dtype: DType, op: str, algorithm: str, ctx: Contex
     if algorithm == "auto" and ctx.size > 1:
         algorithm = _auto(ctx, len(data) * dtype.storage.itemsize)
     if ctx.size > 1 and len(data) > 0:
-        if algorithm == "mpi" and dtype.mpi_native:
-            comm.Allreduce(MPI.IN_PLACE, data, op=MPI_OPS[op])  # the common case, without a call in between
-        elif algorithm == "mpi":
+        if algorithm == "mpi":
             _native_allreduce(data, comm, op, dtype)
         elif algorithm == "ring":
             ring.allreduce_inplace(data, comm, op, dtype, scratch=ctx.scratch)
@@ -135,17 +131,17 @@ def allreduce_flat(data: Any, dtype: DType, op: str, algorithm: str, ctx: Contex
 
 def _allreduce_host_inplace(x: np.ndarray, op: str, algorithm: str, comm: MPI.Comm | None,
                             guard: bool | None) -> np.ndarray:
-    """allreduce() in place on a contiguous numpy array (valid op and algorithm): its own flat buffer.
+    """allreduce() in place on a contiguous numpy array: it is its own flat buffer.
 
-    The general path's steps with nothing in between that this case does not need: a small
+    The general path's steps without the flat-buffer wrapping this case does not need: a small
     all-reduce is all latency, and every Python call on its path costs ~0.1 us, twice that when the
     ranks wait for each other.
     """
+    check_op(op)
+    _check_algorithm(algorithm)
     dtype = dtype_of(x)
-    ctx = context(MPI.COMM_WORLD if comm is None else comm)
-    ctx.calls += 1
-    if ctx.guard if guard is None else guard:
-        _guard.check(ctx, _guard.signature("allreduce", x.size, dtype.code, op, algorithm, 0, ctx.calls))
+    ctx = context(_comm(comm))
+    _enter(ctx, guard, "allreduce", x.size, dtype, op, algorithm)
     allreduce_flat(x if x.ndim == 1 else x.reshape(-1), dtype, op, algorithm, ctx)
     return x
 
@@ -153,7 +149,7 @@ def _allreduce_host_inplace(x: np.ndarray, op: str, algorithm: str, comm: MPI.Co
 def allreduce(x: Any, op: str = "sum", algorithm: str = "auto", comm: MPI.Comm | None = None,
               inplace: bool = False, guard: bool | None = None) -> Any:
     """Reduce `x` element-wise over all ranks; every rank gets the result (same kind and device as x)."""
-    if inplace and type(x) is np.ndarray and x.flags.c_contiguous and op in OP_CODES and algorithm in _KNOWN:
+    if inplace and type(x) is np.ndarray and x.flags.c_contiguous:
         return _allreduce_host_inplace(x, op, algorithm, comm, guard)
     ctx, dtype = _begin(x, comm, guard, "allreduce", op, algorithm)
     flat = to_flat(x, copy=not inplace, dtype=dtype)

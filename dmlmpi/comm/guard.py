@@ -69,13 +69,6 @@ def mismatch_message(signatures: list[tuple[int, ...]]) -> str:
     return "ranks entered a collective with different arguments -- " + " | ".join(parts)
 
 
-def check_call(ctx: Context, collective: str, length: int, dtype_code: int, op: str | None, algorithm: str,
-               root: int) -> None:
-    """check() for the signature of ctx's current call (ctx.calls counts it)."""
-    check(ctx, (_COLLECTIVE_CODES[collective], length, dtype_code, OP_CODES[op] if op else 0,
-                _ALGORITHM_CODES[algorithm], root, ctx.calls))
-
-
 def check(ctx: Context, sig: tuple[int, ...]) -> None:
     """Raise CollectiveMismatchError on every rank unless all ranks passed the same signature."""
     h = hash(sig)
