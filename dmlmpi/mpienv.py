@@ -40,9 +40,28 @@ def settings(euid: int | None = None) -> dict[str, str]:
     return out
 
 
+# What a launcher gives each rank of its job: who it is, its job's size and how to reach the launcher
+# (Open MPI 5 / PRRTE / PMIx, MPICH's hydra). A job started from inside a rank (a test run under
+# `mpiexec -n 1` that launches its own mpiexec) must not inherit them: its launcher and ranks would
+# carry the outer rank's identity (a tool looking for "rank 0" by its environment finds the launcher).
+RANK_VAR_PREFIXES = ("OMPI_COMM_WORLD_", "OMPI_WORLD_", "PMIX_", "PMI_")
+RANK_VARS = frozenset({
+    "OMPI_UNIVERSE_SIZE", "OMPI_FILE_LOCATION", "OMPI_NUM_APP_CTX", "OMPI_FIRST_RANKS",
+    "OMPI_APP_CTX_NUM_PROCS", "OMPI_ARGV", "OMPI_COMMAND", "OMPI_TOOL_NAME", "OMPI_MCA_num_procs",
+    "OMPI_MCA_initial_wdir", "OMPI_MCA_cpu_type", "OPAL_USER_PARAMS_GIVEN", "PRTE_LAUNCHED",
+    "PRTE_SHARED_FS", "MPI_LOCALRANKID", "MPI_LOCALNRANKS",
+})
+
+
+def is_rank_var(name: str) -> bool:
+    """Whether `name` is set by a launcher for the ranks of its job (not by the user)."""
+    return name in RANK_VARS or name.startswith(RANK_VAR_PREFIXES)
+
+
 def launch_env(base: Mapping[str, str] | None = None, euid: int | None = None) -> dict[str, str]:
-    """A copy of `base` (default os.environ) with dmlmpi's settings added where the user set none."""
-    env: MutableMapping[str, str] = dict(os.environ if base is None else base)
+    """A copy of `base` (default os.environ) for a new job: rank variables dropped, dmlmpi's settings added where unset."""
+    source = os.environ if base is None else base
+    env: MutableMapping[str, str] = {k: v for k, v in source.items() if not is_rank_var(k)}
     for key, value in settings(euid).items():
         env.setdefault(key, value)
     return dict(env)

@@ -110,3 +110,23 @@ def test_inert_in_plain_pytest(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=60).stdout
     assert "RESULT 0 True False" in out, out
+
+
+def test_a_job_started_inside_a_rank_gets_its_own_identity() -> None:
+    """Under `mpiexec -n 1`, a test that launches its own job: that job's ranks are its own, not the outer rank."""
+    probe = ("import os, subprocess, sys\n"
+             "from dmlmpi.mpienv import find_mpiexec, launch_env\n"
+             "env = launch_env()\n"
+             "print('OUTER', os.environ['OMPI_COMM_WORLD_SIZE'], 'OMPI_COMM_WORLD_RANK' in env, 'PMIX_NAMESPACE' in env)\n"
+             "inner = ('import os; from mpi4py import MPI; '\n"
+             "         'print(\"INNER\", MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size(), os.environ[\"PMIX_NAMESPACE\"])')\n"
+             "out = subprocess.run([find_mpiexec(), '-n', '2', sys.executable, '-c', inner], env=env,\n"
+             "                     capture_output=True, text=True, timeout=60)\n"
+             "print(out.stdout, out.stderr, 'RC', out.returncode, 'NS', os.environ['PMIX_NAMESPACE'])\n")
+    run = run_mpi(1, ["-c", probe], timeout=LIMIT, cwd=ROOT)
+    out = run.stdout
+    assert run.returncode == 0 and "OUTER 1 False False" in out and "RC 0" in out, out
+    inner = sorted(line.split()[1:] for line in out.splitlines() if line.startswith("INNER"))
+    assert [r[:2] for r in inner] == [["0", "2"], ["1", "2"]], out
+    outer_namespace = out.split("NS ")[-1].split()[0]
+    assert all(r[2] != outer_namespace for r in inner), out  # a job of its own, not the outer one

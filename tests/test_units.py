@@ -62,6 +62,17 @@ def test_launch_env_as_root_and_user() -> None:
     assert mine["PRTE_MCA_rmaps_default_mapping_policy"] == "slot"  # the user's own setting wins
 
 
+def test_launch_env_drops_an_outer_jobs_rank_variables() -> None:
+    outer = {"PATH": "/bin", "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1", "PMIX_RANK": "0",
+             "PMIX_NAMESPACE": "prterun-vm-1@1", "PMI_RANK": "0", "OMPI_UNIVERSE_SIZE": "2",
+             "PRTE_LAUNCHED": "1", "OMPI_MCA_btl": "self,vader", "OMPI_ALLOW_RUN_AS_ROOT": "1"}
+    env = mpienv.launch_env(outer, euid=1000)
+    assert not [k for k in env if k.startswith(("OMPI_COMM_WORLD_", "PMIX_", "PMI_"))], env
+    assert "OMPI_UNIVERSE_SIZE" not in env and "PRTE_LAUNCHED" not in env
+    # what the user set for MPI stays
+    assert env["OMPI_MCA_btl"] == "self,vader" and env["OMPI_ALLOW_RUN_AS_ROOT"] == "1" and env["PATH"] == "/bin"
+
+
 def test_global_batches_split_over_ranks() -> None:
     batches = global_batches(103, 10, epoch=1, seed=3, drop_last=False)
     flat = np.concatenate(batches)

@@ -38,7 +38,10 @@ def rank_pid(marker: str, rank: int) -> int | None:
                 environ = f.read().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if marker in cmdline and "dmlmpi.train" in cmdline and f"OMPI_COMM_WORLD_RANK={rank}" in environ:
+        program = os.path.basename(cmdline.split("\0", 1)[0])
+        # a python rank, never its launcher (whose command line names the same script and run directory)
+        if (program.startswith("python") and marker in cmdline and "dmlmpi.train" in cmdline
+                and f"OMPI_COMM_WORLD_RANK={rank}" in environ):
             return int(entry)
     return None
 

@@ -19,7 +19,7 @@ from mpi4py import MPI
 from dmlmpi import comm as dcomm
 from dmlmpi.comm.fusion import allreduce_fused
 
-from .common import Timing, format_table, human_bytes, init_gloo, parse_bytes, time_collective, time_interleaved, write_json
+from .common import Timing, close_gloo, format_table, human_bytes, init_gloo, parse_bytes, time_collective, time_interleaved, write_json
 
 DEFAULT_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M"
 ALGOS = ("auto", "ring", "mpi", "hierarchical", "auto-noguard", "native", "gloo")
@@ -213,5 +213,5 @@ def main(argv: list[str]) -> int:
         if args.plot:
             plot(records, args.plot)
     if dist is not None:
-        dist.destroy_process_group()
+        close_gloo(dist)
     return 0 if all(r["wrong"] == 0 for r in records) else 1

@@ -1,6 +1,7 @@
 """What every benchmark shares: timing over ranks, medians with min and max, tables and JSON."""
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import statistics
@@ -111,3 +112,15 @@ def init_gloo(world: MPI.Comm) -> Any:
                             rank=world.Get_rank(), world_size=world.Get_size())
     return dist
 
+
+
+def close_gloo(dist: Any) -> None:
+    """End the gloo group while the interpreter is whole, so no gloo thread calls into Python during exit."""
+    # DDP leaves reference cycles whose teardown hands gloo more work; collected at interpreter exit
+    # instead, a gloo thread finishing that work needs the GIL and aborts the process (SIGABRT, about
+    # one run in three of a two-rank DDP script here). Collect them now, then let every rank's gloo
+    # work finish (the barrier waits for all work queued before it) before the group goes.
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()

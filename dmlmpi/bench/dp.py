@@ -22,7 +22,7 @@ from torch import nn
 from dmlmpi.models import mlp, mnist1d_cnn
 from dmlmpi.parallel import DataParallel
 
-from .common import calls_per_sample, format_table, init_gloo, timed_sample, write_json
+from .common import calls_per_sample, close_gloo, format_table, init_gloo, timed_sample, write_json
 
 VARIANTS = ("local", "dmlmpi", "ddp")
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
@@ -137,5 +137,5 @@ def main(argv: list[str]) -> int:
                 print(f"{name}, 2 ranks: communication adds {100 * over:.1f}% to the step (<=15%: {'PASS' if over <= 0.15 else 'MISS'})")
         if args.json:
             write_json(args.json, records)
-    dist.destroy_process_group()
+    close_gloo(dist)
     return 0
