@@ -63,6 +63,26 @@ def test_dp_bench_smoke(tmp_path) -> None:
                for r in records)
 
 
+def test_callcost_bench_smoke(tmp_path) -> None:
+    """`python -m dmlmpi.bench callcost` on 2 ranks: every row, Python costs that grow with N, JSON records."""
+    out_json = tmp_path / "cc.json"
+    result = run_mpi(2, ["-m", "dmlmpi.bench", "callcost", "--busy", "10,400", "--samples", "2",
+                         "--json", str(out_json)], timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stdout
+    assert "time added per second of Python" in result.stdout, result.stdout
+    records = {r["variant"]: r for r in json.loads(out_json.read_text())}
+    assert set(records) == {"native", "busy 10", "busy 400", "auto-noguard", "auto"}
+    assert records["native"]["vs_native"] == 1.0
+    assert 0 < records["busy 10"]["python_between_s"] < records["busy 400"]["python_between_s"]
+    assert all(r["time_s_min"] <= r["time_s_median"] <= r["time_s_max"] for r in records.values())
+
+
+def test_callcost_bench_rejects_bad_values() -> None:
+    """Bad --busy or --bytes values end the run with a usage error on every rank, before any MPI traffic."""
+    result = run_mpi(2, ["-m", "dmlmpi.bench", "callcost", "--busy", "10,x"], timeout=60, cwd=ROOT)
+    assert result.returncode == 2 and "--bytes/--busy" in result.stdout, result.stdout
+
+
 def test_ps_bench_smoke(tmp_path) -> None:
     """`python -m dmlmpi.bench ps` on 3 ranks: every variant with and without a straggler, targets, JSON."""
     path = tmp_path / "ps.json"

@@ -7,7 +7,8 @@ import sys
 from dmlmpi.entry import run_main
 
 KINDS = {"allreduce": "dmlmpi.bench.allreduce", "dp": "dmlmpi.bench.dp", "ps": "dmlmpi.bench.ps",
-         "pipeline": "dmlmpi.bench.pipeline", "fl": "dmlmpi.bench.fl", "fedavg": "dmlmpi.bench.fedavg"}
+         "pipeline": "dmlmpi.bench.pipeline", "fl": "dmlmpi.bench.fl", "fedavg": "dmlmpi.bench.fedavg",
+         "callcost": "dmlmpi.bench.callcost"}
 
 
 def main() -> int:
