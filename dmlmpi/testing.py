@@ -68,7 +68,7 @@ def resolve_timeout(config: pytest.Config) -> float:
 def pytest_configure(config: pytest.Config) -> None:
     """Activate the multi-rank plugin under an MPI launcher with more than one rank."""
     config.addinivalue_line("markers", f"{LAUNCHES_MPI}: the test starts its own mpiexec (run_mpi); "
-                                       "skipped inside a multi-rank run, where a nested launch cannot work")
+                                       "skipped inside a multi-rank run, where every rank would start its own copy of the job")
     if not (config.getoption("mpi") or launched_by_mpi()):
         return  # plain pytest run: stay inert
     try:
@@ -113,7 +113,7 @@ class MPIPlugin:
             self._quiet(config)
 
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
-        """Skip tests that launch their own mpiexec: an MPI rank cannot start a nested MPI job."""
+        """Skip tests that launch their own mpiexec: each of the N ranks would start its own copy of that job."""
         for item in items:
             if item.get_closest_marker(LAUNCHES_MPI) is not None:
                 item.add_marker(pytest.mark.skip(reason="starts its own mpiexec: run it in a plain pytest"))
