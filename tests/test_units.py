@@ -100,3 +100,14 @@ def test_signal_latch_keeps_the_first_signal_and_restores_the_handlers() -> None
     finally:
         latch.restore()
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_sample_rounds_rotate_which_variant_goes_first() -> None:
+    from dmlmpi.bench.common import rotations
+
+    rounds = rotations(["auto", "mpi", "native"], 7)
+    assert len(rounds) == 7 and all(sorted(r) == ["auto", "mpi", "native"] for r in rounds)
+    firsts = [r[0] for r in rounds]
+    assert firsts == ["auto", "mpi", "native", "auto", "mpi", "native", "auto"]
+    assert all(r[1] == {"auto": "mpi", "mpi": "native", "native": "auto"}[r[0]] for r in rounds)  # still in turn
+    assert rotations([], 3) == [] and rotations(["only"], 2) == [["only"], ["only"]]

@@ -22,7 +22,7 @@ from torch import nn
 from dmlmpi.models import mlp, mnist1d_cnn
 from dmlmpi.parallel import DataParallel
 
-from .common import calls_per_sample, close_gloo, format_table, init_gloo, timed_sample, write_json
+from .common import calls_per_sample, close_gloo, format_table, init_gloo, rotations, timed_sample, write_json
 
 VARIANTS = ("local", "dmlmpi", "ddp")
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
@@ -84,15 +84,16 @@ def make_step(name: str, variant: str, sub: MPI.Comm, group: Any, args: argparse
 def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Train `name` with every variant on the k ranks of `sub`, samples taken in turn; one record per variant.
 
-    The variants alternate sample by sample (local, dmlmpi, ddp, local, ...), so a slow spell of this
-    shared machine falls on all of them instead of on whichever was running then.
+    The variants alternate sample by sample (local, dmlmpi, ddp, dmlmpi, ddp, local, ...: each round
+    starts one variant later), so a slow spell of this shared machine falls on all of them instead of
+    on whichever was running then, and no variant always takes the first turn.
     """
     built = {v: make_step(name, v, sub, group, args) for v in VARIANTS}
     counts = {v: calibrate(step, sub, args) for v, (_, step) in built.items()}
     per_step: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for _ in range(args.samples):
-        for v, (_, step) in built.items():
-            per_step[v].append(timed_sample(step, counts[v], sub))
+    for order in rotations(list(built), args.samples):
+        for v in order:
+            per_step[v].append(timed_sample(built[v][1], counts[v], sub))
     records = []
     for v, (model, _) in built.items():
         if v == "dmlmpi":
