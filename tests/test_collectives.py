@@ -122,6 +122,26 @@ def test_hierarchical_over_simulated_nodes(monkeypatch: pytest.MonkeyPatch) -> N
     assert same_bits_everywhere(yz)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_auto_sends_large_16bit_reductions_through_the_ring(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """16-bit floats above their (lower) crossover go through the ring, 16 bits on the wire; float32 stays native."""
+    from dmlmpi.comm import ring
+    from dmlmpi.comm.select import RING_MIN_BYTES_16BIT, ring_threshold
+
+    rings = []
+    real = ring.allreduce_inplace
+    monkeypatch.setattr(ring, "allreduce_inplace", lambda *a, **k: (rings.append(1), real(*a, **k))[1])
+    elements = max(ring_threshold(SIZE, RING_MIN_BYTES_16BIT) // 2, 1)  # at the 16-bit crossover
+    x = torch.from_numpy(rank_data(elements, "float32", RANK, exact=True)).to(dtype)
+    y = comm.allreduce(x, op="sum")
+    expected = reference(rank_data(elements, "float32", RANK, exact=True), "sum")
+    np.testing.assert_array_equal(y.float().numpy(), expected)  # small integers: exact in 16 bits too
+    assert same_bits_everywhere(y.view(torch.int16).numpy() if dtype != torch.float32 else y.numpy())
+    widened = dtype != torch.float32
+    assert bool(rings) == (widened and SIZE > 1), (dtype, len(rings))
+    assert comm.choose_algorithm(elements * 2, SIZE, widened=widened) == ("ring" if widened and SIZE > 1 else "mpi")
+
+
 @pytest.mark.parametrize("algorithm", ["ring", "mpi", "auto"])
 @pytest.mark.parametrize("rows", [0, 1, 5, 2 * SIZE + 1])
 def test_reduce_scatter(algorithm: str, rows: int) -> None:

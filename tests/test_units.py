@@ -41,6 +41,16 @@ def test_choose_algorithm_crossover() -> None:
     assert choose_algorithm(4000, 8, table) == "mpi"
     assert choose_algorithm(1 << 30, 1, table) == "mpi"
     assert choose_algorithm(10, 8, override=10) == "ring"  # DMLMPI_RING_MIN_BYTES
+    # 16-bit float reductions cross over far earlier: MPI would reduce them widened to float32
+    from dmlmpi.comm.select import RING_MIN_BYTES, RING_MIN_BYTES_16BIT
+
+    for world in (2, 4, 8):
+        small = RING_MIN_BYTES_16BIT[world]
+        assert small < RING_MIN_BYTES[world]
+        assert choose_algorithm(small, world, widened=True) == "ring"
+        assert choose_algorithm(small - 1, world, widened=True) == "mpi"
+        assert choose_algorithm(small, world) == "mpi"
+    assert choose_algorithm(1 << 30, 1, widened=True) == "mpi"
 
 
 def test_mismatch_message_names_ranks_and_fields() -> None:

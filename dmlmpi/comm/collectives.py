@@ -23,9 +23,10 @@ from .select import choose_algorithm
 ALGORITHMS = ("auto", "ring", "mpi", "hierarchical")
 _KNOWN = frozenset(ALGORITHMS)
 
-def _auto(ctx: Context, nbytes: int) -> str:
-    """What `auto` runs for nbytes on ctx's communicator (its crossover was fixed when ctx was made)."""
-    return "mpi" if ctx.size == 1 or nbytes < ctx.ring_min_bytes else "ring"
+def _auto(ctx: Context, nbytes: int, widened: bool = False) -> str:
+    """What `auto` runs for nbytes on ctx's communicator; widened: a 16-bit float reduction (crossovers fixed with ctx)."""
+    threshold = ctx.ring_min_bytes_16bit if widened else ctx.ring_min_bytes
+    return "mpi" if ctx.size == 1 or nbytes < threshold else "ring"
 
 
 def _comm(comm: MPI.Comm | None) -> MPI.Comm:
@@ -116,7 +117,7 @@ def allreduce_flat(data: Any, dtype: DType, op: str, algorithm: str, ctx: Contex
     """Run one all-reduce algorithm in place on a 1-D buffer (no guard, no conversion)."""
     comm = ctx.comm
     if algorithm == "auto" and ctx.size > 1:
-        algorithm = _auto(ctx, len(data) * dtype.storage.itemsize)
+        algorithm = _auto(ctx, len(data) * dtype.storage.itemsize, not dtype.mpi_native)
     if ctx.size > 1 and len(data) > 0:
         if algorithm == "mpi":
             _native_allreduce(data, comm, op, dtype)
@@ -173,7 +174,7 @@ def reduce_scatter(x: Any, op: str = "sum", algorithm: str = "auto", comm: MPI.C
     rows, bounds = _row_bounds(shape, n)
     flat = to_flat(x, copy=True)
     start, stop = bounds[r]
-    chosen = _auto(ctx, len(flat.data) * dtype.storage.itemsize) if algorithm == "auto" else algorithm
+    chosen = _auto(ctx, len(flat.data) * dtype.storage.itemsize, not dtype.mpi_native) if algorithm == "auto" else algorithm
     if n > 1 and chosen == "ring":
         ring.reduce_scatter_inplace(flat.data, ctx.comm, op, dtype, bounds, scratch=ctx.scratch)
         mine = flat.data[start:stop]

@@ -16,7 +16,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .ring import empty_like
-from .select import ring_threshold
+from .select import RING_MIN_BYTES_16BIT, ring_threshold
 
 _KEYVAL: list[int] = []  # the attribute key, created once per process on first use
 # (communicator, Context) of the last call: most programs call dmlmpi on one communicator, and
@@ -38,6 +38,7 @@ class Context:
     # (an os.environ lookup per call would cost about a microsecond each)
     guard: bool = field(default_factory=lambda: _env_flag("DMLMPI_GUARD", True))
     ring_min_bytes: int = 0  # auto's ring/native crossover for this size (DMLMPI_RING_MIN_BYTES overrides)
+    ring_min_bytes_16bit: int = 0  # the same for reductions of 16-bit floats (the same override)
     buffers: dict[Any, Any] = field(default_factory=dict)  # reusable host buffers, by (purpose, dtype)
     guard_pair: array = field(default_factory=lambda: array("q", (0, 0)))  # the guard's message: hash, -hash
 
@@ -79,7 +80,8 @@ def context(comm: MPI.Comm) -> Context:
         size = comm.Get_size()
         override = _env_int("DMLMPI_RING_MIN_BYTES")
         ctx = Context(comm.Dup(), size, comm.Get_rank(),
-                      ring_min_bytes=ring_threshold(size) if override is None else override)
+                      ring_min_bytes=ring_threshold(size) if override is None else override,
+                      ring_min_bytes_16bit=ring_threshold(size, RING_MIN_BYTES_16BIT) if override is None else override)
         comm.Set_attr(_KEYVAL[0], ctx)
     _LAST[0] = (comm, ctx)
     return ctx

@@ -29,9 +29,15 @@ def _torch_view(a: Any, dtype: DType) -> Any:
     return t.view(torch.bfloat16) if dtype.name == "bfloat16" else t
 
 
+# 16-bit floats in host memory are reduced by torch: numpy has no bfloat16, and its float16
+# arithmetic is scalar (converting element by element) where torch's is vectorised; both compute in
+# float32 and round back, so the bits are the same
+_TORCH_HOST = frozenset({"float16", "bfloat16"})
+
+
 def reduce_into(dst: Any, src: Any, op: str, dtype: DType) -> None:
     """dst = dst (op) src, element-wise and in place."""
-    if isinstance(dst, np.ndarray) and dtype.name != "bfloat16":
+    if isinstance(dst, np.ndarray) and dtype.name not in _TORCH_HOST:
         fn = {"sum": np.add, "avg": np.add, "min": np.minimum, "max": np.maximum, "prod": np.multiply}[op]
         fn(dst, src, out=dst)
         return
@@ -41,7 +47,7 @@ def reduce_into(dst: Any, src: Any, op: str, dtype: DType) -> None:
         fn = {"sum": cupy.add, "avg": cupy.add, "min": cupy.minimum, "max": cupy.maximum, "prod": cupy.multiply}[op]
         fn(dst, src, out=dst)
         return
-    # torch: CPU/CUDA tensors, and numpy storage of bfloat16 (numpy has no bfloat16 arithmetic)
+    # torch: CPU/CUDA tensors, and numpy storage of 16-bit floats
     import torch
 
     d, s = _torch_view(dst, dtype), _torch_view(src, dtype)
@@ -54,7 +60,7 @@ def divide_in_place(a: Any, n: int, dtype: DType) -> None:
     """a /= n for the avg op: true division for floats, floor division for integers."""
     if n == 1:
         return
-    if isinstance(a, np.ndarray) and dtype.name != "bfloat16":
+    if isinstance(a, np.ndarray) and dtype.name not in _TORCH_HOST:
         if dtype.floating:
             np.divide(a, a.dtype.type(n), out=a)
         else:
