@@ -41,6 +41,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sample-seconds", type=float, default=0.5, help="target length of one timed sample")
     p.add_argument("--algorithm", default="auto", help="dmlmpi all-reduce algorithm")
     p.add_argument("--bucket-mb", type=float, default=25.0, help="bucket size for dmlmpi and DDP")
+    p.add_argument("--compression", default="none", choices=["none", "fp16", "bf16"],
+                   help="gradients on the wire in 16 bits: dmlmpi's compression option, DDP's "
+                        "fp16_compress_hook / bf16_compress_hook")
     p.add_argument("--json", help="write one record per (model, ranks, variant) to this path")
     args = p.parse_args(argv)
     for m in args.models.split(","):
@@ -52,10 +55,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def wrap(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, args: argparse.Namespace) -> nn.Module:
     """The model as trained by one variant."""
     if variant == "dmlmpi":
-        return DataParallel(model, comm=sub, algorithm=args.algorithm, bucket_mb=args.bucket_mb)
+        return DataParallel(model, comm=sub, algorithm=args.algorithm, bucket_mb=args.bucket_mb,
+                            compression=args.compression)
     if variant == "ddp":
-        return nn.parallel.DistributedDataParallel(model, process_group=group, bucket_cap_mb=args.bucket_mb)
+        ddp = nn.parallel.DistributedDataParallel(model, process_group=group, bucket_cap_mb=args.bucket_mb)
+        if args.compression == "fp16":  # DDP's own 16-bit wire format, for a like-for-like row
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            ddp.register_comm_hook(group, default_hooks.fp16_compress_hook)
+        # (DDP's bf16 hook needs NCCL: with bf16 the DDP row stays uncompressed)
+        return ddp
     return model
+
+
+def ddp_or_dmlmpi_compression(variant: str, compression: str) -> str:
+    """The gradient wire format a variant actually uses (DDP has no bf16 hook on gloo)."""
+    if variant == "local" or (variant == "ddp" and compression == "bf16"):
+        return "none"
+    return compression
 
 
 def calibrate(step: Callable[[], None], sub: MPI.Comm, args: argparse.Namespace) -> int:
@@ -103,7 +120,8 @@ def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Names
                             batch_per_rank=args.batch, samples_per_s_median=statistics.median(rates),
                             samples_per_s_min=min(rates), samples_per_s_max=max(rates),
                             step_time_s_median=statistics.median(per_step[v]),
-                            algorithm=args.algorithm if v == "dmlmpi" else ""))
+                            algorithm=args.algorithm if v == "dmlmpi" else "",
+                            compression=ddp_or_dmlmpi_compression(v, args.compression)))
     return records
 
 
@@ -123,7 +141,8 @@ def main(argv: list[str]) -> int:
                      spread=f"{r['samples_per_s_min']:.0f}-{r['samples_per_s_max']:.0f}",
                      step=f"{r['step_time_s_median'] * 1e3:.2f}", over=f"{100 * r['comm_overhead']:+.1f}%")
                 for r in records]
-        print(f"# dmlmpi data-parallel benchmark: {args.batch} samples per rank per step, torch threads 1")
+        print(f"# dmlmpi data-parallel benchmark: {args.batch} samples per rank per step, torch threads 1, "
+              f"gradient compression {args.compression}")
         print(format_table(rows, [("model", "model", ""), ("params", "params", ""), ("ranks", "ranks", ""),
                                   ("variant", "variant", ""), ("rate", "samples/s", ""), ("spread", "min-max", ""),
                                   ("step", "step(ms)", ""), ("over", "vs local", "")]))

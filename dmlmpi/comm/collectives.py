@@ -70,13 +70,14 @@ def _numel(x: Any) -> int:
 
 def _upcast(data: Any, dtype: DType) -> Any:
     """float16/bfloat16 data as float32 (exact), for MPI libraries that cannot reduce 16-bit floats."""
-    if isinstance(data, np.ndarray) and dtype.name == "float16":
-        return data.astype(np.float32)
-    if isinstance(data, np.ndarray):  # bfloat16 bits: the high half of a float32
-        return (data.astype(np.int32) << 16).view(np.float32)
-    if hasattr(data, "float"):  # torch device tensor (bfloat16 held as int16 bits)
-        import torch
+    import torch
 
+    if isinstance(data, np.ndarray):
+        # host storage (bfloat16 as its int16 bits), converted by torch in one vectorised pass:
+        # numpy's float16 conversion took 7x as long here (4M elements)
+        t = torch.from_numpy(data)
+        return (t.view(torch.bfloat16) if dtype.name == "bfloat16" else t).float().numpy()
+    if hasattr(data, "float"):  # torch device tensor (bfloat16 held as int16 bits)
         return (data.view(torch.bfloat16) if dtype.name == "bfloat16" else data).float()
     return data.astype("float32")  # CuPy float16
 
@@ -85,10 +86,10 @@ def _downcast_into(dst: Any, wide: Any, dtype: DType) -> None:
     """Round float32 `wide` to dst's 16-bit type (nearest even) and store it in dst."""
     import torch
 
-    if isinstance(dst, np.ndarray) and dtype.name == "float16":
-        dst[...] = wide.astype(np.float16)
-    elif isinstance(dst, np.ndarray):
-        dst[...] = torch.from_numpy(wide).to(torch.bfloat16).view(torch.int16).numpy()
+    if isinstance(dst, np.ndarray):
+        # torch rounds to nearest even like numpy's astype, which took 90x as long for float16 here
+        t = torch.from_numpy(dst)
+        (t.view(torch.bfloat16) if dtype.name == "bfloat16" else t).copy_(torch.from_numpy(wide))
     elif hasattr(dst, "copy_"):
         dst.copy_(wide.to(torch.bfloat16).view(torch.int16) if dtype.name == "bfloat16" else wide.half())
     else:
