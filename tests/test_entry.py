@@ -63,6 +63,16 @@ def test_dp_bench_smoke(tmp_path) -> None:
                for r in records)
 
 
+def test_dp_bench_compression(tmp_path) -> None:
+    """`bench dp --compression fp16`: dmlmpi and DDP (its fp16 hook) both run compressed, local does not."""
+    out_json = tmp_path / "dp16.json"
+    result = run_mpi(2, ["-m", "dmlmpi.bench", "dp", "--models", "cnn", "--samples", "2", "--sample-seconds",
+                         "0.01", "--compression", "fp16", "--json", str(out_json)], timeout=180, cwd=ROOT)
+    assert result.returncode == 0 and "gradient compression fp16" in result.stdout, result.stdout
+    records = {r["variant"]: r for r in json.loads(out_json.read_text())}
+    assert {v: r["compression"] for v, r in records.items()} == {"local": "none", "dmlmpi": "fp16", "ddp": "fp16"}
+
+
 def test_callcost_bench_smoke(tmp_path) -> None:
     """`python -m dmlmpi.bench callcost` on 2 ranks: every row, Python costs that grow with N, JSON records."""
     out_json = tmp_path / "cc.json"
