@@ -17,7 +17,7 @@ from . import hierarchical, ring
 from .buffers import Flat, dtype_of, to_flat, to_result, write_back
 from .context import Context, context
 from .dtypes import DType
-from .ops import MPI_OPS, check_op, divide_in_place
+from .ops import MPI_OPS, check_op, divide_in_place, torch_view
 from .select import choose_algorithm
 
 ALGORITHMS = ("auto", "ring", "mpi", "hierarchical")
@@ -70,15 +70,12 @@ def _numel(x: Any) -> int:
 
 def _upcast(data: Any, dtype: DType) -> Any:
     """float16/bfloat16 data as float32 (exact), for MPI libraries that cannot reduce 16-bit floats."""
-    import torch
-
     if isinstance(data, np.ndarray):
-        # host storage (bfloat16 as its int16 bits), converted by torch in one vectorised pass:
-        # numpy's float16 conversion took 7x as long here (4M elements)
-        t = torch.from_numpy(data)
-        return (t.view(torch.bfloat16) if dtype.name == "bfloat16" else t).float().numpy()
+        # host storage, converted by torch in one vectorised pass: numpy's float16 conversion took
+        # 7x as long here (4M elements)
+        return torch_view(data, dtype).float().numpy()
     if hasattr(data, "float"):  # torch device tensor (bfloat16 held as int16 bits)
-        return (data.view(torch.bfloat16) if dtype.name == "bfloat16" else data).float()
+        return torch_view(data, dtype).float()
     return data.astype("float32")  # CuPy float16
 
 
@@ -88,8 +85,7 @@ def _downcast_into(dst: Any, wide: Any, dtype: DType) -> None:
 
     if isinstance(dst, np.ndarray):
         # torch rounds to nearest even like numpy's astype, which took 90x as long for float16 here
-        t = torch.from_numpy(dst)
-        (t.view(torch.bfloat16) if dtype.name == "bfloat16" else t).copy_(torch.from_numpy(wide))
+        torch_view(dst, dtype).copy_(torch.from_numpy(wide))
     elif hasattr(dst, "copy_"):
         dst.copy_(wide.to(torch.bfloat16).view(torch.int16) if dtype.name == "bfloat16" else wide.half())
     else:

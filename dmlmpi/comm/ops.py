@@ -21,7 +21,7 @@ def check_op(op: str) -> str:
     return op
 
 
-def _torch_view(a: Any, dtype: DType) -> Any:
+def torch_view(a: Any, dtype: DType) -> Any:
     """A torch tensor over numpy or torch storage, reinterpreting bfloat16 bits where needed."""
     import torch
 
@@ -50,7 +50,7 @@ def reduce_into(dst: Any, src: Any, op: str, dtype: DType) -> None:
     # torch: CPU/CUDA tensors, and numpy storage of 16-bit floats
     import torch
 
-    d, s = _torch_view(dst, dtype), _torch_view(src, dtype)
+    d, s = torch_view(dst, dtype), torch_view(src, dtype)
     fn2: Callable[..., Any] = {"sum": torch.add, "avg": torch.add, "min": torch.minimum,
                                "max": torch.maximum, "prod": torch.mul}[op]
     fn2(d, s, out=d)
@@ -72,7 +72,7 @@ def divide_in_place(a: Any, n: int, dtype: DType) -> None:
         else:
             a //= n
         return
-    t = _torch_view(a, dtype)
+    t = torch_view(a, dtype)
     if dtype.floating:
         t.div_(n)
     else:
