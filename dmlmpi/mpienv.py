@@ -12,7 +12,7 @@ import os
 import shlex
 import shutil
 import sys
-from typing import Mapping, MutableMapping
+from typing import Mapping
 
 # Open MPI 5 (PRRTE) refuses to start as root unless both variables of a pair are "1".
 ROOT_SETTINGS = {
@@ -61,10 +61,10 @@ def is_rank_var(name: str) -> bool:
 def launch_env(base: Mapping[str, str] | None = None, euid: int | None = None) -> dict[str, str]:
     """A copy of `base` (default os.environ) for a new job: rank variables dropped, dmlmpi's settings added where unset."""
     source = os.environ if base is None else base
-    env: MutableMapping[str, str] = {k: v for k, v in source.items() if not is_rank_var(k)}
+    env = {k: v for k, v in source.items() if not is_rank_var(k)}  # already a fresh copy
     for key, value in settings(euid).items():
         env.setdefault(key, value)
-    return dict(env)
+    return env
 
 
 def find_mpiexec() -> str:

@@ -54,22 +54,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def wrap(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, args: argparse.Namespace) -> nn.Module:
     """The model as trained by one variant."""
+    wire = wire_format(variant, args.compression)
     if variant == "dmlmpi":
-        return DataParallel(model, comm=sub, algorithm=args.algorithm, bucket_mb=args.bucket_mb,
-                            compression=args.compression)
+        return DataParallel(model, comm=sub, algorithm=args.algorithm, bucket_mb=args.bucket_mb, compression=wire)
     if variant == "ddp":
         ddp = nn.parallel.DistributedDataParallel(model, process_group=group, bucket_cap_mb=args.bucket_mb)
-        if args.compression == "fp16":  # DDP's own 16-bit wire format, for a like-for-like row
+        if wire == "fp16":  # DDP's own 16-bit wire format, for a like-for-like row
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
             ddp.register_comm_hook(group, default_hooks.fp16_compress_hook)
-        # (DDP's bf16 hook needs NCCL: with bf16 the DDP row stays uncompressed)
         return ddp
     return model
 
 
-def ddp_or_dmlmpi_compression(variant: str, compression: str) -> str:
-    """The gradient wire format a variant actually uses (DDP has no bf16 hook on gloo)."""
+def wire_format(variant: str, compression: str) -> str:
+    """The gradient wire format a variant uses for --compression (DDP's bf16 hook needs NCCL: none on gloo)."""
     if variant == "local" or (variant == "ddp" and compression == "bf16"):
         return "none"
     return compression
@@ -121,7 +120,7 @@ def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Names
                             samples_per_s_min=min(rates), samples_per_s_max=max(rates),
                             step_time_s_median=statistics.median(per_step[v]),
                             algorithm=args.algorithm if v == "dmlmpi" else "",
-                            compression=ddp_or_dmlmpi_compression(v, args.compression)))
+                            compression=wire_format(v, args.compression)))
     return records
 
 
