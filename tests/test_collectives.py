@@ -132,9 +132,10 @@ def test_auto_sends_large_16bit_reductions_through_the_ring(dtype: torch.dtype, 
     real = ring.allreduce_inplace
     monkeypatch.setattr(ring, "allreduce_inplace", lambda *a, **k: (rings.append(1), real(*a, **k))[1])
     elements = max(ring_threshold(SIZE, RING_MIN_BYTES_16BIT) // 2, 1)  # at the 16-bit crossover
-    x = torch.from_numpy(rank_data(elements, "float32", RANK, exact=True)).to(dtype)
+    data = rank_data(elements, "float32", RANK, exact=True)
+    x = torch.from_numpy(data).to(dtype)  # (float32 shares data: the all-reduce below is out of place)
     y = comm.allreduce(x, op="sum")
-    expected = reference(rank_data(elements, "float32", RANK, exact=True), "sum")
+    expected = reference(data, "sum")
     np.testing.assert_array_equal(y.float().numpy(), expected)  # small integers: exact in 16 bits too
     assert same_bits_everywhere(y.view(torch.int16).numpy() if dtype != torch.float32 else y.numpy())
     widened = dtype != torch.float32
