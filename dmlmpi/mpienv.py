@@ -30,11 +30,16 @@ OVERSUBSCRIBE_SETTINGS = {
     "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1",
 }
 
+# dmlmpi's one-sided windows are all node-local (the "shm" all-reduce), which Open MPI's osc/sm
+# serves; without a UCX device its osc/ucx prints "OSC UCX component priority set inside component
+# query failed" on every rank when the first window is made. Not offering it silences that.
+QUIET_SETTINGS = {"OMPI_MCA_osc": "^ucx"}
+
 
 def settings(euid: int | None = None) -> dict[str, str]:
     """The variables dmlmpi sets for an MPI launch on this machine."""
     euid = os.geteuid() if euid is None else euid
-    out = dict(OVERSUBSCRIBE_SETTINGS)
+    out = dict(OVERSUBSCRIBE_SETTINGS, **QUIET_SETTINGS)
     if euid == 0:
         out.update(ROOT_SETTINGS)
     return out

@@ -150,7 +150,10 @@ class DPTrainer(Trainer):
                  device: torch.device, total_steps: int, tl: Timeline) -> None:
         self.comm, self.data, self.device, self.tl = world, data, device, tl
         self.model = DataParallel(model, world, bucket_mb=args.bucket_mb, algorithm=args.algorithm,
-                                  compression=args.compression, timeline=tl)
+                                  compression=args.compression, timeline=tl,
+                                  # an elastic recovery closes this on a communicator that lost a rank:
+                                  # shared buckets would need a collective free there
+                                  shared_buckets=not args.elastic)
         self.optimizer = make_optimizer(args)(self.model.parameters())
         self.schedule = make_schedule(args, total_steps)(self.optimizer)
 

@@ -9,13 +9,14 @@ import torch
 from mpi4py import MPI
 
 from dmlmpi import comm
+from dmlmpi.comm import shm
 from dmlmpi.comm.fusion import allreduce_fused
 
 pytestmark = pytest.mark.mpi
 
 WORLD = MPI.COMM_WORLD
 RANK, SIZE = WORLD.Get_rank(), WORLD.Get_size()
-ALGOS = ["ring", "mpi", "hierarchical", "auto"]
+ALGOS = ["ring", "mpi", "hierarchical", "shm", "auto"]
 OPS = ["sum", "avg", "min", "max", "prod"]
 NP_DTYPES = ["float16", "float32", "float64", "int32", "int64"]
 LENGTHS = [0, 1, max(1, SIZE - 1), 7, 1001]
@@ -256,6 +257,15 @@ class TestGuard:
         op = "max" if field == "op" and RANK == 1 else "sum"
         self._expect_mismatch(lambda: comm.allreduce(x, op=op, inplace=True), field, "rank 1")
 
+    def test_shared_and_private_buffers(self) -> None:
+        # a shared window is reduced where it lies, a private buffer is staged: all must agree
+        a = comm.shared_empty(4, "float64")
+        a[:] = 1.0
+        x = a if RANK == 0 else np.ones(4)
+        self._expect_mismatch(lambda: comm.allreduce(x, algorithm="shm", inplace=True), "buffer",
+                              "rank 0 in a shared window", "private")
+        comm.free_shared(a)
+
     def test_still_usable_after_mismatch(self) -> None:
         with pytest.raises(comm.CollectiveMismatchError):
             comm.allreduce(np.ones(2 + RANK))
@@ -270,6 +280,70 @@ class TestGuard:
         with pytest.raises(comm.CollectiveMismatchError):  # the call's own setting wins
             comm.allreduce(np.ones(3 + RANK), comm=fresh, guard=True)
         fresh.Free()
+
+
+@pytest.fixture
+def shm_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Records in_window of every shm all-reduce run during the test."""
+    calls: list[bool] = []
+    real = shm.allreduce_inplace
+
+    def spy(data, seg, op, dtype, in_window):  # type: ignore[no-untyped-def]
+        calls.append(in_window)
+        real(data, seg, op, dtype, in_window)
+
+    monkeypatch.setattr(shm, "allreduce_inplace", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", NP_DTYPES)
+@pytest.mark.parametrize("op", OPS)
+def test_shared_window_in_place(dtype: str, op: str, shm_calls: list[bool]) -> None:
+    """A shared_empty array is reduced where it lies: MPI's answer exactly, identical bits, no staging."""
+    for shape in [(0,), (1,), (max(1, SIZE - 1),), (7,), (1001,), (3, 5)]:
+        a = comm.shared_empty(shape, dtype)
+        assert a.shape == shape and a.dtype == np.dtype(dtype)
+        x = rank_data(int(np.prod(shape)), dtype, RANK, exact=True).reshape(shape)
+        a[...] = x
+        assert comm.allreduce(a, op=op, algorithm="shm", inplace=True) is a
+        np.testing.assert_array_equal(a, reference(x, op), err_msg=f"shape {shape}")
+        assert same_bits_everywhere(a)
+        comm.free_shared(a)
+    # every non-empty call on more than one rank ran in the window itself
+    assert shm_calls == ([True] * 5 if SIZE > 1 else [])
+
+
+def test_shared_window_auto_and_torch(monkeypatch: pytest.MonkeyPatch, shm_calls: list[bool]) -> None:
+    """auto reduces shared buffers from DMLMPI_SHM_MIN_BYTES up in the window; torch views of one too."""
+    monkeypatch.setenv("DMLMPI_SHM_MIN_BYTES", "4000")  # read when dmlmpi first meets a communicator
+    fresh = WORLD.Dup()
+    small, big = comm.shared_empty(999, "float32", fresh), comm.shared_empty(1000, "float32", fresh)
+    for a in (small, big):
+        a[:] = rank_data(len(a), "float32", RANK, exact=False)
+        want = reference(a, "avg")
+        comm.allreduce(a, op="avg", comm=fresh, inplace=True)
+        np.testing.assert_allclose(a, want, rtol=1e-6, atol=1e-6)
+    assert shm_calls == ([True] if SIZE > 1 else [])  # 3996 bytes went native, 4000 through the window
+    t = torch.from_numpy(comm.shared_empty(5000, "bfloat16", fresh)).view(torch.bfloat16)
+    t.copy_(torch.arange(5000) % 7 + RANK)
+    y = comm.allreduce(t, comm=fresh)  # out of place: a private copy, the window untouched
+    comm.allreduce(t, comm=fresh, inplace=True)
+    expect = ((torch.arange(5000) % 7) * SIZE + SIZE * (SIZE - 1) // 2).to(torch.bfloat16)
+    assert torch.equal(y, expect) and torch.equal(t, expect)
+    assert shm_calls == ([True, True] if SIZE > 1 else [])
+    for a in (small, big, t):
+        comm.free_shared(a, fresh)
+    fresh.Free()
+
+
+def test_shared_empty_errors() -> None:
+    """Different sizes on different ranks, and freeing what shared_empty did not make, are refused."""
+    if SIZE > 1:
+        with pytest.raises(ValueError, match="all ranks must ask for the same shape"):
+            comm.shared_empty(3 + (RANK == 1), "float32")
+    with pytest.raises(ValueError, match="not made by shared_empty"):
+        comm.free_shared(np.ones(3))
+    assert comm.on_one_node() is True  # mpiexec on one machine
 
 
 def test_bad_arguments() -> None:

@@ -47,7 +47,7 @@ def train_reference(steps: int, batch: int, lr: float = 0.05) -> list[torch.Tens
     return [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("algorithm", ["auto", "ring", "mpi"])
+@pytest.mark.parametrize("algorithm", ["auto", "ring", "mpi", "shm"])
 @pytest.mark.parametrize("bucket_mb", [0.001, 25.0])
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_matches_single_process(algorithm: str, bucket_mb: float, set_to_none: bool) -> None:
@@ -65,7 +65,11 @@ def test_matches_single_process(algorithm: str, bucket_mb: float, set_to_none: b
         opt.step()
     for got, want in zip(model.parameters(), expect):
         torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
-    model.close()
+    assert model._shared == (SIZE > 1)  # CPU ranks of one node: buckets in shared memory
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.close()  # gives the shared buckets back: .grad must survive it
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g)
 
 
 def test_no_sync_accumulates_then_averages() -> None:

@@ -13,14 +13,14 @@ import numpy as np
 from mpi4py import MPI
 
 from . import guard as _guard
-from . import hierarchical, ring
+from . import hierarchical, ring, shm
 from .buffers import Flat, dtype_of, to_flat, to_result, write_back
 from .context import Context, context
-from .dtypes import DType
+from .dtypes import DType, lookup
 from .ops import MPI_OPS, check_op, divide_in_place, torch_view
 from .select import choose_algorithm
 
-ALGORITHMS = ("auto", "ring", "mpi", "hierarchical")
+ALGORITHMS = ("auto", "ring", "mpi", "hierarchical", "shm")
 _KNOWN = frozenset(ALGORITHMS)
 
 def _auto(ctx: Context, nbytes: int, widened: bool = False) -> str:
@@ -42,11 +42,11 @@ def _check_algorithm(algorithm: str) -> str:
 
 
 def _enter(ctx: Context, guard: bool | None, collective: str, length: int, dtype: DType,
-           op: str | None, algorithm: str, root: int = 0) -> None:
+           op: str | None, algorithm: str, root: int = 0, shared: bool = False) -> None:
     """Count this call and, if the guard is on, check that every rank made the same one."""
     ctx.calls += 1
     if ctx.guard if guard is None else guard:
-        _guard.check(ctx, _guard.signature(collective, length, dtype.code, op, algorithm, root, ctx.calls))
+        _guard.check(ctx, _guard.signature(collective, length, dtype.code, op, algorithm, root, ctx.calls, shared))
 
 
 def _begin(x: Any, comm: MPI.Comm | None, guard: bool | None, collective: str, op: str | None,
@@ -110,11 +110,130 @@ def _hierarchy(ctx: Context) -> tuple[MPI.Comm, MPI.Comm]:
     return ctx.nodes[per_node]
 
 
-def allreduce_flat(data: Any, dtype: DType, op: str, algorithm: str, ctx: Context) -> None:
-    """Run one all-reduce algorithm in place on a 1-D buffer (no guard, no conversion)."""
+def _node(ctx: Context) -> MPI.Comm:
+    """ctx's ranks as one shared-memory communicator (made once); ValueError if they span nodes."""
+    if ctx.node is None:
+        # collective: every rank of ctx gets here on the same call
+        ctx.node = ctx.comm.Split_type(MPI.COMM_TYPE_SHARED, key=ctx.rank)
+    if ctx.node.Get_size() != ctx.size:
+        # the same answer on every rank: either one node holds all of them or none does
+        raise ValueError(f"dmlmpi.comm: shared memory needs all {ctx.size} ranks on one node; rank {ctx.rank} "
+                         f"shares its node with {ctx.node.Get_size()} of them (use ring, mpi or hierarchical)")
+    return ctx.node
+
+
+def on_one_node(comm: MPI.Comm | None = None) -> bool:
+    """Whether all ranks of comm share one node's memory (collective on first use, then cached)."""
+    ctx = context(_comm(comm))
+    try:
+        _node(ctx)
+    except ValueError:
+        return False
+    return True
+
+
+def _address(x: Any) -> int | None:
+    """Where a host array's data starts (None for device arrays)."""
+    if isinstance(x, np.ndarray):
+        return x.__array_interface__["data"][0]
+    if hasattr(x, "data_ptr") and x.device.type == "cpu":
+        return x.data_ptr()
+    return None
+
+
+def shared_segment(ctx: Context, x: Any) -> shm.Segment | None:
+    """The shared window x lies at the start of (from shared_empty), if any; None costs one dict test."""
+    if not ctx.segments:
+        return None
+    seg = ctx.segments.get(_address(x))
+    if seg is None:
+        return None
+    nbytes = _numel(x) * dtype_of(x).storage.itemsize
+    contiguous = x.flags.c_contiguous if isinstance(x, np.ndarray) else x.is_contiguous()
+    return seg if contiguous and nbytes <= seg.capacity else None
+
+
+def shared_empty(shape: int | tuple[int, ...], dtype: str = "float32", comm: MPI.Comm | None = None) -> np.ndarray:
+    """An uninitialised host array in node-shared memory (collective); allreduce reduces it where it lies.
+
+    All ranks of comm must share one node and ask for the same shape. bfloat16 comes back as its
+    int16 storage (view it with torch.from_numpy(a).view(torch.bfloat16)). Free it with
+    free_shared, on every rank. A zero-size array needs no shared memory and gets none.
+    """
+    d = lookup(dtype)
+    ctx = context(_comm(comm))
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    count = int(math.prod(shape))
+    node = _node(ctx)
+    # every rank must ask for the same size: one small all-reduce of (size, -size), as the guard does
+    sizes = np.array([count, -count], dtype=np.int64)
+    ctx.comm.Allreduce(MPI.IN_PLACE, sizes, op=MPI.MAX)
+    if sizes[0] != -sizes[1]:
+        raise ValueError(f"dmlmpi.comm.shared_empty: rank {ctx.rank} asked for {count} elements, but ranks ask for "
+                         f"between {-sizes[1]} and {sizes[0]}: all ranks must ask for the same shape")
+    if count == 0:
+        return np.empty(shape, dtype=d.storage)
+    seg = shm.allocate(node, count * d.storage.itemsize)
+    ctx.segments[seg.address] = seg
+    return seg.view(ctx.rank, d.storage, count).reshape(shape)
+
+
+def free_shared(a: Any, comm: MPI.Comm | None = None) -> None:
+    """Release an array made by shared_empty (collective); a must not be used afterwards."""
+    if _numel(a) == 0:
+        return  # shared_empty made no window for it
+    ctx = context(_comm(comm))
+    seg = ctx.segments.pop(_address(a), None)
+    if seg is None:
+        raise ValueError(f"dmlmpi.comm.free_shared: rank {ctx.rank}: this array was not made by shared_empty on this communicator")
+    seg.free()
+
+
+def _staging(ctx: Context, nbytes: int) -> shm.Segment:
+    """The window that "shm" stages other buffers through, grown (collectively) to hold nbytes."""
+    if ctx.staging is None or ctx.staging.capacity < nbytes:
+        # every rank reduces the same length (the guard checks it), so all grow on the same call
+        old = 0 if ctx.staging is None else ctx.staging.capacity
+        if ctx.staging is not None:
+            ctx.staging.free()
+        ctx.staging = shm.allocate(_node(ctx), max(nbytes, 2 * old))
+    return ctx.staging
+
+
+def _shm_allreduce(data: Any, dtype: DType, op: str, ctx: Context, seg: shm.Segment | None) -> None:
+    """The "shm" algorithm: in the buffer's own window, or staged through ctx's."""
+    if seg is not None:
+        shm.allreduce_inplace(data, seg, op, dtype, in_window=True)
+    elif isinstance(data, np.ndarray):
+        shm.allreduce_inplace(data, _staging(ctx, data.nbytes), op, dtype, in_window=False)
+    else:
+        # device memory (handed over as is for a CUDA-aware MPI): the window is host memory
+        host = data.get() if type(data).__module__.startswith("cupy") else data.cpu().numpy()
+        shm.allreduce_inplace(host, _staging(ctx, host.nbytes), op, dtype, in_window=False)
+        if hasattr(data, "copy_"):
+            import torch
+
+            data.copy_(torch.from_numpy(host))
+        else:
+            data.set(host)
+
+
+def allreduce_flat(data: Any, dtype: DType, op: str, algorithm: str, ctx: Context,
+                   seg: shm.Segment | None = None) -> None:
+    """Run one all-reduce algorithm in place on a 1-D buffer (no guard, no conversion).
+
+    seg: the shared window `data` lies in, if any (then auto may reduce it there).
+    """
     comm = ctx.comm
     if algorithm == "auto" and ctx.size > 1:
-        algorithm = _auto(ctx, len(data) * dtype.storage.itemsize, not dtype.mpi_native)
+        nbytes = len(data) * dtype.storage.itemsize
+        if seg is not None and nbytes >= ctx.shm_min_bytes:
+            algorithm = "shm"
+        else:
+            algorithm = _auto(ctx, nbytes, not dtype.mpi_native)
+    if algorithm == "shm" and ctx.size > 1 and len(data) > 0:
+        _shm_allreduce(data, dtype, op, ctx, seg)
+        return  # avg was divided there, once per element
     if ctx.size > 1 and len(data) > 0:
         if algorithm == "mpi":
             _native_allreduce(data, comm, op, dtype)
@@ -139,8 +258,9 @@ def _allreduce_host_inplace(x: np.ndarray, op: str, algorithm: str, comm: MPI.Co
     _check_algorithm(algorithm)
     dtype = dtype_of(x)
     ctx = context(_comm(comm))
-    _enter(ctx, guard, "allreduce", x.size, dtype, op, algorithm)
-    allreduce_flat(x if x.ndim == 1 else x.reshape(-1), dtype, op, algorithm, ctx)
+    seg = shared_segment(ctx, x)
+    _enter(ctx, guard, "allreduce", x.size, dtype, op, algorithm, shared=seg is not None)
+    allreduce_flat(x if x.ndim == 1 else x.reshape(-1), dtype, op, algorithm, ctx, seg)
     return x
 
 
@@ -149,9 +269,15 @@ def allreduce(x: Any, op: str = "sum", algorithm: str = "auto", comm: MPI.Comm |
     """Reduce `x` element-wise over all ranks; every rank gets the result (same kind and device as x)."""
     if inplace and type(x) is np.ndarray and x.flags.c_contiguous:
         return _allreduce_host_inplace(x, op, algorithm, comm, guard)
-    ctx, dtype = _begin(x, comm, guard, "allreduce", op, algorithm)
+    check_op(op)
+    _check_algorithm(algorithm)
+    dtype = dtype_of(x)
+    ctx = context(_comm(comm))
+    # a buffer in a shared window is reduced where it lies (out of place works on a private copy)
+    seg = shared_segment(ctx, x) if inplace else None
+    _enter(ctx, guard, "allreduce", _numel(x), dtype, op, algorithm, shared=seg is not None)
     flat = to_flat(x, copy=not inplace, dtype=dtype)
-    allreduce_flat(flat.data, dtype, op, algorithm, ctx)
+    allreduce_flat(flat.data, dtype, op, algorithm, ctx, seg)
     return write_back(flat, x) if inplace else to_result(flat, flat.data, flat.shape)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .ring import empty_like
-from .select import RING_MIN_BYTES_16BIT, ring_threshold
+from .select import RING_MIN_BYTES_16BIT, SHM_MIN_BYTES, ring_threshold
 
 _KEYVAL: list[int] = []  # the attribute key, created once per process on first use
 # (communicator, Context) of the last call: most programs call dmlmpi on one communicator, and
@@ -39,7 +39,11 @@ class Context:
     guard: bool = field(default_factory=lambda: _env_flag("DMLMPI_GUARD", True))
     ring_min_bytes: int = 0  # auto's ring/native crossover for this size (DMLMPI_RING_MIN_BYTES overrides)
     ring_min_bytes_16bit: int = 0  # the same for reductions of 16-bit floats (the same override)
+    shm_min_bytes: int = 0  # smallest buffer in a shared window that auto reduces where it lies (DMLMPI_SHM_MIN_BYTES)
     buffers: dict[Any, Any] = field(default_factory=dict)  # reusable host buffers, by (purpose, dtype)
+    node: Any = None  # the ranks of comm as one node communicator, for shared memory (made on first use)
+    segments: dict[int, Any] = field(default_factory=dict)  # shared_empty windows, by this rank's address
+    staging: Any = None  # the shared window that other host buffers are staged through for "shm"
     guard_pair: array = field(default_factory=lambda: array("q", (0, 0)))  # the guard's message: hash, -hash
 
     def scratch(self, n: int, like: Any) -> Any:
@@ -79,9 +83,11 @@ def context(comm: MPI.Comm) -> Context:
     if ctx is None:
         size = comm.Get_size()
         override = _env_int("DMLMPI_RING_MIN_BYTES")
+        shm_override = _env_int("DMLMPI_SHM_MIN_BYTES")
         ctx = Context(comm.Dup(), size, comm.Get_rank(),
                       ring_min_bytes=ring_threshold(size) if override is None else override,
-                      ring_min_bytes_16bit=ring_threshold(size, RING_MIN_BYTES_16BIT) if override is None else override)
+                      ring_min_bytes_16bit=ring_threshold(size, RING_MIN_BYTES_16BIT) if override is None else override,
+                      shm_min_bytes=ring_threshold(size, SHM_MIN_BYTES) if shm_override is None else shm_override)
         comm.Set_attr(_KEYVAL[0], ctx)
     _LAST[0] = (comm, ctx)
     return ctx
@@ -92,4 +98,5 @@ def existing_comms(comm: MPI.Comm) -> list[MPI.Comm]:
     ctx = comm.Get_attr(_KEYVAL[0]) if _KEYVAL else None
     if ctx is None:
         return []
-    return [ctx.comm] + [c for pair in ctx.nodes.values() for c in pair if c != MPI.COMM_NULL]
+    made = [ctx.comm] + [c for pair in ctx.nodes.values() for c in pair if c != MPI.COMM_NULL]
+    return made + ([ctx.node] if ctx.node is not None else [])

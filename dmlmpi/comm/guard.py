@@ -18,9 +18,9 @@ from .context import Context
 from .dtypes import BY_CODE
 from .ops import OP_CODES
 
-FIELDS = ("collective", "length", "dtype", "op", "algorithm", "root", "call number")
+FIELDS = ("collective", "length", "dtype", "op", "algorithm", "root", "call number", "buffer")
 COLLECTIVES = ("allreduce", "reduce_scatter", "allgather", "broadcast", "allreduce_fused")
-ALGORITHMS = ("auto", "ring", "mpi", "hierarchical", "none")
+ALGORITHMS = ("auto", "ring", "mpi", "hierarchical", "none", "shm")
 
 
 class CollectiveMismatchError(RuntimeError):
@@ -32,10 +32,14 @@ _ALGORITHM_CODES = {name: i + 1 for i, name in enumerate(ALGORITHMS)}
 
 
 def signature(collective: str, length: int, dtype_code: int, op: str | None, algorithm: str,
-              root: int, call: int) -> tuple[int, ...]:
-    """The integers that must agree across ranks for one collective call."""
+              root: int, call: int, shared: bool = False) -> tuple[int, ...]:
+    """The integers that must agree across ranks for one collective call.
+
+    shared: the buffer lives in a dmlmpi shared-memory window (those are reduced where they lie,
+    others are staged, so all ranks must agree on it).
+    """
     return (_COLLECTIVE_CODES[collective], length, dtype_code, OP_CODES[op] if op else 0,
-            _ALGORITHM_CODES[algorithm], root, call)
+            _ALGORITHM_CODES[algorithm], root, call, int(shared))
 
 
 def _describe(value: int, name: str) -> str:
@@ -48,6 +52,8 @@ def _describe(value: int, name: str) -> str:
         return {v: k for k, v in OP_CODES.items()}.get(value, "none")
     if name == "algorithm":
         return ALGORITHMS[value - 1]
+    if name == "buffer":
+        return "in a shared window" if value else "private"
     return str(value)
 
 

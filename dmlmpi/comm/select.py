@@ -15,6 +15,11 @@ RING_MIN_BYTES = {2: 32 << 20, 4: 16 << 20, 8: 32 << 20}
 # 16 bits and adds them with torch at each step, as NCCL and gloo do. Measured crossover (bf16 and
 # fp16 alike within a factor of two): 8-16 KiB at 2 ranks, 64-256 KiB at 4, 256 KiB-1 MiB at 8.
 RING_MIN_BYTES_16BIT = {2: 16 << 10, 4: 128 << 10, 8: 512 << 10}
+# Smallest buffer living in a dmlmpi shared-memory window (comm.shared_empty, DataParallel's buckets)
+# that `auto` reduces in place with the "shm" algorithm instead of the table above: it needs no
+# messages but three barriers, so it wins once the copies that message passing makes cost more
+# than the barriers.
+SHM_MIN_BYTES = {2: 64 << 10, 4: 1 << 20, 8: 1 << 20}
 
 
 def ring_threshold(world: int, table: dict[int, int] | None = None) -> int:

@@ -86,11 +86,17 @@ class Future:
 class Bucket:
     """A flat gradient buffer for a group of parameters, and which of them have arrived."""
 
-    def __init__(self, params: list[nn.Parameter], dtype: torch.dtype) -> None:
+    def __init__(self, params: list[nn.Parameter], dtype: torch.dtype, shared_comm: MPI.Comm | None = None) -> None:
         self.params = params
         sizes = [p.numel() for p in params]
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        self.buffer = torch.zeros(sum(sizes), dtype=dtype, device=params[0].device)
+        self.shared_comm = shared_comm  # set: the buffer lives in a node-shared window on it
+        if shared_comm is None:
+            self.buffer = torch.zeros(sum(sizes), dtype=dtype, device=params[0].device)
+        else:
+            # in a shared window, the all-reduce reads the other ranks' buckets where they lie
+            storage = dcomm.shared_empty(sum(sizes), str(dtype).replace("torch.", ""), shared_comm)
+            self.buffer = torch.from_numpy(storage).view(dtype).zero_()
         # each parameter's slot, shaped like it (made once: slicing per step costs in the hooks)
         self.slots = [self.buffer[o:o + p.numel()].view_as(p) for o, p in zip(self.offsets, params)]
         self.arrived = [False] * len(params)  # which gradients this backward pass has delivered
@@ -116,6 +122,16 @@ class Bucket:
         self.pending = len(self.params)
         self.future = None
 
+    def release(self) -> None:
+        """Give back a shared buffer (collective), first moving any .grad that lives in it to private memory."""
+        if self.shared_comm is None:
+            return
+        for p, slot in zip(self.params, self.slots):
+            if p.grad is not None and p.grad.data_ptr() == slot.data_ptr():
+                p.grad = p.grad.clone()  # the window's memory is unmapped below
+        dcomm.free_shared(self.buffer, self.shared_comm)
+        self.shared_comm = None
+
 
 
 class DataParallel(nn.Module):
@@ -123,7 +139,7 @@ class DataParallel(nn.Module):
 
     def __init__(self, module: nn.Module, comm: MPI.Comm | None = None, bucket_mb: float = 25.0,
                  algorithm: str = "auto", compression: str | None = None, broadcast_buffers: bool = True,
-                 timeline: Any = None) -> None:
+                 timeline: Any = None, shared_buckets: bool = True) -> None:
         super().__init__()
         if compression not in COMPRESSION:
             raise ValueError(f"DataParallel: compression must be one of none, fp16, bf16; got {compression!r}")
@@ -145,8 +161,12 @@ class DataParallel(nn.Module):
         # DDP's pre-division: each rank's gradient is scaled by 1/n as it enters its bucket (no extra
         # pass over the data) and the buckets are summed, so .grad ends with the average
         self._scale = 1.0 / self.comm.Get_size()
+        # CPU ranks of one node keep their buckets in shared memory, where the "shm" all-reduce sums
+        # them without messages (shared_buckets=False keeps them private: freeing a window is
+        # collective, which a communicator that lost a rank cannot do)
+        self._shared = (shared_buckets and self.comm.Get_size() > 1 and self._on_cpu(module)
+                        and dcomm.on_one_node(self.comm))
         self._buckets, self._where = self._make_buckets(int(bucket_mb * (1 << 20)))
-        self._check_same_layout()
         self._broadcast_state()
         self._thread = CommThread()
         last = set(self._buckets[-1].params) if self._buckets else set()
@@ -164,9 +184,8 @@ class DataParallel(nn.Module):
                 # broadcast from rank 0, written into the tensor's own memory
                 dcomm.broadcast(t.data, root=0, comm=self.comm, inplace=True)
 
-    def _check_same_layout(self) -> None:
+    def _check_same_layout(self, layout: list[list[Any]]) -> None:
         """Every rank must have the same buckets: checked once here, so steps can skip the per-call guard."""
-        layout = [[tuple(p.shape) for p in b.params] + [str(b.buffer.dtype)] for b in self._buckets]
         # one gather of every rank's layout (pickled; construction time only)
         layouts = self.comm.allgather(layout)
         differ = [r for r, other in enumerate(layouts) if other != layouts[0]]
@@ -174,13 +193,21 @@ class DataParallel(nn.Module):
             raise ValueError(f"DataParallel: the model differs across ranks: rank(s) {differ} have other parameter "
                              f"shapes or dtypes than rank 0 (rank 0: {layouts[0]}; rank {differ[0]}: {layouts[differ[0]]})")
 
+    def _on_cpu(self, module: nn.Module) -> bool:
+        """Whether every parameter is in host memory, on every rank (one small all-reduce)."""
+        mine = all(p.device.type == "cpu" for p in module.parameters())
+        return bool(self.comm.allreduce(mine, op=MPI.LAND))
+
     def _make_buckets(self, bucket_bytes: int) -> tuple[list[Bucket], dict[nn.Parameter, tuple[int, int]]]:
         """Buckets over the parameters in reverse order, grouped by device and dtype."""
         params = [p for p in self.module.parameters() if p.requires_grad][::-1]
         dtypes = [self._wire_dtype or p.dtype for p in params]
         plan = plan_buckets([p.numel() * d.itemsize for p, d in zip(params, dtypes)],
                             [(p.device, d) for p, d in zip(params, dtypes)], bucket_bytes)
-        buckets = [Bucket([params[i] for i in idx], dtypes[idx[0]]) for idx in plan]
+        # checked before any bucket is made: making shared ones is collective, once per bucket
+        self._check_same_layout([[tuple(params[i].shape) for i in idx] + [str(dtypes[idx[0]])] for idx in plan])
+        shared = self.comm if self._shared else None
+        buckets = [Bucket([params[i] for i in idx], dtypes[idx[0]], shared) for idx in plan]
         where = {p: (b, i) for b, bucket in enumerate(buckets) for i, p in enumerate(bucket.params)}
         return buckets, where
 
@@ -266,5 +293,7 @@ class DataParallel(nn.Module):
             self._sync = True
 
     def close(self) -> None:
-        """Stop the communication thread."""
+        """Stop the communication thread and give back shared buckets (collective: every rank calls it)."""
         self._thread.close()
+        for bucket in self._buckets:
+            bucket.release()
