@@ -1,7 +1,10 @@
 """`python -m dmlmpi.bench allreduce`: dmlmpi's all-reduce algorithms vs native MPI_Allreduce vs gloo.
 
 Run under mpirun. Every row is measured in the same run on the same buffers: dmlmpi `auto`, `ring`,
-`mpi` and `hierarchical` (guard in its default setting), `auto` with the guard off (its cost), raw
+`mpi`, `hierarchical` and `shm` (guard in its default setting; `shm` stages these private buffers
+through its shared window), `auto-shared` (auto on a buffer from `comm.shared_empty`, which it
+reduces in place from its shared-memory crossover up, as DataParallel's buckets are), `auto` with
+the guard off (its cost), raw
 `MPI_Allreduce` through mpi4py (native), and torch.distributed gloo `all_reduce`. At each size the
 MPI-based rows take their timed samples in turn, so that a slow spell of the machine falls on all of
 them; gloo is timed after them (its threads stay busy after a call). Bandwidths follow
@@ -17,12 +20,13 @@ import numpy as np
 from mpi4py import MPI
 
 from dmlmpi import comm as dcomm
+from dmlmpi.comm.context import context
 from dmlmpi.comm.fusion import allreduce_fused
 
 from .common import Timing, close_gloo, format_table, human_bytes, init_gloo, parse_bytes, time_collective, time_interleaved, write_json
 
 DEFAULT_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M"
-ALGOS = ("auto", "ring", "mpi", "hierarchical", "auto-noguard", "native", "gloo")
+ALGOS = ("auto", "ring", "mpi", "hierarchical", "shm", "auto-shared", "auto-noguard", "native", "gloo")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -45,6 +49,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def make_buffer(algo: str, count: int, dtype: np.dtype, world: MPI.Comm, fill: float = 1.0) -> np.ndarray:
+    """The buffer `algo` is timed on: in a shared window for auto-shared (collective), else private."""
+    if algo != "auto-shared":
+        return np.full(count, fill, dtype=dtype)
+    x = dcomm.shared_empty(count, dtype.name, world)
+    x[:] = fill
+    return x
+
+
+def release(algo: str, x: np.ndarray, world: MPI.Comm) -> None:
+    """Give back what make_buffer took (collective for shared buffers)."""
+    if algo == "auto-shared":
+        dcomm.free_shared(x, world)
+
+
 def make_call(algo: str, x: np.ndarray, world: MPI.Comm, dist: Any) -> Callable[[], Any]:
     """A no-argument function doing one in-place all-reduce (sum) of x with `algo`."""
     if algo == "native":
@@ -56,16 +75,28 @@ def make_call(algo: str, x: np.ndarray, world: MPI.Comm, dist: Any) -> Callable[
         return lambda: dist.all_reduce(t)
     if algo == "auto-noguard":
         return lambda: dcomm.allreduce(x, algorithm="auto", inplace=True, guard=False)
+    if algo == "auto-shared":
+        return lambda: dcomm.allreduce(x, algorithm="auto", inplace=True, comm=world)
     return lambda: dcomm.allreduce(x, algorithm=algo, inplace=True)
 
 
 def wrong_elements(algo: str, n: int, dtype: np.dtype, world: MPI.Comm, dist: Any) -> int:
     """Elements that differ from the exact answer after one all-reduce of rank+1 everywhere (max over ranks)."""
-    x = np.full(n, world.Get_rank() + 1, dtype=dtype)
+    x = make_buffer(algo, n, dtype, world, world.Get_rank() + 1)
     make_call(algo, x, world, dist)()
     size = world.Get_size()
     wrong = int(np.count_nonzero(x != dtype.type(size * (size + 1) // 2)))
+    release(algo, x, world)
     return world.allreduce(wrong, op=MPI.MAX)
+
+
+def chosen(algo: str, nbytes: int, world: MPI.Comm) -> str:
+    """What `algo` ran for nbytes on world's ranks."""
+    if algo == "auto-shared" and world.Get_size() > 1 and nbytes >= context(world).shm_min_bytes:
+        return "shm"
+    if algo.startswith("auto"):
+        return dcomm.choose_algorithm(nbytes, world.Get_size())
+    return algo
 
 
 def bench_sizes(args: argparse.Namespace, world: MPI.Comm, dist: Any) -> list[dict[str, Any]]:
@@ -77,9 +108,12 @@ def bench_sizes(args: argparse.Namespace, world: MPI.Comm, dist: Any) -> list[di
     timings: dict[tuple[str, int], Timing] = {}
     for count in sizes:
         # MPI-based rows on their own buffers, their samples taken in turn (see time_interleaved)
-        calls = {a: make_call(a, np.ones(count, dtype=dtype), world, dist) for a in algos if a != "gloo"}
+        buffers = {a: make_buffer(a, count, dtype, world) for a in algos if a != "gloo"}
+        calls = {a: make_call(a, x, world, dist) for a, x in buffers.items()}
         for algo, t in time_interleaved(calls, world, args.samples, args.sample_seconds).items():
             timings[algo, count] = t
+        for algo, x in buffers.items():
+            release(algo, x, world)
     if "gloo" in algos:
         # gloo last and on its own: its background threads keep a core busy for a while after each
         # call, which inflated whichever row came next (auto at 8 ranks, 4 MiB: 1.03x -> 1.23x of native)
@@ -95,7 +129,7 @@ def bench_sizes(args: argparse.Namespace, world: MPI.Comm, dist: Any) -> list[di
                                 dtype=args.dtype, time_s_median=t.median, time_s_min=t.min, time_s_max=t.max,
                                 algbw_GBps=algbw, busbw_GBps=algbw * 2 * (size - 1) / size,
                                 wrong=wrong_elements(algo, count, dtype, world, dist),
-                                chosen=dcomm.choose_algorithm(count * dtype.itemsize, size) if algo.startswith("auto") else algo))
+                                chosen=chosen(algo, count * dtype.itemsize, world)))
     return records
 
 
@@ -134,8 +168,12 @@ def targets(records: list[dict[str, Any]]) -> list[str]:
             ok = a <= max(1.10 * nat, nat + 5e-6) if b < max(sizes) else a < nat
             lines.append(f"auto vs native at {human_bytes(b):>4}: {a / nat:5.2f}x  "
                          f"({'<=1.10x or +5us' if b < max(sizes) else 'faster'}: {'PASS' if ok else 'MISS'})")
+        if ("auto-shared", b) in by and ("native", b) in by:
+            a, nat = by[("auto-shared", b)]["time_s_median"], by[("native", b)]["time_s_median"]
+            lines.append(f"auto on a shared buffer ({by[('auto-shared', b)]['chosen']}) vs native at {human_bytes(b):>4}: {a / nat:5.2f}x")
         if ("gloo", b) in by:
-            slowest = max((by[(a, b)]["time_s_median"], a) for a in ("auto", "ring", "mpi", "hierarchical") if (a, b) in by)
+            slowest = max((by[(a, b)]["time_s_median"], a) for a in ("auto", "ring", "mpi", "hierarchical", "shm", "auto-shared")
+                          if (a, b) in by)
             g = by[("gloo", b)]["time_s_median"]
             lines.append(f"gloo / slowest dmlmpi ({slowest[1]}) at {human_bytes(b):>4}: {g / slowest[0]:7.1f}x "
                          f"({'PASS' if g > slowest[0] else 'MISS'})")

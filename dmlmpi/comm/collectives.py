@@ -258,7 +258,7 @@ def _allreduce_host_inplace(x: np.ndarray, op: str, algorithm: str, comm: MPI.Co
     _check_algorithm(algorithm)
     dtype = dtype_of(x)
     ctx = context(_comm(comm))
-    seg = shared_segment(ctx, x)
+    seg = shared_segment(ctx, x) if ctx.segments else None  # tested here: this path is all latency
     _enter(ctx, guard, "allreduce", x.size, dtype, op, algorithm, shared=seg is not None)
     allreduce_flat(x if x.ndim == 1 else x.reshape(-1), dtype, op, algorithm, ctx, seg)
     return x
@@ -274,7 +274,7 @@ def allreduce(x: Any, op: str = "sum", algorithm: str = "auto", comm: MPI.Comm |
     dtype = dtype_of(x)
     ctx = context(_comm(comm))
     # a buffer in a shared window is reduced where it lies (out of place works on a private copy)
-    seg = shared_segment(ctx, x) if inplace else None
+    seg = shared_segment(ctx, x) if inplace and ctx.segments else None
     _enter(ctx, guard, "allreduce", _numel(x), dtype, op, algorithm, shared=seg is not None)
     flat = to_flat(x, copy=not inplace, dtype=dtype)
     allreduce_flat(flat.data, dtype, op, algorithm, ctx, seg)
