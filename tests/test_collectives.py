@@ -10,6 +10,7 @@ from mpi4py import MPI
 
 from dmlmpi import comm
 from dmlmpi.comm import shm
+from dmlmpi.comm.ring import chunk_bounds
 from dmlmpi.comm.fusion import allreduce_fused
 
 pytestmark = pytest.mark.mpi
@@ -108,6 +109,27 @@ def test_allreduce_in_place_and_non_contiguous(algorithm: str) -> None:
     c = np.arange(10, dtype=np.int32) * (RANK + 1)  # contiguous: reduced in place without copies
     comm.allreduce(c, algorithm=algorithm, inplace=True)
     np.testing.assert_array_equal(c, np.arange(10) * SIZE * (SIZE + 1) // 2)
+
+
+@pytest.mark.parametrize("segment_bytes", ["12", "4096"])
+def test_ring_in_pieces(segment_bytes: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ring's reduce-scatter steps cut into pieces (sizes that do not divide the chunks): MPI's answer."""
+    monkeypatch.setenv("DMLMPI_RING_SEGMENT_BYTES", segment_bytes)  # read when dmlmpi first meets a communicator
+    fresh = WORLD.Dup()
+    for dtype in ("float16", "float32", "float64", "int64"):
+        for length in LENGTHS + [10_001]:
+            x = rank_data(length, dtype, RANK, exact=True)
+            for op in ("sum", "max", "avg"):
+                y = comm.allreduce(x, op=op, algorithm="ring", comm=fresh)
+                np.testing.assert_array_equal(y, reference(x, op), err_msg=f"{dtype} {length} {op}")
+                assert same_bits_everywhere(y)
+            part = comm.reduce_scatter(x, algorithm="ring", comm=fresh)
+            start, stop = chunk_bounds(length, SIZE)[RANK]
+            np.testing.assert_array_equal(part, reference(x, "sum")[start:stop])
+    t = (torch.arange(3001) % 5 + RANK).to(torch.bfloat16)
+    expect = ((torch.arange(3001) % 5) * SIZE + SIZE * (SIZE - 1) // 2).to(torch.bfloat16)
+    assert torch.equal(comm.allreduce(t, algorithm="ring", comm=fresh), expect)
+    fresh.Free()
 
 
 def test_hierarchical_over_simulated_nodes(monkeypatch: pytest.MonkeyPatch) -> None:

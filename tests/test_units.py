@@ -53,6 +53,27 @@ def test_choose_algorithm_crossover() -> None:
     assert choose_algorithm(1 << 30, 1, widened=True) == "mpi"
 
 
+def test_ring_pieces_cover_each_step_exactly() -> None:
+    from dmlmpi.comm.ring import pieces
+
+    for send, recv in [((0, 10), (10, 20)), ((0, 11), (11, 21)), ((5, 5), (5, 6)), ((0, 7), (7, 7))]:
+        for segment in (0, 1, 3, 4, 10, 100):
+            longest = max(send[1] - send[0], recv[1] - recv[0]) + 1  # another rank's chunk may be longer
+            got = pieces(send, recv, segment, longest)
+            sent = [i for a, b, _, _ in got for i in range(a, b)]
+            taken = [i for _, _, c, d in got for i in range(c, d)]
+            assert sent == list(range(*send)) and taken == list(range(*recv)), (send, recv, segment)
+            # the count depends only on segment and the common longest chunk: equal on every rank
+            assert len(got) == (1 if segment <= 0 or longest <= segment else -(-longest // segment))
+
+
+def test_ring_segments_only_while_ranks_have_cores() -> None:
+    from dmlmpi.comm.select import RING_SEGMENT_BYTES, ring_segment_bytes
+
+    assert ring_segment_bytes(2, 2) == ring_segment_bytes(4, 2) == RING_SEGMENT_BYTES
+    assert ring_segment_bytes(8, 2) == 0 and ring_segment_bytes(8, 4) == RING_SEGMENT_BYTES
+
+
 def test_mismatch_message_names_ranks_and_fields() -> None:
     a = signature("allreduce", 10, 3, "sum", "auto", 0, 5)
     b = signature("allreduce", 12, 4, "sum", "auto", 0, 5)

@@ -238,7 +238,8 @@ def allreduce_flat(data: Any, dtype: DType, op: str, algorithm: str, ctx: Contex
         if algorithm == "mpi":
             _native_allreduce(data, comm, op, dtype)
         elif algorithm == "ring":
-            ring.allreduce_inplace(data, comm, op, dtype, scratch=ctx.scratch)
+            ring.allreduce_inplace(data, comm, op, dtype, scratch=ctx.scratch,
+                                   segment=ctx.ring_segment_bytes // dtype.storage.itemsize)
         else:
             local, leaders = _hierarchy(ctx)
             hierarchical.allreduce_inplace(data, local, leaders, op, dtype)
@@ -299,7 +300,8 @@ def reduce_scatter(x: Any, op: str = "sum", algorithm: str = "auto", comm: MPI.C
     start, stop = bounds[r]
     chosen = _auto(ctx, len(flat.data) * dtype.storage.itemsize, not dtype.mpi_native) if algorithm == "auto" else algorithm
     if n > 1 and chosen == "ring":
-        ring.reduce_scatter_inplace(flat.data, ctx.comm, op, dtype, bounds, scratch=ctx.scratch)
+        ring.reduce_scatter_inplace(flat.data, ctx.comm, op, dtype, bounds, scratch=ctx.scratch,
+                                    segment=ctx.ring_segment_bytes // dtype.storage.itemsize)
         mine = flat.data[start:stop]
     elif n > 1:
         # native (hierarchical has no reduce-scatter of its own): MPI_Reduce_scatter with counts

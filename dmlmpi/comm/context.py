@@ -16,7 +16,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .ring import empty_like
-from .select import RING_MIN_BYTES_16BIT, SHM_MIN_BYTES, ring_threshold
+from .select import RING_MIN_BYTES_16BIT, SHM_MIN_BYTES, ring_segment_bytes, ring_threshold
 
 _KEYVAL: list[int] = []  # the attribute key, created once per process on first use
 # (communicator, Context) of the last call: most programs call dmlmpi on one communicator, and
@@ -39,6 +39,7 @@ class Context:
     guard: bool = field(default_factory=lambda: _env_flag("DMLMPI_GUARD", True))
     ring_min_bytes: int = 0  # auto's ring/native crossover for this size (DMLMPI_RING_MIN_BYTES overrides)
     ring_min_bytes_16bit: int = 0  # the same for reductions of 16-bit floats (the same override)
+    ring_segment_bytes: int = 0  # piece size of the ring's reduce-scatter steps (DMLMPI_RING_SEGMENT_BYTES)
     shm_min_bytes: int = 0  # smallest buffer in a shared window that auto reduces where it lies (DMLMPI_SHM_MIN_BYTES)
     buffers: dict[Any, Any] = field(default_factory=dict)  # reusable host buffers, by (purpose, dtype)
     node: Any = None  # the ranks of comm as one node communicator, for shared memory (made on first use)
@@ -84,10 +85,14 @@ def context(comm: MPI.Comm) -> Context:
         size = comm.Get_size()
         override = _env_int("DMLMPI_RING_MIN_BYTES")
         shm_override = _env_int("DMLMPI_SHM_MIN_BYTES")
+        segment = _env_int("DMLMPI_RING_SEGMENT_BYTES")
         ctx = Context(comm.Dup(), size, comm.Get_rank(),
                       ring_min_bytes=ring_threshold(size) if override is None else override,
                       ring_min_bytes_16bit=ring_threshold(size, RING_MIN_BYTES_16BIT) if override is None else override,
-                      shm_min_bytes=ring_threshold(size, SHM_MIN_BYTES) if shm_override is None else shm_override)
+                      shm_min_bytes=ring_threshold(size, SHM_MIN_BYTES) if shm_override is None else shm_override,
+                      # the world size stands in for ranks per node: a bigger world spread over
+                      # nodes only loses the pieces, which is how every ring ran before them
+                      ring_segment_bytes=ring_segment_bytes(size, os.cpu_count() or 1) if segment is None else segment)
         comm.Set_attr(_KEYVAL[0], ctx)
     _LAST[0] = (comm, ctx)
     return ctx

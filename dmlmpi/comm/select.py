@@ -9,7 +9,7 @@ from __future__ import annotations
 
 # smallest message (bytes) for which `auto` takes the ring, by world size; sizes between entries use
 # the nearest smaller world size (DMLMPI_RING_MIN_BYTES overrides the table)
-RING_MIN_BYTES = {2: 32 << 20, 4: 16 << 20, 8: 32 << 20}
+RING_MIN_BYTES = {2: 4 << 20, 4: 16 << 20, 8: 32 << 20}
 # The same for reductions of 16-bit floats. MPI cannot add them, so the native path widens them to
 # float32 (twice the bytes, two conversion passes: 2-5x float32's time), while the ring sends the
 # 16 bits and adds them with torch at each step, as NCCL and gloo do. Measured crossover (bf16 and
@@ -22,6 +22,19 @@ RING_MIN_BYTES_16BIT = {2: 16 << 10, 4: 128 << 10, 8: 512 << 10}
 # at 64 KiB, 32 vs 46 at 256 KiB; at 4 ranks a tie at 64 KiB, 109 vs 173 us at 256 KiB; at 8
 # ranks a tie at 256 KiB, 935 vs 1441 us at 1 MiB.
 SHM_MIN_BYTES = {2: 64 << 10, 4: 256 << 10, 8: 1 << 20}
+
+
+# The ring's reduce-scatter moves each step's chunk in pieces of this many bytes and adds each piece
+# as it arrives, still in cache: at 2 ranks 16 MiB took 1513 us against 2185 in whole chunks (native
+# 2135), at 4 ranks 6273 against 7182 (native 7815). With more than two ranks per core each extra
+# message waits for its partner to be scheduled (8 ranks on 2 cores, 16 MiB: 27437 us against
+# 23397), so there the steps stay whole.
+RING_SEGMENT_BYTES = 256 << 10
+
+
+def ring_segment_bytes(world: int, cores: int) -> int:
+    """Piece size in bytes for the ring's reduce-scatter steps; 0 (whole chunks) when more than two ranks share a core."""
+    return RING_SEGMENT_BYTES if world <= 2 * cores else 0
 
 
 def ring_threshold(world: int, table: dict[int, int] | None = None) -> int:
