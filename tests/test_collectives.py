@@ -358,6 +358,28 @@ def test_shared_window_auto_and_torch(monkeypatch: pytest.MonkeyPatch, shm_calls
     fresh.Free()
 
 
+def test_fused_buckets_in_shared_memory(monkeypatch: pytest.MonkeyPatch, shm_calls: list[bool]) -> None:
+    """In-place fusion keeps host buckets from DMLMPI_SHM_MIN_BYTES up in shared windows, summed in place."""
+    monkeypatch.setenv("DMLMPI_SHM_MIN_BYTES", "4000")
+    fresh = WORLD.Dup()
+    rng = np.random.default_rng(3 + RANK)
+    arrays = [rng.integers(0, 5, size=s).astype(np.float32) for s in [(30, 40), (7,), (100,)]]
+    tensors = [torch.arange(2000, dtype=torch.float32) % 9 + RANK, torch.ones(3, 5) * RANK,
+               (torch.arange(3000) % 4 + RANK).to(torch.bfloat16)]
+    for group in (arrays, tensors):
+        for _ in range(2):  # the second call reuses the kept shared bucket
+            expect = [comm.allreduce(t, op="avg", comm=fresh) for t in group]
+            allreduce_fused(group, op="avg", comm=fresh, inplace=True)
+            for t, e in zip(group, expect):
+                assert t.dtype == e.dtype and t.shape == e.shape
+                np.testing.assert_allclose(np.asarray(t.float() if hasattr(t, "float") else t),
+                                           np.asarray(e.float() if hasattr(e, "float") else e), rtol=1e-6)
+    # numpy float32 (1307 elements), torch float32 (2015) and bfloat16 (3000): each bucket over
+    # 4000 bytes, twice each, all in their windows
+    assert shm_calls == ([True] * 6 if SIZE > 1 else [])
+    fresh.Free()
+
+
 def test_shared_empty_errors() -> None:
     """Different sizes on different ranks, and freeing what shared_empty did not make, are refused."""
     if SIZE > 1:

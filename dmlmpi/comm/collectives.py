@@ -124,7 +124,11 @@ def _node(ctx: Context) -> MPI.Comm:
 
 def on_one_node(comm: MPI.Comm | None = None) -> bool:
     """Whether all ranks of comm share one node's memory (collective on first use, then cached)."""
-    ctx = context(_comm(comm))
+    return one_node(context(_comm(comm)))
+
+
+def one_node(ctx: Context) -> bool:
+    """on_one_node for a Context."""
     try:
         _node(ctx)
     except ValueError:
@@ -160,8 +164,11 @@ def shared_empty(shape: int | tuple[int, ...], dtype: str = "float32", comm: MPI
     int16 storage (view it with torch.from_numpy(a).view(torch.bfloat16)). Free it with
     free_shared, on every rank. A zero-size array needs no shared memory and gets none.
     """
-    d = lookup(dtype)
-    ctx = context(_comm(comm))
+    return shared_array(context(_comm(comm)), shape, lookup(dtype))
+
+
+def shared_array(ctx: Context, shape: int | tuple[int, ...], d: DType) -> np.ndarray:
+    """shared_empty for a Context: the window is registered there, so allreduce on ctx finds it."""
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     count = int(math.prod(shape))
     node = _node(ctx)
