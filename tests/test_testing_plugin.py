@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dmlmpi.mpienv import launch_env
 from dmlmpi.testing import LAUNCHER_VARS, MPIRun, run_mpi
 
 pytestmark = pytest.mark.launches_mpi  # these tests start mpiexec themselves
@@ -116,7 +117,9 @@ def test_inert_in_plain_pytest(tmp_path: Path) -> None:
 def test_a_job_started_inside_a_rank_gets_its_own_identity(tmp_path: Path) -> None:
     """Under `mpiexec -n 1`, a test that launches its own job: that job's ranks are its own, not the outer rank."""
     parent_keys = tmp_path / "parent_keys"
-    parent_keys.write_text("\n".join(os.environ))
+    # what run_mpi hands the outer launcher: this process's environment without the rank variables
+    # it has itself when the whole test run is a rank of `mpiexec -n 1`
+    parent_keys.write_text("\n".join(launch_env()))
     probe = ("import os, subprocess, sys\n"
              "from dmlmpi.mpienv import find_mpiexec, launch_env\n"
              f"parent = set(open({str(parent_keys)!r}).read().split())\n"
