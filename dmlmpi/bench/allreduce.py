@@ -20,6 +20,7 @@ import numpy as np
 from mpi4py import MPI
 
 from dmlmpi import comm as dcomm
+from dmlmpi.comm.collectives import auto_algorithm
 from dmlmpi.comm.context import context
 from dmlmpi.comm.fusion import allreduce_fused
 
@@ -91,11 +92,9 @@ def wrong_elements(algo: str, n: int, dtype: np.dtype, world: MPI.Comm, dist: An
 
 
 def chosen(algo: str, nbytes: int, world: MPI.Comm) -> str:
-    """What `algo` ran for nbytes on world's ranks."""
-    if algo == "auto-shared" and world.Get_size() > 1 and nbytes >= context(world).shm_min_bytes:
-        return "shm"
+    """What `algo` ran for nbytes on world's ranks (auto's choice made as allreduce makes it)."""
     if algo.startswith("auto"):
-        return dcomm.choose_algorithm(nbytes, world.Get_size())
+        return auto_algorithm(context(world), nbytes, shared=algo == "auto-shared")
     return algo
 
 

@@ -23,8 +23,13 @@ from .select import choose_algorithm
 ALGORITHMS = ("auto", "ring", "mpi", "hierarchical", "shm")
 _KNOWN = frozenset(ALGORITHMS)
 
-def _auto(ctx: Context, nbytes: int, widened: bool = False) -> str:
-    """What `auto` runs for nbytes on ctx's communicator; widened: a 16-bit float reduction (crossovers fixed with ctx)."""
+def auto_algorithm(ctx: Context, nbytes: int, widened: bool = False, shared: bool = False) -> str:
+    """What `auto` runs for nbytes on ctx's communicator (crossovers fixed with ctx).
+
+    widened: a 16-bit float reduction; shared: the buffer lies in a shared window (from shared_empty).
+    """
+    if shared and ctx.size > 1 and nbytes >= ctx.shm_min_bytes:
+        return "shm"
     threshold = ctx.ring_min_bytes_16bit if widened else ctx.ring_min_bytes
     return "mpi" if ctx.size == 1 or nbytes < threshold else "ring"
 
@@ -50,8 +55,11 @@ def _enter(ctx: Context, guard: bool | None, collective: str, length: int, dtype
 
 
 def _begin(x: Any, comm: MPI.Comm | None, guard: bool | None, collective: str, op: str | None,
-           algorithm: str, root: int = 0) -> tuple[Context, DType]:
-    """Validate the arguments, find the communicator's context, and pass the guard."""
+           algorithm: str, root: int = 0, find_shared: bool = False) -> tuple[Context, DType, shm.Segment | None]:
+    """Validate the arguments, find the communicator's context, and pass the guard.
+
+    find_shared: also look up the shared window x lies in (returned; the guard checks all ranks agree).
+    """
     if op is not None:
         check_op(op)
     _check_algorithm(algorithm)
@@ -59,8 +67,9 @@ def _begin(x: Any, comm: MPI.Comm | None, guard: bool | None, collective: str, o
     ctx = context(_comm(comm))
     if not 0 <= root < ctx.size:
         raise ValueError(f"dmlmpi.comm.{collective}: root {root} is not a rank of a {ctx.size}-rank communicator")
-    _enter(ctx, guard, collective, _numel(x), dtype, op, algorithm, root)
-    return ctx, dtype
+    seg = shared_segment(ctx, x) if find_shared and ctx.segments else None
+    _enter(ctx, guard, collective, _numel(x), dtype, op, algorithm, root, shared=seg is not None)
+    return ctx, dtype, seg
 
 
 def _numel(x: Any) -> int:
@@ -233,11 +242,7 @@ def allreduce_flat(data: Any, dtype: DType, op: str, algorithm: str, ctx: Contex
     """
     comm = ctx.comm
     if algorithm == "auto" and ctx.size > 1:
-        nbytes = len(data) * dtype.storage.itemsize
-        if seg is not None and nbytes >= ctx.shm_min_bytes:
-            algorithm = "shm"
-        else:
-            algorithm = _auto(ctx, nbytes, not dtype.mpi_native)
+        algorithm = auto_algorithm(ctx, len(data) * dtype.storage.itemsize, not dtype.mpi_native, seg is not None)
     if algorithm == "shm" and ctx.size > 1 and len(data) > 0:
         _shm_allreduce(data, dtype, op, ctx, seg)
         return  # avg was divided there, once per element
@@ -277,13 +282,8 @@ def allreduce(x: Any, op: str = "sum", algorithm: str = "auto", comm: MPI.Comm |
     """Reduce `x` element-wise over all ranks; every rank gets the result (same kind and device as x)."""
     if inplace and type(x) is np.ndarray and x.flags.c_contiguous:
         return _allreduce_host_inplace(x, op, algorithm, comm, guard)
-    check_op(op)
-    _check_algorithm(algorithm)
-    dtype = dtype_of(x)
-    ctx = context(_comm(comm))
     # a buffer in a shared window is reduced where it lies (out of place works on a private copy)
-    seg = shared_segment(ctx, x) if inplace and ctx.segments else None
-    _enter(ctx, guard, "allreduce", _numel(x), dtype, op, algorithm, shared=seg is not None)
+    ctx, dtype, seg = _begin(x, comm, guard, "allreduce", op, algorithm, find_shared=inplace)
     flat = to_flat(x, copy=not inplace, dtype=dtype)
     allreduce_flat(flat.data, dtype, op, algorithm, ctx, seg)
     return write_back(flat, x) if inplace else to_result(flat, flat.data, flat.shape)
@@ -299,13 +299,13 @@ def _row_bounds(shape: tuple[int, ...], n: int) -> tuple[list[tuple[int, int]], 
 def reduce_scatter(x: Any, op: str = "sum", algorithm: str = "auto", comm: MPI.Comm | None = None,
                    guard: bool | None = None) -> Any:
     """Reduce `x` over all ranks and give rank r its rows of dimension 0 (split by ring.chunk_bounds)."""
-    ctx, dtype = _begin(x, comm, guard, "reduce_scatter", op, algorithm)
+    ctx, dtype, _ = _begin(x, comm, guard, "reduce_scatter", op, algorithm)
     n, r = ctx.size, ctx.rank
     shape = tuple(x.shape) or (1,)
     rows, bounds = _row_bounds(shape, n)
     flat = to_flat(x, copy=True)
     start, stop = bounds[r]
-    chosen = _auto(ctx, len(flat.data) * dtype.storage.itemsize, not dtype.mpi_native) if algorithm == "auto" else algorithm
+    chosen = auto_algorithm(ctx, len(flat.data) * dtype.storage.itemsize, not dtype.mpi_native) if algorithm == "auto" else algorithm
     if n > 1 and chosen == "ring":
         ring.reduce_scatter_inplace(flat.data, ctx.comm, op, dtype, bounds, scratch=ctx.scratch,
                                     segment=ctx.ring_segment_bytes // dtype.storage.itemsize)
@@ -337,13 +337,13 @@ def _native_reduce_scatter(flat: Flat, comm: MPI.Comm, op: str, dtype: DType,
 
 def allgather(x: Any, algorithm: str = "auto", comm: MPI.Comm | None = None, guard: bool | None = None) -> Any:
     """Concatenate every rank's `x` (same shape on all ranks) along dimension 0, in rank order."""
-    ctx, dtype = _begin(x, comm, guard, "allgather", None, algorithm)
+    ctx, dtype, _ = _begin(x, comm, guard, "allgather", None, algorithm)
     n, r = ctx.size, ctx.rank
     shape = tuple(x.shape) or (1,)
     flat = to_flat(x, copy=False)
     m = len(flat.data)
     out = ring.empty_like(n * m, flat.data)
-    chosen = _auto(ctx, n * m * dtype.storage.itemsize) if algorithm == "auto" else algorithm
+    chosen = auto_algorithm(ctx, n * m * dtype.storage.itemsize) if algorithm == "auto" else algorithm
     if chosen == "ring" or n == 1:
         # place our block, then pass blocks around the ring (n-1 steps)
         out[r * m:(r + 1) * m] = flat.data
@@ -356,7 +356,7 @@ def allgather(x: Any, algorithm: str = "auto", comm: MPI.Comm | None = None, gua
 def broadcast(x: Any, root: int = 0, comm: MPI.Comm | None = None, inplace: bool = False,
               guard: bool | None = None) -> Any:
     """Every rank gets root's `x` (same kind and device); with inplace=True, written into x."""
-    ctx, _ = _begin(x, comm, guard, "broadcast", None, "mpi", root)
+    ctx, _, _ = _begin(x, comm, guard, "broadcast", None, "mpi", root)
     flat = to_flat(x, copy=not inplace)
     if ctx.size > 1 and len(flat.data) > 0:
         ctx.comm.Bcast(flat.data, root=root)

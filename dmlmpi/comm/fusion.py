@@ -14,6 +14,7 @@ from mpi4py import MPI
 from .buffers import dtype_of, kind_of, to_flat, to_result
 from .collectives import _check_algorithm, _comm, _enter, _numel, allreduce_flat, one_node, shared_array, shared_segment
 from .context import context
+from .dtypes import DType
 from .ops import check_op
 from .ring import empty_like
 
@@ -59,22 +60,22 @@ def pack(tensors: Sequence[Any], out: Any = None) -> Any:
     return torch.cat([t.detach().reshape(-1) for t in tensors], out=out)
 
 
-def _bucket_buffer(ctx: Any, members: Sequence[Any], length: int, algorithm: str) -> Any:
+def _bucket_buffer(ctx: Any, members: Sequence[Any], length: int, dtype: DType, algorithm: str) -> Any:
     """A bucket-sized buffer kept on the communicator's context and reused by later calls.
 
     Only for in-place calls: their results are copied out, so the next call may overwrite it.
     Host buckets big enough for the "shm" all-reduce, on ranks of one node, are kept in a shared
     window (made collectively, on the first call that needs it), where it sums them in place.
     """
-    key = ("bucket", _group_key(members[0]), length)
+    group = _group_key(members[0])  # (kind, device, dtype)
+    key = ("bucket", group, length)
     buf = ctx.buffers.get(key)
     if buf is None:
-        dtype = dtype_of(members[0])
-        shared = (algorithm in ("auto", "shm") and ctx.size > 1 and _group_key(members[0])[1] == "cpu"
+        shared = (algorithm in ("auto", "shm") and ctx.size > 1 and group[1] == "cpu"
                   and length * dtype.storage.itemsize >= ctx.shm_min_bytes and one_node(ctx))
         if not shared:
             buf = empty_like(length, members[0])
-        elif kind_of(members[0]) == "numpy":
+        elif group[0] == "numpy":
             buf = shared_array(ctx, length, dtype)
         else:
             import torch
@@ -101,7 +102,7 @@ def allreduce_fused(tensors: Sequence[Any], op: str = "sum", algorithm: str = "a
         _enter(ctx, guard, "allreduce_fused", length, dtype, op, algorithm)
         # in place: pack into a kept buffer (no fresh pages per call); else a fresh one, since the
         # results handed back are views of it
-        packed = pack(members, out=_bucket_buffer(ctx, members, length, algorithm)) if inplace else pack(members)
+        packed = pack(members, out=_bucket_buffer(ctx, members, length, dtype, algorithm)) if inplace else pack(members)
         flat = to_flat(packed, copy=False, dtype=dtype)
         allreduce_flat(flat.data, dtype, op, algorithm, ctx, shared_segment(ctx, packed) if inplace else None)
         # host and CUDA-aware buffers were reduced in place; staged GPU data comes back from the host
