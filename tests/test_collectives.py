@@ -149,12 +149,15 @@ def test_hierarchical_over_simulated_nodes(monkeypatch: pytest.MonkeyPatch) -> N
 def test_auto_sends_large_16bit_reductions_through_the_ring(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """16-bit floats above their (lower) crossover go through the ring, 16 bits on the wire; float32 stays native."""
     from dmlmpi.comm import ring
+    from dmlmpi.comm.context import context
     from dmlmpi.comm.select import RING_MIN_BYTES_16BIT, ring_threshold
 
     rings = []
     real = ring.allreduce_inplace
     monkeypatch.setattr(ring, "allreduce_inplace", lambda *a, **k: (rings.append(1), real(*a, **k))[1])
-    elements = max(ring_threshold(SIZE, RING_MIN_BYTES_16BIT) // 2, 1)  # at the 16-bit crossover
+    # at the 16-bit crossover, or past the largest message that goes through the exchange area
+    ex = context(MPI.COMM_WORLD).exchange
+    elements = max(ring_threshold(SIZE, RING_MIN_BYTES_16BIT) // 2, (ex.capacity // 2 + 1) if ex else 0, 1)
     data = rank_data(elements, "float32", RANK, exact=True)
     x = torch.from_numpy(data).to(dtype)  # (float32 shares data: the all-reduce below is out of place)
     y = comm.allreduce(x, op="sum")
@@ -378,6 +381,139 @@ def test_fused_buckets_in_shared_memory(monkeypatch: pytest.MonkeyPatch, shm_cal
     # 4000 bytes, twice each, all in their windows
     assert shm_calls == ([True] * 6 if SIZE > 1 else [])
     fresh.Free()
+
+
+@pytest.fixture
+def exchange_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records the byte count of every all-reduce that went through a communicator's exchange area."""
+    from dmlmpi.comm import exchange
+
+    calls: list[int] = []
+    real = exchange.allreduce
+
+    def spy(ex, data, op, dtype, signature_hash):  # type: ignore[no-untyped-def]
+        calls.append(data.nbytes)
+        return real(ex, data, op, dtype, signature_hash)
+
+    monkeypatch.setattr(exchange, "allreduce", spy)
+    return calls
+
+
+def _exchange_limits() -> tuple[int, int]:
+    """(whole_bytes, capacity) of COMM_WORLD's exchange area (zeros on one rank, which has none)."""
+    from dmlmpi.comm.context import context
+
+    ex = context(WORLD).exchange
+    return (ex.whole_bytes, ex.capacity) if ex is not None else (0, 0)
+
+
+@pytest.mark.parametrize("dtype", NP_DTYPES + ["bfloat16"])
+@pytest.mark.parametrize("op", OPS)
+def test_exchange_whole_and_by_columns(dtype: str, op: str, exchange_calls: list[int]) -> None:
+    """Small host all-reduces meet in the shared exchange area, whole or by columns: MPI's answer, identical bits."""
+    whole, capacity = _exchange_limits()
+    assert SIZE == 1 or 0 < whole < capacity
+    item = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+    lengths = [1, max(1, SIZE - 1), 7, 1001, whole // item, whole // item + 1, whole // item + SIZE + 1, capacity // item]
+    for length in [n for n in lengths if n > 0]:
+        x = rank_data(length, "float32" if dtype == "bfloat16" else dtype, RANK, exact=True)
+        want = reference(x, op)
+        if dtype == "bfloat16":
+            t = torch.from_numpy(x).to(torch.bfloat16)
+            y = comm.allreduce(t, op=op)  # out of place, torch
+            assert y.dtype == torch.bfloat16  # (avg: the reference rounded to bfloat16 as the division is)
+            if op == "prod":  # 3**8 passes 256: rounded at every step here, once by the reference
+                torch.testing.assert_close(y.float(), torch.from_numpy(want), rtol=1.6e-2, atol=0)
+            else:
+                assert torch.equal(y, torch.from_numpy(want).to(torch.bfloat16)), f"length {length}"
+            assert same_bits_everywhere(y.view(torch.int16).numpy())
+            continue
+        # float16 products pass 2048 at 8 ranks (3**8): rounded at every step here, once by the reference
+        check = (lambda a, b, err_msg: np.testing.assert_allclose(a, b, rtol=2e-3, err_msg=err_msg)) \
+            if (dtype, op) == ("float16", "prod") else np.testing.assert_array_equal
+        y = comm.allreduce(x, op=op)  # out of place: x is untouched
+        check(y, want, err_msg=f"length {length}")
+        assert comm.allreduce(x, op=op, inplace=True) is x  # in place, the numpy fast path
+        check(x, want, err_msg=f"length {length} in place")
+        assert same_bits_everywhere(x) and same_bits_everywhere(y)
+    calls_per_length = 1 if dtype == "bfloat16" else 2
+    assert len(exchange_calls) == (calls_per_length * len([n for n in lengths if n > 0]) if SIZE > 1 else 0)
+
+
+def test_exchange_random_floats_by_columns() -> None:
+    """Random floats by columns: within float tolerance of MPI's sum, identical bits on every rank."""
+    whole, capacity = _exchange_limits()
+    for length in (1001, whole // 4 + 5, capacity // 4):
+        x = rank_data(max(length, 1), "float32", RANK, exact=False)
+        y = comm.allreduce(x, op="avg")
+        np.testing.assert_allclose(y, reference(x, "avg"), rtol=1e-5, atol=1e-6)
+        assert same_bits_everywhere(y)
+
+
+def test_exchange_back_to_back_with_uneven_ranks(exchange_calls: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many calls with no other synchronization, ranks stalled at random as they read: the two sets of rows never mix."""
+    import time
+
+    from dmlmpi.comm import exchange
+
+    # each rank stalls before some of its reductions, so the others run ahead into the next call
+    stalls = iter(np.random.default_rng(100 + RANK).random(100000) < 0.3)
+    real = exchange._reduce_rows
+
+    def slow(rows, out, op, dtype):  # type: ignore[no-untyped-def]
+        if next(stalls):
+            time.sleep(2e-4)
+        real(rows, out, op, dtype)
+
+    monkeypatch.setattr(exchange, "_reduce_rows", slow)
+    whole, capacity = _exchange_limits()
+    sizes = np.random.default_rng(7).integers(1, max(capacity // 8, 2), size=80)  # same on every rank
+    sizes[::3] = max(whole // 8 - 1, 1)
+    wrong = []
+    for i, n in enumerate(sizes):
+        x = np.arange(n, dtype=np.float64) * (RANK + 1) + i  # exact in float64
+        op = ("sum", "max", "min")[i % 3]
+        comm.allreduce(x, op=op, inplace=True)
+        base = np.arange(n, dtype=np.float64)
+        every = [base * (r + 1) + i for r in range(SIZE)]
+        want = sum(every) if op == "sum" else np.maximum.reduce(every) if op == "max" else np.minimum.reduce(every)
+        if not np.array_equal(x, want):
+            wrong.append(i)
+        if i % 7 == 3:  # a guarded collective without data in between (its check moves on to the other set)
+            assert comm.broadcast(np.full(3, float(RANK)), root=SIZE - 1).tolist() == [SIZE - 1.0] * 3
+    assert not wrong, f"rank {RANK}: calls {wrong} came back wrong"
+    assert len(exchange_calls) == (80 if SIZE > 1 else 0)
+
+
+def test_exchange_mismatch_across_its_capacity(exchange_calls: list[int]) -> None:
+    """One rank's message fits the area and another's does not: both meet in the same check and all raise."""
+    _, capacity = _exchange_limits()
+    if SIZE == 1:
+        pytest.skip("one rank: nothing to disagree with")
+    n = capacity // 8 + (RANK == SIZE - 1)
+    with pytest.raises(comm.CollectiveMismatchError, match="length"):
+        comm.allreduce(np.ones(n), inplace=True)
+    # afterwards every rank still posts to the same set of rows
+    for k in (3, 5000, 7):
+        np.testing.assert_array_equal(comm.allreduce(np.full(k, RANK + 1.0)), np.full(k, SIZE * (SIZE + 1) / 2))
+
+
+def test_exchange_without_guard_and_switched_off(monkeypatch: pytest.MonkeyPatch, exchange_calls: list[int]) -> None:
+    """Guard off: a barrier alone synchronizes the area. DMLMPI_EXCHANGE_BYTES=0: no area, native MPI instead."""
+    from dmlmpi.comm.context import context
+
+    monkeypatch.setenv("DMLMPI_GUARD", "0")  # read when dmlmpi first meets a communicator: new ones
+    unguarded = WORLD.Dup()
+    for k in (5, 3000):
+        np.testing.assert_array_equal(comm.allreduce(np.full(k, RANK + 1), comm=unguarded), np.full(k, SIZE * (SIZE + 1) // 2))
+    assert len(exchange_calls) == (2 if SIZE > 1 else 0)
+    monkeypatch.setenv("DMLMPI_EXCHANGE_BYTES", "0")
+    plain = WORLD.Dup()
+    assert context(plain).exchange is None
+    np.testing.assert_array_equal(comm.allreduce(np.full(5, RANK + 1), comm=plain), np.full(5, SIZE * (SIZE + 1) // 2))
+    assert len(exchange_calls) == (2 if SIZE > 1 else 0)
+    unguarded.Free()
+    plain.Free()
 
 
 def test_shared_empty_errors() -> None:

@@ -50,8 +50,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def make_buffer(algo: str, count: int, dtype: np.dtype, world: MPI.Comm, fill: float = 1.0) -> np.ndarray:
-    """The buffer `algo` is timed on: in a shared window for auto-shared (collective), else private."""
+def make_buffer(algo: str, count: int, dtype: np.dtype, world: MPI.Comm, fill: float = 0.0) -> np.ndarray:
+    """The buffer `algo` is timed on: in a shared window for auto-shared (collective), else private.
+
+    Timed buffers hold zeros: summed in place over and over, anything else overflows (numpy then
+    warns on every rank, and infinities are no fairer a workload).
+    """
     if algo != "auto-shared":
         return np.full(count, fill, dtype=dtype)
     x = dcomm.shared_empty(count, dtype.name, world)
@@ -94,7 +98,7 @@ def wrong_elements(algo: str, n: int, dtype: np.dtype, world: MPI.Comm, dist: An
 def chosen(algo: str, nbytes: int, world: MPI.Comm) -> str:
     """What `algo` ran for nbytes on world's ranks (auto's choice made as allreduce makes it)."""
     if algo.startswith("auto"):
-        return auto_algorithm(context(world), nbytes, shared=algo == "auto-shared")
+        return auto_algorithm(context(world), nbytes, shared=algo == "auto-shared", host=True)
     return algo
 
 

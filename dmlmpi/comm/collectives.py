@@ -13,7 +13,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import guard as _guard
-from . import hierarchical, ring, shm
+from . import exchange, hierarchical, ring, shm
 from .buffers import Flat, dtype_of, to_flat, to_result, write_back
 from .context import Context, context
 from .dtypes import DType, lookup
@@ -23,15 +23,22 @@ from .select import choose_algorithm
 ALGORITHMS = ("auto", "ring", "mpi", "hierarchical", "shm")
 _KNOWN = frozenset(ALGORITHMS)
 
-def auto_algorithm(ctx: Context, nbytes: int, widened: bool = False, shared: bool = False) -> str:
+def auto_algorithm(ctx: Context, nbytes: int, widened: bool = False, shared: bool = False,
+                   host: bool = False) -> str:
     """What `auto` runs for nbytes on ctx's communicator (crossovers fixed with ctx).
 
-    widened: a 16-bit float reduction; shared: the buffer lies in a shared window (from shared_empty).
+    widened: a 16-bit float reduction; shared: the buffer lies in a shared window (from shared_empty);
+    host: a host buffer, which may go through the node's exchange area. Besides the algorithms
+    a user can name, the answer may be "exchange": shm through that area (exchange.py).
     """
-    if shared and ctx.size > 1 and nbytes >= ctx.shm_min_bytes:
+    if ctx.size == 1:
+        return "mpi"
+    if shared and nbytes >= ctx.shm_min_bytes:
         return "shm"
+    if host and ctx.exchange is not None and 0 < nbytes <= ctx.exchange.capacity:
+        return "exchange"
     threshold = ctx.ring_min_bytes_16bit if widened else ctx.ring_min_bytes
-    return "mpi" if ctx.size == 1 or nbytes < threshold else "ring"
+    return "mpi" if nbytes < threshold else "ring"
 
 
 def _comm(comm: MPI.Comm | None) -> MPI.Comm:
@@ -46,19 +53,45 @@ def _check_algorithm(algorithm: str) -> str:
     return algorithm
 
 
+def _signature(ctx: Context, guard: bool | None, collective: str, length: int, dtype: DType,
+               op: str | None, algorithm: str, root: int = 0, shared: bool = False) -> tuple[int, ...] | None:
+    """Count this call; its guard signature if the guard is on, else None."""
+    ctx.calls += 1
+    if ctx.guard if guard is None else guard:
+        return _guard.signature(collective, length, dtype.code, op, algorithm, root, ctx.calls, shared)
+    return None
+
+
 def _enter(ctx: Context, guard: bool | None, collective: str, length: int, dtype: DType,
            op: str | None, algorithm: str, root: int = 0, shared: bool = False) -> None:
     """Count this call and, if the guard is on, check that every rank made the same one."""
-    ctx.calls += 1
-    if ctx.guard if guard is None else guard:
-        _guard.check(ctx, _guard.signature(collective, length, dtype.code, op, algorithm, root, ctx.calls, shared))
+    sig = _signature(ctx, guard, collective, length, dtype, op, algorithm, root, shared)
+    if sig is not None:
+        _guard.check(ctx, sig)
+
+
+def _exchange_allreduce(data: np.ndarray, ctx: Context, op: str, dtype: DType, sig: tuple[int, ...] | None) -> None:
+    """All-reduce a 1-D host array through ctx's exchange area, its guard check (sig) in the same barrier."""
+    if not exchange.allreduce(ctx.exchange, data, op, dtype, None if sig is None else hash(sig)):
+        _guard.mismatch(ctx, sig)  # type: ignore[arg-type]  # every rank found it, before reading a row
+
+
+def _through_exchange(ctx: Context, algorithm: str, nbytes: int, shared: bool) -> bool:
+    """Whether a contiguous host all-reduce of nbytes (shared: in a shared window) goes through the exchange area."""
+    if algorithm == "auto":
+        return auto_algorithm(ctx, nbytes, shared=shared, host=True) == "exchange"
+    # an explicit "shm" on a private buffer: the area when it fits, else the staging window
+    return (algorithm == "shm" and not shared and ctx.exchange is not None
+            and 0 < nbytes <= ctx.exchange.capacity)
 
 
 def _begin(x: Any, comm: MPI.Comm | None, guard: bool | None, collective: str, op: str | None,
-           algorithm: str, root: int = 0, find_shared: bool = False) -> tuple[Context, DType, shm.Segment | None]:
+           algorithm: str, root: int = 0, find_shared: bool = False,
+           check: bool = True) -> tuple[Context, DType, shm.Segment | None, tuple[int, ...] | None]:
     """Validate the arguments, find the communicator's context, and pass the guard.
 
     find_shared: also look up the shared window x lies in (returned; the guard checks all ranks agree).
+    check=False: return the guard signature (None when the guard is off) for the caller to check.
     """
     if op is not None:
         check_op(op)
@@ -68,8 +101,11 @@ def _begin(x: Any, comm: MPI.Comm | None, guard: bool | None, collective: str, o
     if not 0 <= root < ctx.size:
         raise ValueError(f"dmlmpi.comm.{collective}: root {root} is not a rank of a {ctx.size}-rank communicator")
     seg = shared_segment(ctx, x) if find_shared and ctx.segments else None
-    _enter(ctx, guard, collective, _numel(x), dtype, op, algorithm, root, shared=seg is not None)
-    return ctx, dtype, seg
+    sig = _signature(ctx, guard, collective, _numel(x), dtype, op, algorithm, root, shared=seg is not None)
+    if check and sig is not None:
+        _guard.check(ctx, sig)
+        sig = None
+    return ctx, dtype, seg, sig
 
 
 def _numel(x: Any) -> int:
@@ -220,6 +256,8 @@ def _shm_allreduce(data: Any, dtype: DType, op: str, ctx: Context, seg: shm.Segm
     """The "shm" algorithm: in the buffer's own window, or staged through ctx's."""
     if seg is not None:
         shm.allreduce_inplace(data, seg, op, dtype, in_window=True)
+    elif isinstance(data, np.ndarray) and ctx.exchange is not None and data.nbytes <= ctx.exchange.capacity:
+        _exchange_allreduce(data, ctx, op, dtype, None)
     elif isinstance(data, np.ndarray):
         shm.allreduce_inplace(data, _staging(ctx, data.nbytes), op, dtype, in_window=False)
     else:
@@ -242,7 +280,11 @@ def allreduce_flat(data: Any, dtype: DType, op: str, algorithm: str, ctx: Contex
     """
     comm = ctx.comm
     if algorithm == "auto" and ctx.size > 1:
-        algorithm = auto_algorithm(ctx, len(data) * dtype.storage.itemsize, not dtype.mpi_native, seg is not None)
+        algorithm = auto_algorithm(ctx, len(data) * dtype.storage.itemsize, not dtype.mpi_native, seg is not None,
+                                   host=isinstance(data, np.ndarray))
+    if algorithm == "exchange":
+        _exchange_allreduce(data, ctx, op, dtype, None)
+        return  # avg was divided there
     if algorithm == "shm" and ctx.size > 1 and len(data) > 0:
         _shm_allreduce(data, dtype, op, ctx, seg)
         return  # avg was divided there, once per element
@@ -272,8 +314,14 @@ def _allreduce_host_inplace(x: np.ndarray, op: str, algorithm: str, comm: MPI.Co
     dtype = dtype_of(x)
     ctx = context(_comm(comm))
     seg = shared_segment(ctx, x) if ctx.segments else None  # tested here: this path is all latency
-    _enter(ctx, guard, "allreduce", x.size, dtype, op, algorithm, shared=seg is not None)
-    allreduce_flat(x if x.ndim == 1 else x.reshape(-1), dtype, op, algorithm, ctx, seg)
+    sig = _signature(ctx, guard, "allreduce", x.size, dtype, op, algorithm, shared=seg is not None)
+    flat = x if x.ndim == 1 else x.reshape(-1)
+    if ctx.exchange is not None and _through_exchange(ctx, algorithm, x.nbytes, seg is not None):
+        _exchange_allreduce(flat, ctx, op, dtype, sig)  # the guard's check rides along
+        return x
+    if sig is not None:
+        _guard.check(ctx, sig)
+    allreduce_flat(flat, dtype, op, algorithm, ctx, seg)
     return x
 
 
@@ -283,10 +331,17 @@ def allreduce(x: Any, op: str = "sum", algorithm: str = "auto", comm: MPI.Comm |
     if inplace and type(x) is np.ndarray and x.flags.c_contiguous:
         return _allreduce_host_inplace(x, op, algorithm, comm, guard)
     # a buffer in a shared window is reduced where it lies (out of place works on a private copy)
-    ctx, dtype, seg = _begin(x, comm, guard, "allreduce", op, algorithm, find_shared=inplace)
+    ctx, dtype, seg, sig = _begin(x, comm, guard, "allreduce", op, algorithm, find_shared=inplace, check=False)
     flat = to_flat(x, copy=not inplace, dtype=dtype)
-    allreduce_flat(flat.data, dtype, op, algorithm, ctx, seg)
-    return write_back(flat, x) if inplace else to_result(flat, flat.data, flat.shape)
+    data = flat.data
+    if (ctx.exchange is not None and isinstance(data, np.ndarray)
+            and _through_exchange(ctx, algorithm, data.nbytes, seg is not None)):
+        _exchange_allreduce(data, ctx, op, dtype, sig)  # the guard's check rides along
+    else:
+        if sig is not None:
+            _guard.check(ctx, sig)
+        allreduce_flat(data, dtype, op, algorithm, ctx, seg)
+    return write_back(flat, x) if inplace else to_result(flat, data, flat.shape)
 
 
 def _row_bounds(shape: tuple[int, ...], n: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -299,7 +354,7 @@ def _row_bounds(shape: tuple[int, ...], n: int) -> tuple[list[tuple[int, int]], 
 def reduce_scatter(x: Any, op: str = "sum", algorithm: str = "auto", comm: MPI.Comm | None = None,
                    guard: bool | None = None) -> Any:
     """Reduce `x` over all ranks and give rank r its rows of dimension 0 (split by ring.chunk_bounds)."""
-    ctx, dtype, _ = _begin(x, comm, guard, "reduce_scatter", op, algorithm)
+    ctx, dtype, _, _ = _begin(x, comm, guard, "reduce_scatter", op, algorithm)
     n, r = ctx.size, ctx.rank
     shape = tuple(x.shape) or (1,)
     rows, bounds = _row_bounds(shape, n)
@@ -337,7 +392,7 @@ def _native_reduce_scatter(flat: Flat, comm: MPI.Comm, op: str, dtype: DType,
 
 def allgather(x: Any, algorithm: str = "auto", comm: MPI.Comm | None = None, guard: bool | None = None) -> Any:
     """Concatenate every rank's `x` (same shape on all ranks) along dimension 0, in rank order."""
-    ctx, dtype, _ = _begin(x, comm, guard, "allgather", None, algorithm)
+    ctx, dtype, _, _ = _begin(x, comm, guard, "allgather", None, algorithm)
     n, r = ctx.size, ctx.rank
     shape = tuple(x.shape) or (1,)
     flat = to_flat(x, copy=False)
@@ -356,7 +411,7 @@ def allgather(x: Any, algorithm: str = "auto", comm: MPI.Comm | None = None, gua
 def broadcast(x: Any, root: int = 0, comm: MPI.Comm | None = None, inplace: bool = False,
               guard: bool | None = None) -> Any:
     """Every rank gets root's `x` (same kind and device); with inplace=True, written into x."""
-    ctx, _, _ = _begin(x, comm, guard, "broadcast", None, "mpi", root)
+    ctx, _, _, _ = _begin(x, comm, guard, "broadcast", None, "mpi", root)
     flat = to_flat(x, copy=not inplace)
     if ctx.size > 1 and len(flat.data) > 0:
         ctx.comm.Bcast(flat.data, root=root)

@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
+from . import exchange
 from .ring import empty_like
-from .select import RING_MIN_BYTES_16BIT, SHM_MIN_BYTES, ring_segment_bytes, ring_threshold
+from .select import (EXCHANGE_BYTES, EXCHANGE_WHOLE_BYTES, RING_MIN_BYTES_16BIT, SHM_MIN_BYTES, ring_segment_bytes,
+                     ring_threshold)
 
 _KEYVAL: list[int] = []  # the attribute key, created once per process on first use
 # (communicator, Context) of the last call: most programs call dmlmpi on one communicator, and
@@ -45,6 +47,7 @@ class Context:
     node: Any = None  # the ranks of comm as one node communicator, for shared memory (made on first use)
     segments: dict[int, Any] = field(default_factory=dict)  # shared_empty windows, by this rank's address
     staging: Any = None  # the shared window that other host buffers are staged through for "shm"
+    exchange: Any = None  # exchange.Exchange: where small host all-reduces meet, when all ranks share a node
     guard_pair: array = field(default_factory=lambda: array("q", (0, 0)))  # the guard's message: hash, -hash
 
     def scratch(self, n: int, like: Any) -> Any:
@@ -93,9 +96,21 @@ def context(comm: MPI.Comm) -> Context:
                       # the world size stands in for ranks per node: a bigger world spread over
                       # nodes only loses the pieces, which is how every ring ran before them
                       ring_segment_bytes=ring_segment_bytes(size, os.cpu_count() or 1) if segment is None else segment)
+        if size > 1:
+            _share_node(ctx, _env_int("DMLMPI_EXCHANGE_BYTES"))
         comm.Set_attr(_KEYVAL[0], ctx)
     _LAST[0] = (comm, ctx)
     return ctx
+
+
+def _share_node(ctx: Context, override: int | None) -> None:
+    """Split ctx's ranks by node and, when one node holds them all, make the exchange area (collective)."""
+    # made here, when every rank creates the context together: made on first need, a rank whose
+    # message is small would allocate (collectively) while one whose message is large would not
+    ctx.node = ctx.comm.Split_type(MPI.COMM_TYPE_SHARED, key=ctx.rank)
+    capacity = ring_threshold(ctx.size, EXCHANGE_BYTES) if override is None else override
+    if ctx.node.Get_size() == ctx.size and capacity > 0:
+        ctx.exchange = exchange.allocate(ctx.node, capacity, ring_threshold(ctx.size, EXCHANGE_WHOLE_BYTES))
 
 
 def existing_comms(comm: MPI.Comm) -> list[MPI.Comm]:

@@ -1,10 +1,13 @@
 """Cross-rank consistency guard: every rank checks that all ranks entered the same collective.
 
-Before a collective, ranks all-reduce (MAX) a 64-bit hash of their call signature next to its
-negation, which gives the hash's maximum and minimum in one message of two integers. If they differ
-the ranks disagree: they then gather everyone's signature (this path only runs on error) and every
-rank raises the same CollectiveMismatchError naming the ranks and what differs. MPI itself would
-hang, fail with a truncation error on some ranks only, or silently return garbage instead.
+Before a collective, ranks compare a 64-bit hash of their call signature. Ranks that share a node
+(a communicator with an exchange area) write it into their header slot of shared memory, pass a
+barrier and read everyone's (exchange.py; a small all-reduce's data rides along in the same step).
+Other communicators all-reduce (MAX) the hash next to its negation, which gives the hash's maximum
+and minimum in one message of two integers. If the ranks disagree they then gather everyone's
+signature (this path only runs on error) and every rank raises the same CollectiveMismatchError
+naming the ranks and what differs. MPI itself would hang, fail with a truncation error on some
+ranks only, or silently return garbage instead.
 
 Equal signatures always hash equal; two different ones collide with probability about 2**-64 (a
 tuple of integers hashes the same way in every process of one Python version, whatever
@@ -12,8 +15,11 @@ PYTHONHASHSEED says: only str and bytes hashes are salted).
 """
 from __future__ import annotations
 
+from typing import NoReturn
+
 from mpi4py import MPI
 
+from . import exchange
 from .context import Context
 from .dtypes import BY_CODE
 from .ops import OP_CODES
@@ -75,16 +81,28 @@ def mismatch_message(signatures: list[tuple[int, ...]]) -> str:
     return "ranks entered a collective with different arguments -- " + " | ".join(parts)
 
 
-def check(ctx: Context, sig: tuple[int, ...]) -> None:
-    """Raise CollectiveMismatchError on every rank unless all ranks passed the same signature."""
+def agree(ctx: Context, sig: tuple[int, ...]) -> bool:
+    """One synchronizing step after which every rank knows whether all ranks passed the same signature."""
     h = hash(sig)
+    if ctx.exchange is not None:
+        # through shared memory: header slots and a barrier (cheaper than an all-reduce here)
+        return exchange.agree(ctx.exchange, h)
     pair = ctx.guard_pair  # two int64, kept with the communicator (building one per call costs more)
     pair[0], pair[1] = h, -h
     # one small collective: the max of the hash and the max of its negation (= -min)
     ctx.comm.Allreduce(MPI.IN_PLACE, pair, op=MPI.MAX)
-    if pair[0] == -pair[1]:
-        return
+    return pair[0] == -pair[1]
+
+
+def mismatch(ctx: Context, sig: tuple[int, ...]) -> NoReturn:
+    """Raise CollectiveMismatchError naming who differs and how (collective: every rank found the mismatch)."""
     # error path only: gather all signatures so the message can say who differs and how
     signatures = ctx.comm.allgather(sig)
     raise CollectiveMismatchError(f"dmlmpi.comm ({COLLECTIVES[sig[0] - 1]} on rank {ctx.comm.Get_rank()} of "
                                   f"{ctx.comm.Get_size()}): {mismatch_message(signatures)}")
+
+
+def check(ctx: Context, sig: tuple[int, ...]) -> None:
+    """Raise CollectiveMismatchError on every rank unless all ranks passed the same signature."""
+    if not agree(ctx, sig):
+        mismatch(ctx, sig)

@@ -23,6 +23,17 @@ RING_MIN_BYTES_16BIT = {2: 16 << 10, 4: 128 << 10, 8: 512 << 10}
 # ranks a tie at 256 KiB, 935 vs 1441 us at 1 MiB.
 SHM_MIN_BYTES = {2: 64 << 10, 4: 256 << 10, 8: 1 << 20}
 
+# Largest private host message that `auto` all-reduces through the communicator's shared exchange
+# area (exchange.py: the inputs meet in shared memory, synchronized by the guard's own all-reduce),
+# and up to which every rank reduces the whole message rather than its share of the columns.
+# Measured against native MPI_Allreduce plus the guard, float32 (standalone prototype, medians):
+# at 4 ranks 4 KiB 14.7 us against 27.2, 64 KiB 55.9 against 76.0, 256 KiB 116.6 against 158.3,
+# 1 MiB 471.8 against 491.3; at 8 ranks 2 MiB 527 against 567, 4 MiB 1112 against 1027; at 2 ranks
+# 256 KiB 42.0 against 46.7, 1 MiB 210 against 159. Whole against columns: 16 KiB 22.2 against 27.7
+# us at 4 ranks, 64 KiB 65.4 against 55.9. Each context keeps 2 x (ranks + 1) rows of this size.
+EXCHANGE_BYTES = {2: 256 << 10, 4: 1 << 20, 8: 2 << 20}
+EXCHANGE_WHOLE_BYTES = {2: 32 << 10, 4: 32 << 10, 8: 32 << 10}
+
 
 # The ring's reduce-scatter moves each step's chunk in pieces of this many bytes and adds each piece
 # as it arrives, still in cache: at 2 ranks 16 MiB took 1513 us against 2185 in whole chunks (native

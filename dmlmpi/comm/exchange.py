@@ -1,0 +1,166 @@
+"""Small all-reduces through one shared area, in one barrier that is also the guard's check.
+
+A small all-reduce is all latency, and dmlmpi's guard adds a collective of its own in front of
+MPI's. On ranks that share a node the two become one barrier. Each rank copies its input into its
+row of an area of shared memory (an MPI-3 shared window kept with the communicator) and the hash of
+its call signature into its header slot, and enters a barrier. When the barrier returns every row
+and every header is written; each rank compares the n headers (if they differ, every rank raises
+before reading a row), then:
+
+- small messages are reduced whole by every rank: each combines all n rows in rank order
+  (identical bits everywhere); one barrier in all;
+- larger ones by columns: each rank reduces 1/n of the columns into a shared result row, a second
+  barrier, and every rank copies the result row out (each rank reads about 2x the message, not n x).
+
+Every guarded collective on such a communicator checks its signature the same way, with or without
+data (guard.py), so ranks that disagree about a call (one posting a small message, another a large
+one) meet in the same barrier and all raise.
+
+Two sets of headers and rows alternate between calls, so a rank may write call k+1's input while a
+slower one still reads call k's: call k+1's barrier cannot complete before every rank has entered
+it, that is, before every rank is done with call k, and only then may anyone overwrite call k's set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+from .dtypes import DType
+from .ops import divide_in_place, reduce_into
+
+ALIGN = 64  # bytes: every row starts on a cache line of its own
+_UFUNCS = {"sum": np.add, "avg": np.add, "min": np.minimum, "max": np.maximum, "prod": np.multiply}
+_NUMPY_DTYPES = frozenset({"float32", "float64", "int32", "int64"})  # reduced by numpy ufuncs; 16-bit floats by torch
+
+
+@dataclass
+class Exchange:
+    """A node communicator's shared area: per parity, n header slots, n input rows and one result row."""
+
+    win: MPI.Win
+    comm: MPI.Comm  # the node communicator (the caller's ranks, in the caller's order)
+    capacity: int  # bytes per row: the largest message that goes through the area
+    whole_bytes: int  # messages up to this size are reduced whole by every rank, larger ones by columns
+    area: np.ndarray  # the whole window as bytes: per parity [headers, row 0..n-1, result row]
+    headers: tuple[np.ndarray, np.ndarray]  # per parity, n int64 header slots (views of area)
+    rows: tuple[np.ndarray, np.ndarray]  # per parity, the n input rows and the result row, (n + 1, capacity) bytes
+    rank: int = 0
+    size: int = 1
+    calls: int = 0  # synchronizations completed so far; its parity picks the set of headers and rows
+    _views: dict[tuple[int, int, str], tuple[Any, ...]] = field(default_factory=dict)
+
+    def views(self, nbytes: int, storage: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+        """(this rank's row, all n rows, the result row, first and end column of this rank's share) for this call."""
+        parity = self.calls & 1
+        key = (parity, nbytes, storage.char)
+        found = self._views.get(key)
+        if found is None:
+            n, r = self.size, self.rank
+            rows = self.rows[parity][:, :nbytes].view(storage)
+            length = nbytes // storage.itemsize
+            # this rank's share of the columns, as ring.chunk_bounds splits them
+            first, end = length * r // n, length * (r + 1) // n
+            if len(self._views) > 256:  # many distinct sizes: start over rather than grow without end
+                self._views.clear()
+            found = self._views[key] = (rows[r], rows[:n], rows[n], first, end)
+        return found  # type: ignore[return-value]
+
+    def free(self) -> None:
+        """Release the window (collective over the node communicator)."""
+        self._views.clear()
+        self.area = np.empty(0, dtype=np.uint8)
+        self.headers = self.rows = ()  # type: ignore[assignment]
+        self.win.Unlock_all()
+        self.win.Free()
+
+
+def allocate(node: MPI.Comm, capacity: int, whole_bytes: int) -> Exchange:
+    """The shared area for messages of up to `capacity` bytes on the node communicator `node` (collective)."""
+    capacity = -(-capacity // ALIGN) * ALIGN
+    n = node.Get_size()
+    header = -(-8 * n // ALIGN) * ALIGN
+    per_parity = header + (n + 1) * capacity
+    # one segment, on node rank 0, holds every row: one strided view then covers all of them, and a
+    # reduction over the ranks is one numpy call (pages are placed where they are first written)
+    win = MPI.Win.Allocate_shared(2 * per_parity if node.Get_rank() == 0 else 0, 1, comm=node)
+    buf, _ = win.Shared_query(0)
+    area = np.frombuffer(buf, dtype=np.uint8, count=2 * per_parity)
+    sets = [area[p * per_parity:(p + 1) * per_parity] for p in (0, 1)]
+    headers = tuple(s[:8 * n].view(np.int64) for s in sets)
+    rows = tuple(s[header:].reshape(n + 1, capacity) for s in sets)
+    # one passive-target epoch for the window's whole life: win.Sync() is then legal at any time
+    win.Lock_all(MPI.MODE_NOCHECK)
+    return Exchange(win, node, capacity, whole_bytes, area, headers, rows, node.Get_rank(), n)  # type: ignore[arg-type]
+
+
+def fence(ex: Exchange) -> None:
+    """Make every rank's stores so far visible to every rank (MPI-3 shared-memory model)."""
+    # flush our stores, wait for everyone, then see everyone's
+    ex.win.Sync()
+    ex.comm.Barrier()
+    ex.win.Sync()
+
+
+def agree(ex: Exchange, signature_hash: int) -> bool:
+    """The guard's check alone: post this rank's signature hash, fence, compare all n; then advance."""
+    headers = ex.headers[ex.calls & 1]
+    headers[ex.rank] = signature_hash
+    fence(ex)
+    ex.calls += 1  # the headers are read below: the next call posts to the other set
+    return headers.tolist().count(signature_hash) == ex.size
+
+
+def _reduce_rows(rows: np.ndarray, out: np.ndarray, op: str, dtype: DType) -> None:
+    """out = rows[0] op rows[1] op ... in rank order (the same order, hence the same bits, on every rank)."""
+    if dtype.name in _NUMPY_DTYPES:
+        fn = _UFUNCS[op]
+        if len(rows) > 2 and rows.shape[1] < 16384:
+            # one call for many short rows (a chain of calls costs more in Python than it saves)
+            fn.reduce(rows, axis=0, out=out)
+        else:
+            # row by row: faster for long rows, whose reduction over the outer axis numpy does poorly
+            fn(rows[0], rows[1], out=out)
+            for row in rows[2:]:
+                fn(out, row, out=out)
+        return
+    out[:] = rows[0]
+    for row in rows[1:]:
+        reduce_into(out, row, op, dtype)
+
+
+def allreduce(ex: Exchange, data: np.ndarray, op: str, dtype: DType, signature_hash: int | None) -> bool:
+    """All-reduce the 1-D host array `data` in place (avg divided once per element).
+
+    signature_hash: the guard's hash of this call, checked in the same barrier (None: guard off).
+    Returns False, having reduced nothing, when the ranks' hashes differ (on every rank alike).
+    """
+    mine, rows, result, first, end = ex.views(data.nbytes, dtype.storage)
+    headers = ex.headers[ex.calls & 1]
+    mine[:] = data  # our input where every rank can read it
+    if signature_hash is not None:
+        headers[ex.rank] = signature_hash
+    # 1. every rank's row and header are in place once the fence returns
+    fence(ex)
+    if signature_hash is not None and headers.tolist().count(signature_hash) != ex.size:
+        ex.calls += 1  # as on every rank: they all read the same headers
+        return False
+    if data.nbytes <= ex.whole_bytes:
+        # 2. every rank reduces the whole message itself
+        _reduce_rows(rows, data, op, dtype)
+        ex.calls += 1  # this call's set is read: the next call writes the other one
+        if op == "avg":
+            divide_in_place(data, ex.size, dtype)
+        return True
+    # 2. our share of the columns, reduced over the ranks into the result row
+    _reduce_rows(rows[:, first:end], result[first:end], op, dtype)
+    if op == "avg":
+        divide_in_place(result[first:end], ex.size, dtype)
+    # 3. every share is reduced
+    fence(ex)
+    # 4. everybody's shares, in one copy
+    data[:] = result
+    ex.calls += 1
+    return True
