@@ -17,7 +17,7 @@ from . import exchange, hierarchical, ring, shm
 from .buffers import Flat, dtype_of, to_flat, to_result, write_back
 from .context import Context, context
 from .dtypes import DType, lookup
-from .ops import MPI_OPS, check_op, divide_in_place, torch_view
+from .ops import MPI_OPS, OP_CODES, check_op, divide_in_place, torch_view
 from .select import choose_algorithm
 
 ALGORITHMS = ("auto", "ring", "mpi", "hierarchical", "shm")
@@ -309,15 +309,18 @@ def _allreduce_host_inplace(x: np.ndarray, op: str, algorithm: str, comm: MPI.Co
     all-reduce is all latency, and every Python call on its path costs ~0.1 us, twice that when the
     ranks wait for each other.
     """
-    check_op(op)
-    _check_algorithm(algorithm)
+    if op not in OP_CODES or algorithm not in _KNOWN:  # one test for the usual case
+        check_op(op)
+        _check_algorithm(algorithm)
     dtype = dtype_of(x)
-    ctx = context(_comm(comm))
+    ctx = context(MPI.COMM_WORLD if comm is None else comm)
     seg = shared_segment(ctx, x) if ctx.segments else None  # tested here: this path is all latency
     sig = _signature(ctx, guard, "allreduce", x.size, dtype, op, algorithm, shared=seg is not None)
     flat = x if x.ndim == 1 else x.reshape(-1)
     if ctx.exchange is not None and _through_exchange(ctx, algorithm, x.nbytes, seg is not None):
-        _exchange_allreduce(flat, ctx, op, dtype, sig)  # the guard's check rides along
+        # the guard's check rides along in the exchange's barrier (_exchange_allreduce, inlined)
+        if not exchange.allreduce(ctx.exchange, flat, op, dtype, None if sig is None else hash(sig)):
+            _guard.mismatch(ctx, sig)  # type: ignore[arg-type]
         return x
     if sig is not None:
         _guard.check(ctx, sig)
