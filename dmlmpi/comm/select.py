@@ -16,21 +16,23 @@ RING_MIN_BYTES = {2: 4 << 20, 4: 16 << 20, 8: 32 << 20}
 # fp16 alike within a factor of two): 8-16 KiB at 2 ranks, 64-256 KiB at 4, 256 KiB-1 MiB at 8.
 RING_MIN_BYTES_16BIT = {2: 16 << 10, 4: 128 << 10, 8: 512 << 10}
 # Smallest buffer living in a dmlmpi shared-memory window (comm.shared_empty, DataParallel's buckets)
-# that `auto` reduces in place with the "shm" algorithm instead of the table above: it needs no
-# messages but three barriers, so it wins once the copies that message passing makes cost more
-# than the barriers. Measured against auto's other choice on the same size: at 2 ranks 22 vs 25 us
-# at 64 KiB, 32 vs 46 at 256 KiB; at 4 ranks a tie at 64 KiB, 109 vs 173 us at 256 KiB; at 8
-# ranks a tie at 256 KiB, 935 vs 1441 us at 1 MiB.
-SHM_MIN_BYTES = {2: 64 << 10, 4: 256 << 10, 8: 1 << 20}
+# that `auto` reduces in place with the "shm" algorithm (three barriers, no copies in or out);
+# smaller ones go through the exchange area below like any host buffer. Measured: at 2 ranks the
+# exchange took 15.7 us at 64 KiB against shm's 21.7, and 24.7 at 128 KiB against 21.7 (two runs of
+# `bench allreduce --algorithms auto,auto-shared,native`); at 4 ranks shm took 113 us at 256 KiB
+# against the exchange's 125; at 8 ranks 961 us at 1 MiB against 1461 (full bench runs).
+SHM_MIN_BYTES = {2: 128 << 10, 4: 256 << 10, 8: 1 << 20}
+
 
 # Largest private host message that `auto` all-reduces through the communicator's shared exchange
-# area (exchange.py: the inputs meet in shared memory, synchronized by the guard's own all-reduce),
-# and up to which every rank reduces the whole message rather than its share of the columns.
-# Measured against native MPI_Allreduce plus the guard, float32 (standalone prototype, medians):
-# at 4 ranks 4 KiB 14.7 us against 27.2, 64 KiB 55.9 against 76.0, 256 KiB 116.6 against 158.3,
-# 1 MiB 471.8 against 491.3; at 8 ranks 2 MiB 527 against 567, 4 MiB 1112 against 1027; at 2 ranks
-# 256 KiB 42.0 against 46.7, 1 MiB 210 against 159. Whole against columns: 16 KiB 22.2 against 27.7
-# us at 4 ranks, 64 KiB 65.4 against 55.9. Each context keeps 2 x (ranks + 1) rows of this size.
+# area (exchange.py: the inputs meet in shared memory, in one barrier that is also the guard's
+# check), and up to which every rank reduces the whole message rather than its share of the columns.
+# Measured with `bench allreduce --algorithms auto,auto-noguard,mpi,native`, three runs per world
+# size, as a share of native MPI_Allreduce's time (the guard on in `auto` and in `mpi`, which is
+# the guard plus native): at 2 ranks 256 KiB 0.98-1.01x (mpi 1.09-1.11x); at 4 ranks 256 KiB
+# 0.84-0.86x (mpi 1.17-1.20x), 1 MiB 0.98-1.13x (mpi 1.13-1.21x); at 8 ranks 1 MiB 1.05-1.11x (mpi
+# 1.18-1.19x), 2 MiB 1.21-1.37x (mpi 1.25-1.29x). Whole against columns (prototype): 16 KiB 22.2 us
+# against 27.7 at 4 ranks, 64 KiB 65.4 against 55.9. Each context keeps 2 x (ranks + 1) rows.
 EXCHANGE_BYTES = {2: 256 << 10, 4: 1 << 20, 8: 2 << 20}
 EXCHANGE_WHOLE_BYTES = {2: 32 << 10, 4: 32 << 10, 8: 32 << 10}
 
