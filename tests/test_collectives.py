@@ -440,6 +440,22 @@ def test_exchange_whole_and_by_columns(dtype: str, op: str, exchange_calls: list
     assert len(exchange_calls) == (calls_per_length * len([n for n in lengths if n > 0]) if SIZE > 1 else 0)
 
 
+def test_exchange_choice_written_out_matches_auto() -> None:
+    """The fast path's own test for the exchange agrees with auto_algorithm at every size around the limits."""
+    from dmlmpi.comm.collectives import _through_exchange, auto_algorithm
+    from dmlmpi.comm.context import context
+
+    ctx = context(WORLD)
+    whole, capacity = _exchange_limits()
+    for nbytes in sorted({0, 1, 4096, whole, capacity - 1, capacity, capacity + 1, ctx.shm_min_bytes - 1,
+                          ctx.shm_min_bytes, ctx.shm_min_bytes + 1, 64 << 20}):
+        for shared in (False, True):
+            want = auto_algorithm(ctx, nbytes, shared=shared, host=True) == "exchange"
+            assert _through_exchange(ctx, "auto", nbytes, shared) == want, (nbytes, shared)
+            assert _through_exchange(ctx, "shm", nbytes, shared) == (SIZE > 1 and not shared and 0 < nbytes <= capacity)
+            assert not _through_exchange(ctx, "mpi", nbytes, shared)
+
+
 def test_exchange_random_floats_by_columns() -> None:
     """Random floats by columns: within float tolerance of MPI's sum, identical bits on every rank."""
     whole, capacity = _exchange_limits()
@@ -460,10 +476,10 @@ def test_exchange_back_to_back_with_uneven_ranks(exchange_calls: list[int], monk
     stalls = iter(np.random.default_rng(100 + RANK).random(100000) < 0.3)
     real = exchange._reduce_rows
 
-    def slow(rows, out, op, dtype):  # type: ignore[no-untyped-def]
+    def slow(*args):  # type: ignore[no-untyped-def]
         if next(stalls):
             time.sleep(2e-4)
-        real(rows, out, op, dtype)
+        real(*args)
 
     monkeypatch.setattr(exchange, "_reduce_rows", slow)
     whole, capacity = _exchange_limits()

@@ -77,12 +77,18 @@ def _exchange_allreduce(data: np.ndarray, ctx: Context, op: str, dtype: DType, s
 
 
 def _through_exchange(ctx: Context, algorithm: str, nbytes: int, shared: bool) -> bool:
-    """Whether a contiguous host all-reduce of nbytes (shared: in a shared window) goes through the exchange area."""
+    """Whether a contiguous host all-reduce of nbytes (shared: in a shared window) goes through the exchange area.
+
+    For "auto" this is auto_algorithm(..., host=True) == "exchange", written out because it runs on
+    every small call (tests hold the two together).
+    """
+    ex = ctx.exchange
+    if ex is None or not 0 < nbytes <= ex.capacity:
+        return False
     if algorithm == "auto":
-        return auto_algorithm(ctx, nbytes, shared=shared, host=True) == "exchange"
+        return not shared or nbytes < ctx.shm_min_bytes
     # an explicit "shm" on a private buffer: the area when it fits, else the staging window
-    return (algorithm == "shm" and not shared and ctx.exchange is not None
-            and 0 < nbytes <= ctx.exchange.capacity)
+    return algorithm == "shm" and not shared
 
 
 def _begin(x: Any, comm: MPI.Comm | None, guard: bool | None, collective: str, op: str | None,
@@ -317,7 +323,7 @@ def _allreduce_host_inplace(x: np.ndarray, op: str, algorithm: str, comm: MPI.Co
     seg = shared_segment(ctx, x) if ctx.segments else None  # tested here: this path is all latency
     sig = _signature(ctx, guard, "allreduce", x.size, dtype, op, algorithm, shared=seg is not None)
     flat = x if x.ndim == 1 else x.reshape(-1)
-    if ctx.exchange is not None and _through_exchange(ctx, algorithm, x.nbytes, seg is not None):
+    if _through_exchange(ctx, algorithm, x.nbytes, seg is not None):
         # the guard's check rides along in the exchange's barrier (_exchange_allreduce, inlined)
         if not exchange.allreduce(ctx.exchange, flat, op, dtype, None if sig is None else hash(sig)):
             _guard.mismatch(ctx, sig)  # type: ignore[arg-type]

@@ -36,6 +36,21 @@ _UFUNCS = {"sum": np.add, "avg": np.add, "min": np.minimum, "max": np.maximum, "
 _NUMPY_DTYPES = frozenset({"float32", "float64", "int32", "int64"})  # reduced by numpy ufuncs; 16-bit floats by torch
 
 
+@dataclass(slots=True)
+class Plan:
+    """Everything one kind of call (parity, byte count, dtype) needs, made once: views and the reduction's shape."""
+
+    mine: np.ndarray  # this rank's input row
+    rows: np.ndarray  # the n input rows, (n, length)
+    row_list: tuple[np.ndarray, ...]  # the same rows one by one (indexing them per call costs)
+    result: np.ndarray  # the result row (used by calls reduced by columns)
+    whole: bool  # every rank reduces the whole message (else its share of the columns)
+    share: np.ndarray  # this rank's share of the columns of every row, (n, end - first)
+    share_list: tuple[np.ndarray, ...]  # the same one by one
+    share_out: np.ndarray  # where the share's reduction goes: the result row's columns first:end
+    one_call: bool  # reduce all rows in one numpy call (many short rows) rather than row by row
+
+
 @dataclass
 class Exchange:
     """A node communicator's shared area: per parity, n header slots, n input rows and one result row."""
@@ -50,27 +65,38 @@ class Exchange:
     rank: int = 0
     size: int = 1
     calls: int = 0  # synchronizations completed so far; its parity picks the set of headers and rows
-    _views: dict[tuple[int, int, str], tuple[Any, ...]] = field(default_factory=dict)
+    _plans: dict[tuple[int, int, str], Plan] = field(default_factory=dict)
 
-    def views(self, nbytes: int, storage: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
-        """(this rank's row, all n rows, the result row, first and end column of this rank's share) for this call."""
-        parity = self.calls & 1
-        key = (parity, nbytes, storage.char)
-        found = self._views.get(key)
+    def plan(self, nbytes: int, storage: np.dtype) -> Plan:
+        """The Plan of a call of nbytes of `storage` on this call's set of rows (made on first use)."""
+        key = (self.calls & 1, nbytes, storage.char)
+        found = self._plans.get(key)
         if found is None:
-            n, r = self.size, self.rank
-            rows = self.rows[parity][:, :nbytes].view(storage)
-            length = nbytes // storage.itemsize
-            # this rank's share of the columns, as ring.chunk_bounds splits them
-            first, end = length * r // n, length * (r + 1) // n
-            if len(self._views) > 256:  # many distinct sizes: start over rather than grow without end
-                self._views.clear()
-            found = self._views[key] = (rows[r], rows[:n], rows[n], first, end)
-        return found  # type: ignore[return-value]
+            found = self._make_plan(key[0], nbytes, storage)
+            if len(self._plans) > 256:  # many distinct sizes: start over rather than grow without end
+                self._plans.clear()
+            self._plans[key] = found
+        return found
+
+    def _make_plan(self, parity: int, nbytes: int, storage: np.dtype) -> Plan:
+        """Build the views and choices for one kind of call."""
+        n, r = self.size, self.rank
+        every = self.rows[parity][:, :nbytes].view(storage)
+        rows, result = every[:n], every[n]
+        length = nbytes // storage.itemsize
+        # this rank's share of the columns, as ring.chunk_bounds splits them
+        first, end = length * r // n, length * (r + 1) // n
+        whole = nbytes <= self.whole_bytes
+        columns = length if whole else end - first
+        share = rows[:, first:end]
+        # numpy reduces over the outer axis poorly for long rows, and a chain of calls costs more
+        # Python than it saves for many short ones
+        return Plan(rows[r], rows, tuple(rows), result, whole, share, tuple(share), result[first:end],
+                    one_call=n > 2 and columns < 16384)
 
     def free(self) -> None:
         """Release the window (collective over the node communicator)."""
-        self._views.clear()
+        self._plans.clear()
         self.area = np.empty(0, dtype=np.uint8)
         self.headers = self.rows = ()  # type: ignore[assignment]
         self.win.Unlock_all()
@@ -113,21 +139,20 @@ def agree(ex: Exchange, signature_hash: int) -> bool:
     return headers.tolist().count(signature_hash) == ex.size
 
 
-def _reduce_rows(rows: np.ndarray, out: np.ndarray, op: str, dtype: DType) -> None:
+def _reduce_rows(rows: np.ndarray, row_list: tuple[np.ndarray, ...], out: np.ndarray, op: str, dtype: DType,
+                 one_call: bool) -> None:
     """out = rows[0] op rows[1] op ... in rank order (the same order, hence the same bits, on every rank)."""
     if dtype.name in _NUMPY_DTYPES:
         fn = _UFUNCS[op]
-        if len(rows) > 2 and rows.shape[1] < 16384:
-            # one call for many short rows (a chain of calls costs more in Python than it saves)
+        if one_call:
             fn.reduce(rows, axis=0, out=out)
         else:
-            # row by row: faster for long rows, whose reduction over the outer axis numpy does poorly
-            fn(rows[0], rows[1], out=out)
-            for row in rows[2:]:
+            fn(row_list[0], row_list[1], out=out)
+            for row in row_list[2:]:
                 fn(out, row, out=out)
         return
-    out[:] = rows[0]
-    for row in rows[1:]:
+    out[:] = row_list[0]
+    for row in row_list[1:]:
         reduce_into(out, row, op, dtype)
 
 
@@ -137,9 +162,9 @@ def allreduce(ex: Exchange, data: np.ndarray, op: str, dtype: DType, signature_h
     signature_hash: the guard's hash of this call, checked in the same barrier (None: guard off).
     Returns False, having reduced nothing, when the ranks' hashes differ (on every rank alike).
     """
-    mine, rows, result, first, end = ex.views(data.nbytes, dtype.storage)
+    plan = ex.plan(data.nbytes, dtype.storage)
     headers = ex.headers[ex.calls & 1]
-    mine[:] = data  # our input where every rank can read it
+    plan.mine[:] = data  # our input where every rank can read it
     if signature_hash is not None:
         headers[ex.rank] = signature_hash
     # 1. every rank's row and header are in place after the fence (fence(), inlined: this path is all latency)
@@ -149,20 +174,20 @@ def allreduce(ex: Exchange, data: np.ndarray, op: str, dtype: DType, signature_h
     if signature_hash is not None and headers.tolist().count(signature_hash) != ex.size:
         ex.calls += 1  # as on every rank: they all read the same headers
         return False
-    if data.nbytes <= ex.whole_bytes:
+    if plan.whole:
         # 2. every rank reduces the whole message itself
-        _reduce_rows(rows, data, op, dtype)
+        _reduce_rows(plan.rows, plan.row_list, data, op, dtype, plan.one_call)
         ex.calls += 1  # this call's set is read: the next call writes the other one
         if op == "avg":
             divide_in_place(data, ex.size, dtype)
         return True
     # 2. our share of the columns, reduced over the ranks into the result row
-    _reduce_rows(rows[:, first:end], result[first:end], op, dtype)
+    _reduce_rows(plan.share, plan.share_list, plan.share_out, op, dtype, plan.one_call)
     if op == "avg":
-        divide_in_place(result[first:end], ex.size, dtype)
+        divide_in_place(plan.share_out, ex.size, dtype)
     # 3. every share is reduced
     fence(ex)
     # 4. everybody's shares, in one copy
-    data[:] = result
+    data[:] = plan.result
     ex.calls += 1
     return True
