@@ -29,11 +29,12 @@ SHM_MIN_BYTES = {2: 128 << 10, 4: 256 << 10, 8: 1 << 20}
 # check), and up to which every rank reduces the whole message rather than its share of the columns.
 # Measured with `bench allreduce --algorithms auto,auto-noguard,mpi,native`, three runs per world
 # size, as a share of native MPI_Allreduce's time (the guard on in `auto` and in `mpi`, which is
-# the guard plus native): at 2 ranks 256 KiB 0.98-1.01x (mpi 1.09-1.11x); at 4 ranks 256 KiB
-# 0.84-0.86x (mpi 1.17-1.20x), 1 MiB 0.98-1.13x (mpi 1.13-1.21x); at 8 ranks 1 MiB 1.05-1.11x (mpi
-# 1.18-1.19x), 2 MiB 1.21-1.37x (mpi 1.25-1.29x). Whole against columns (prototype): 16 KiB 22.2 us
-# against 27.7 at 4 ranks, 64 KiB 65.4 against 55.9. Each context keeps 2 x (ranks + 1) rows.
-EXCHANGE_BYTES = {2: 256 << 10, 4: 1 << 20, 8: 2 << 20}
+# the guard plus native): at 2 ranks 256 KiB 0.94-1.03x (mpi 1.05-1.11x); at 4 ranks 256 KiB
+# 0.73-1.05x (mpi 1.16-1.23x), 1 MiB 0.99-1.04x (mpi 1.13-1.21x); at 8 ranks 1 MiB 0.95-1.03x (mpi
+# 1.15-1.16x), 2 MiB 1.14-1.26x (mpi 1.12-1.18x: the exchange no longer wins). Whole against
+# columns (prototype): 16 KiB 22.2 us against 27.7 at 4 ranks, 64 KiB 65.4 against 55.9. Each
+# context keeps 2 x (ranks + 1) rows of this size (virtual memory; pages are used as rows are written).
+EXCHANGE_BYTES = {2: 256 << 10, 4: 1 << 20, 8: 1 << 20}
 EXCHANGE_WHOLE_BYTES = {2: 32 << 10, 4: 32 << 10, 8: 32 << 10}
 
 
