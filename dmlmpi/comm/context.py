@@ -44,7 +44,7 @@ class Context:
     ring_segment_bytes: int = 0  # piece size of the ring's reduce-scatter steps (DMLMPI_RING_SEGMENT_BYTES)
     shm_min_bytes: int = 0  # smallest buffer in a shared window that auto reduces where it lies (DMLMPI_SHM_MIN_BYTES)
     buffers: dict[Any, Any] = field(default_factory=dict)  # reusable host buffers, by (purpose, dtype)
-    node: Any = None  # the ranks of comm as one node communicator, for shared memory (made on first use)
+    node: Any = None  # the ranks of comm as one node communicator, for shared memory (made with the context)
     segments: dict[int, Any] = field(default_factory=dict)  # shared_empty windows, by this rank's address
     staging: Any = None  # the shared window that other host buffers are staged through for "shm"
     exchange: Any = None  # exchange.Exchange: where small host all-reduces meet, when all ranks share a node

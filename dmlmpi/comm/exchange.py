@@ -23,7 +23,6 @@ it, that is, before every rank is done with call k, and only then may anyone ove
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from mpi4py import MPI
