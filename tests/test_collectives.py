@@ -338,6 +338,32 @@ def test_shared_window_in_place(dtype: str, op: str, shm_calls: list[bool]) -> N
     assert shm_calls == ([True] * 5 if SIZE > 1 else [])
 
 
+def test_shared_window_back_to_back_with_uneven_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calls on one shared buffer with no other synchronization, ranks stalled at random while they reduce and write."""
+    import time
+
+    stalls = iter(np.random.default_rng(200 + RANK).random(100000) < 0.2)
+    real = shm.reduce_into
+
+    def slow(*args):  # type: ignore[no-untyped-def]
+        if next(stalls):
+            time.sleep(2e-4)
+        real(*args)
+
+    monkeypatch.setattr(shm, "reduce_into", slow)
+    n = 300_000  # a few blocks per rank's chunk
+    a = comm.shared_empty(n, "float64")
+    wrong = []
+    for i in range(30):
+        a[:] = np.arange(n, dtype=np.float64) * (RANK + 1) + i  # the next call's input, written at once
+        comm.allreduce(a, op="sum", algorithm="shm", inplace=True)
+        want = np.arange(n, dtype=np.float64) * (SIZE * (SIZE + 1) // 2) + i * SIZE
+        if not np.array_equal(a, want):
+            wrong.append(i)
+    comm.free_shared(a)
+    assert not wrong, f"rank {RANK}: calls {wrong} came back wrong"
+
+
 def test_shared_window_auto_and_torch(monkeypatch: pytest.MonkeyPatch, shm_calls: list[bool]) -> None:
     """auto reduces shared buffers from DMLMPI_SHM_MIN_BYTES up in the window; torch views of one too."""
     monkeypatch.setenv("DMLMPI_SHM_MIN_BYTES", "4000")  # read when dmlmpi first meets a communicator

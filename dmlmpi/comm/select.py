@@ -16,7 +16,7 @@ RING_MIN_BYTES = {2: 4 << 20, 4: 16 << 20, 8: 32 << 20}
 # fp16 alike within a factor of two): 8-16 KiB at 2 ranks, 64-256 KiB at 4, 256 KiB-1 MiB at 8.
 RING_MIN_BYTES_16BIT = {2: 16 << 10, 4: 128 << 10, 8: 512 << 10}
 # Smallest buffer living in a dmlmpi shared-memory window (comm.shared_empty, DataParallel's buckets)
-# that `auto` reduces in place with the "shm" algorithm (three barriers, no copies in or out);
+# that `auto` reduces in place with the "shm" algorithm (two barriers, no copies in or out);
 # smaller ones go through the exchange area below like any host buffer. Measured: at 2 ranks the
 # exchange took 15.7 us at 64 KiB against shm's 21.7, and 24.7 at 128 KiB against 21.7 (two runs of
 # `bench allreduce --algorithms auto,auto-shared,native`); at 4 ranks shm took 113 us at 256 KiB

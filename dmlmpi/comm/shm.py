@@ -1,11 +1,11 @@
 """Shared-memory all-reduce for ranks on one node, over an MPI shared-memory window.
 
 Every rank's buffer lives in its segment of a window made by MPI_Win_allocate_shared, which every
-other rank of the node can read directly. The all-reduce then needs no messages, only three
-barriers: each rank reduces its 1/n of the elements by reading that chunk from all n segments and
-writing the result into its own segment, then copies the other n-1 reduced chunks from their
-owners' segments. A rank reads and writes about 2.5x the buffer, where message passing copies
-each byte into and out of a transfer area at every step. This is what DeepSpeed's CPU all-reduce
+other rank of the node can read and write directly. The all-reduce then needs no messages, only two
+barriers: each rank reduces its 1/n of the elements by reading that chunk from all n segments,
+block by block, and writes each reduced block into every segment, its own and the others'. A rank
+reads and writes about 2x the buffer, where message passing copies each byte into and out of a
+transfer area at every step. This is what DeepSpeed's CPU all-reduce
 and NCCL's single-node paths do; MPI users get it here through MPI-3 windows.
 
 A buffer allocated by `shared_empty` is reduced where it lies. Any other host buffer is staged:
@@ -86,21 +86,22 @@ def allreduce_inplace(data: np.ndarray, seg: Segment, op: str, dtype: DType, in_
     bounds = chunk_bounds(length, n)
     # 1. every contribution is in place
     seg.fence()
-    # 2. reduce our chunk: add the other ranks' terms into our own segment, block by block
+    # 2. reduce our chunk block by block into our own segment, and write each finished block into
+    #    every other rank's segment while it is still in cache (only we touch these columns)
     start, stop = bounds[r]
     step = max(BLOCK_BYTES // dtype.storage.itemsize, 1)
     others = [views[(r + k) % n] for k in range(1, n)]
     for s in range(start, stop, step):
         e = min(s + step, stop)
+        block = mine[s:e]
         for other in others:
-            reduce_into(mine[s:e], other[s:e], op, dtype)
-    if op == "avg":
-        divide_in_place(mine[start:stop], n, dtype)
-    seg.fence()  # every chunk is reduced
-    # 3. take the other ranks' reduced chunks (and, when staged, our own) into `data`
-    for j in range(n):
-        if j != r or not in_window:
-            a, b = bounds[j]
-            data[a:b] = views[j][a:b]
-    # 4. nobody reads our segment any more: the caller may overwrite it when we return
+            reduce_into(block, other[s:e], op, dtype)
+        if op == "avg":
+            divide_in_place(block, n, dtype)
+        for other in others:
+            other[s:e] = block
+    # 3. every chunk is reduced and in every segment; nobody touches ours after this fence, so the
+    #    caller may overwrite it when we return
     seg.fence()
+    if not in_window:
+        data[:] = mine  # staged: the result back into the caller's buffer
