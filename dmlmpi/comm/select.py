@@ -17,11 +17,12 @@ RING_MIN_BYTES = {2: 4 << 20, 4: 16 << 20, 8: 32 << 20}
 RING_MIN_BYTES_16BIT = {2: 16 << 10, 4: 128 << 10, 8: 512 << 10}
 # Smallest buffer living in a dmlmpi shared-memory window (comm.shared_empty, DataParallel's buckets)
 # that `auto` reduces in place with the "shm" algorithm (two barriers, no copies in or out);
-# smaller ones go through the exchange area below like any host buffer. Measured: at 2 ranks the
-# exchange took 15.7 us at 64 KiB against shm's 21.7, and 24.7 at 128 KiB against 21.7 (two runs of
-# `bench allreduce --algorithms auto,auto-shared,native`); at 4 ranks shm took 113 us at 256 KiB
-# against the exchange's 125; at 8 ranks 961 us at 1 MiB against 1461 (full bench runs).
-SHM_MIN_BYTES = {2: 128 << 10, 4: 256 << 10, 8: 1 << 20}
+# smaller ones go through the exchange area below like any host buffer. Measured with `bench
+# allreduce --algorithms auto-shared,native`, DMLMPI_SHM_MIN_BYTES=1 (shm) against a huge value (the
+# exchange), two runs each, microseconds: at 2 ranks 16 KiB 10 against 8, 32 KiB 10 against 11;
+# at 4 ranks 64 KiB 58-62 against 50-51, 128 KiB 64-67 against 68; at 8 ranks 128 KiB 264-277
+# against 245-334, 256 KiB 317-320 against 374-382.
+SHM_MIN_BYTES = {2: 32 << 10, 4: 128 << 10, 8: 256 << 10}
 
 
 # Largest private host message that `auto` all-reduces through the communicator's shared exchange
