@@ -93,14 +93,6 @@ class Exchange:
         return Plan(rows[r], rows, tuple(rows), result, whole, share, tuple(share), result[first:end],
                     one_call=n > 2 and columns < 16384)
 
-    def free(self) -> None:
-        """Release the window (collective over the node communicator)."""
-        self._plans.clear()
-        self.area = np.empty(0, dtype=np.uint8)
-        self.headers = self.rows = ()  # type: ignore[assignment]
-        self.win.Unlock_all()
-        self.win.Free()
-
 
 def allocate(node: MPI.Comm, capacity: int, whole_bytes: int) -> Exchange:
     """The shared area for messages of up to `capacity` bytes on the node communicator `node` (collective)."""
