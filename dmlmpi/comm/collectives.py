@@ -162,10 +162,7 @@ def _hierarchy(ctx: Context) -> tuple[MPI.Comm, MPI.Comm]:
 
 
 def _node(ctx: Context) -> MPI.Comm:
-    """ctx's ranks as one shared-memory communicator (made once); ValueError if they span nodes."""
-    if ctx.node is None:
-        # collective: every rank of ctx gets here on the same call
-        ctx.node = ctx.comm.Split_type(MPI.COMM_TYPE_SHARED, key=ctx.rank)
+    """ctx's ranks as one shared-memory communicator (split with the context); ValueError if they span nodes."""
     if ctx.node.Get_size() != ctx.size:
         # the same answer on every rank: either one node holds all of them or none does
         raise ValueError(f"dmlmpi.comm: shared memory needs all {ctx.size} ranks on one node; rank {ctx.rank} "
@@ -174,7 +171,7 @@ def _node(ctx: Context) -> MPI.Comm:
 
 
 def on_one_node(comm: MPI.Comm | None = None) -> bool:
-    """Whether all ranks of comm share one node's memory (collective on first use, then cached)."""
+    """Whether all ranks of comm share one node's memory (collective when dmlmpi first meets comm)."""
     return one_node(context(_comm(comm)))
 
 
@@ -262,7 +259,7 @@ def _shm_allreduce(data: Any, dtype: DType, op: str, ctx: Context, seg: shm.Segm
     """The "shm" algorithm: in the buffer's own window, or staged through ctx's."""
     if seg is not None:
         shm.allreduce_inplace(data, seg, op, dtype, in_window=True)
-    elif isinstance(data, np.ndarray) and ctx.exchange is not None and data.nbytes <= ctx.exchange.capacity:
+    elif isinstance(data, np.ndarray) and _through_exchange(ctx, "shm", data.nbytes, False):
         _exchange_allreduce(data, ctx, op, dtype, None)
     elif isinstance(data, np.ndarray):
         shm.allreduce_inplace(data, _staging(ctx, data.nbytes), op, dtype, in_window=False)
@@ -343,8 +340,7 @@ def allreduce(x: Any, op: str = "sum", algorithm: str = "auto", comm: MPI.Comm |
     ctx, dtype, seg, sig = _begin(x, comm, guard, "allreduce", op, algorithm, find_shared=inplace, check=False)
     flat = to_flat(x, copy=not inplace, dtype=dtype)
     data = flat.data
-    if (ctx.exchange is not None and isinstance(data, np.ndarray)
-            and _through_exchange(ctx, algorithm, data.nbytes, seg is not None)):
+    if isinstance(data, np.ndarray) and _through_exchange(ctx, algorithm, data.nbytes, seg is not None):
         _exchange_allreduce(data, ctx, op, dtype, sig)  # the guard's check rides along
     else:
         if sig is not None:

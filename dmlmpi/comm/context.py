@@ -96,20 +96,19 @@ def context(comm: MPI.Comm) -> Context:
                       # the world size stands in for ranks per node: a bigger world spread over
                       # nodes only loses the pieces, which is how every ring ran before them
                       ring_segment_bytes=ring_segment_bytes(size, os.cpu_count() or 1) if segment is None else segment)
-        if size > 1:
-            _share_node(ctx, _env_int("DMLMPI_EXCHANGE_BYTES"))
+        _share_node(ctx, _env_int("DMLMPI_EXCHANGE_BYTES"))
         comm.Set_attr(_KEYVAL[0], ctx)
     _LAST[0] = (comm, ctx)
     return ctx
 
 
 def _share_node(ctx: Context, override: int | None) -> None:
-    """Split ctx's ranks by node and, when one node holds them all, make the exchange area (collective)."""
+    """Split ctx's ranks by node and, when one node holds them all (and more than one), make the exchange area (collective)."""
     # made here, when every rank creates the context together: made on first need, a rank whose
     # message is small would allocate (collectively) while one whose message is large would not
     ctx.node = ctx.comm.Split_type(MPI.COMM_TYPE_SHARED, key=ctx.rank)
     capacity = ring_threshold(ctx.size, EXCHANGE_BYTES) if override is None else override
-    if ctx.node.Get_size() == ctx.size and capacity > 0:
+    if ctx.size > 1 and ctx.node.Get_size() == ctx.size and capacity > 0:
         ctx.exchange = exchange.allocate(ctx.node, capacity, ring_threshold(ctx.size, EXCHANGE_WHOLE_BYTES))
 
 
