@@ -307,17 +307,33 @@ class TestGuard:
         fresh.Free()
 
 
+def _before_each_call(monkeypatch: pytest.MonkeyPatch, module: object, name: str, before) -> None:  # type: ignore[no-untyped-def]
+    """Replace module.name for this test by a function that runs before(arguments by name), then the real one."""
+    import inspect
+
+    real = getattr(module, name)
+    signature = inspect.signature(real)
+
+    def wrapped(*args, **kwargs):  # type: ignore[no-untyped-def]
+        before(signature.bind(*args, **kwargs).arguments)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def _stall_at_random(monkeypatch: pytest.MonkeyPatch, module: object, name: str, seed: int, share: float) -> None:
+    """Make this rank sleep 0.2 ms before a random `share` of its calls of module.name."""
+    import time
+
+    stalls = iter(np.random.default_rng(seed + RANK).random(100000) < share)
+    _before_each_call(monkeypatch, module, name, lambda _: time.sleep(2e-4) if next(stalls) else None)
+
+
 @pytest.fixture
 def shm_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Records in_window of every shm all-reduce run during the test."""
     calls: list[bool] = []
-    real = shm.allreduce_inplace
-
-    def spy(data, seg, op, dtype, in_window):  # type: ignore[no-untyped-def]
-        calls.append(in_window)
-        real(data, seg, op, dtype, in_window)
-
-    monkeypatch.setattr(shm, "allreduce_inplace", spy)
+    _before_each_call(monkeypatch, shm, "allreduce_inplace", lambda a: calls.append(a["in_window"]))
     return calls
 
 
@@ -340,17 +356,7 @@ def test_shared_window_in_place(dtype: str, op: str, shm_calls: list[bool]) -> N
 
 def test_shared_window_back_to_back_with_uneven_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Calls on one shared buffer with no other synchronization, ranks stalled at random while they reduce and write."""
-    import time
-
-    stalls = iter(np.random.default_rng(200 + RANK).random(100000) < 0.2)
-    real = shm.reduce_into
-
-    def slow(*args):  # type: ignore[no-untyped-def]
-        if next(stalls):
-            time.sleep(2e-4)
-        real(*args)
-
-    monkeypatch.setattr(shm, "reduce_into", slow)
+    _stall_at_random(monkeypatch, shm, "reduce_into", seed=200, share=0.2)
     n = 300_000  # a few blocks per rank's chunk
     a = comm.shared_empty(n, "float64")
     wrong = []
@@ -415,13 +421,7 @@ def exchange_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     from dmlmpi.comm import exchange
 
     calls: list[int] = []
-    real = exchange.allreduce
-
-    def spy(ex, data, op, dtype, signature_hash):  # type: ignore[no-untyped-def]
-        calls.append(data.nbytes)
-        return real(ex, data, op, dtype, signature_hash)
-
-    monkeypatch.setattr(exchange, "allreduce", spy)
+    _before_each_call(monkeypatch, exchange, "allreduce", lambda a: calls.append(a["data"].nbytes))
     return calls
 
 
@@ -494,20 +494,10 @@ def test_exchange_random_floats_by_columns() -> None:
 
 def test_exchange_back_to_back_with_uneven_ranks(exchange_calls: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
     """Many calls with no other synchronization, ranks stalled at random as they read: the two sets of rows never mix."""
-    import time
-
     from dmlmpi.comm import exchange
 
     # each rank stalls before some of its reductions, so the others run ahead into the next call
-    stalls = iter(np.random.default_rng(100 + RANK).random(100000) < 0.3)
-    real = exchange._reduce_rows
-
-    def slow(*args):  # type: ignore[no-untyped-def]
-        if next(stalls):
-            time.sleep(2e-4)
-        real(*args)
-
-    monkeypatch.setattr(exchange, "_reduce_rows", slow)
+    _stall_at_random(monkeypatch, exchange, "_reduce_rows", seed=100, share=0.3)
     whole, capacity = _exchange_limits()
     sizes = np.random.default_rng(7).integers(1, max(capacity // 8, 2), size=80)  # same on every rank
     sizes[::3] = max(whole // 8 - 1, 1)
