@@ -44,7 +44,9 @@ def test_allreduce_bench_smoke(tmp_path) -> None:
             "algbw_GBps", "busbw_GBps"}
     assert all(keys <= set(r) for r in records)
     algos = {r["algorithm"] for r in records}
-    assert {"auto", "ring", "mpi", "hierarchical", "shm", "auto-shared", "native", "gloo", "fusion:fused"} <= algos
+    assert {"auto", "ring", "mpi", "hierarchical", "shm", "auto-shared", "native", "native-again", "gloo",
+            "fusion:fused"} <= algos
+    assert "native-again vs native at   4K" in result.stdout
     assert all(r["wrong"] == 0 and r["ranks"] == 3 for r in records)
     assert all(r["time_s_min"] <= r["time_s_median"] <= r["time_s_max"] for r in records)
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

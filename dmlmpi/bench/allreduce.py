@@ -5,7 +5,9 @@ Run under mpirun. Every row is measured in the same run on the same buffers: dml
 through its shared window), `auto-shared` (auto on a buffer from `comm.shared_empty`, which it
 reduces in place from its shared-memory crossover up, as DataParallel's buckets are), `auto` with
 the guard off (its cost), raw
-`MPI_Allreduce` through mpi4py (native), and torch.distributed gloo `all_reduce`. At each size the
+`MPI_Allreduce` through mpi4py (native), native again on a buffer of its own (`native-again`: the
+spread between two identical rows of one run, the noise any ratio here carries), and
+torch.distributed gloo `all_reduce`. At each size the
 MPI-based rows take their timed samples in turn, so that a slow spell of the machine falls on all of
 them; gloo is timed after them (its threads stay busy after a call). Bandwidths follow
 nccl-tests: algbw = bytes / time, busbw = algbw * 2(n-1)/n. Then tensor fusion: 100 tensors of mixed
@@ -27,7 +29,7 @@ from dmlmpi.comm.fusion import allreduce_fused
 from .common import Timing, close_gloo, format_table, human_bytes, init_gloo, parse_bytes, time_collective, time_interleaved, write_json
 
 DEFAULT_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M"
-ALGOS = ("auto", "ring", "mpi", "hierarchical", "shm", "auto-shared", "auto-noguard", "native", "gloo")
+ALGOS = ("auto", "ring", "mpi", "hierarchical", "shm", "auto-shared", "auto-noguard", "native", "native-again", "gloo")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -71,7 +73,7 @@ def release(algo: str, x: np.ndarray, world: MPI.Comm) -> None:
 
 def make_call(algo: str, x: np.ndarray, world: MPI.Comm, dist: Any) -> Callable[[], Any]:
     """A no-argument function doing one in-place all-reduce (sum) of x with `algo`."""
-    if algo == "native":
+    if algo in ("native", "native-again"):
         return lambda: world.Allreduce(MPI.IN_PLACE, x, op=MPI.SUM)
     if algo == "gloo":
         import torch
@@ -171,6 +173,9 @@ def targets(records: list[dict[str, Any]]) -> list[str]:
             ok = a <= max(1.10 * nat, nat + 5e-6) if b < max(sizes) else a < nat
             lines.append(f"auto vs native at {human_bytes(b):>4}: {a / nat:5.2f}x  "
                          f"({'<=1.10x or +5us' if b < max(sizes) else 'faster'}: {'PASS' if ok else 'MISS'})")
+        if ("native-again", b) in by and ("native", b) in by:
+            again, nat = by[("native-again", b)]["time_s_median"], by[("native", b)]["time_s_median"]
+            lines.append(f"native-again vs native at {human_bytes(b):>4}: {again / nat:5.2f}x  (the same call twice: this run's noise)")
         if ("auto-shared", b) in by and ("native", b) in by:
             a, nat = by[("auto-shared", b)]["time_s_median"], by[("native", b)]["time_s_median"]
             lines.append(f"auto on a shared buffer ({by[('auto-shared', b)]['chosen']}) vs native at {human_bytes(b):>4}: {a / nat:5.2f}x")

@@ -14,7 +14,7 @@ from mpi4py import MPI
 
 from . import guard as _guard
 from . import exchange, hierarchical, ring, shm
-from .buffers import Flat, dtype_of, to_flat, to_result, write_back
+from .buffers import _DTYPE_MEMO, Flat, dtype_of, to_flat, to_result, write_back
 from .context import Context, context
 from .dtypes import DType, lookup
 from .ops import MPI_OPS, OP_CODES, check_op, divide_in_place, torch_view
@@ -315,10 +315,12 @@ def _allreduce_host_inplace(x: np.ndarray, op: str, algorithm: str, comm: MPI.Co
     if op not in OP_CODES or algorithm not in _KNOWN:  # one test for the usual case
         check_op(op)
         _check_algorithm(algorithm)
-    dtype = dtype_of(x)
+    dtype = _DTYPE_MEMO.get(x.dtype) or dtype_of(x)  # dtype_of's first step, without its call
     ctx = context(MPI.COMM_WORLD if comm is None else comm)
     seg = shared_segment(ctx, x) if ctx.segments else None  # tested here: this path is all latency
-    sig = _signature(ctx, guard, "allreduce", x.size, dtype, op, algorithm, shared=seg is not None)
+    ctx.calls += 1  # _signature(), inlined
+    sig = (_guard.signature("allreduce", x.size, dtype.code, op, algorithm, 0, ctx.calls, seg is not None)
+           if (ctx.guard if guard is None else guard) else None)
     flat = x if x.ndim == 1 else x.reshape(-1)
     if _through_exchange(ctx, algorithm, x.nbytes, seg is not None):
         # the guard's check rides along in the exchange's barrier (_exchange_allreduce, inlined)
