@@ -133,12 +133,21 @@ def test_signal_latch_keeps_the_first_signal_and_restores_the_handlers() -> None
     assert {s: signal.getsignal(s) for s in before} == before
 
 
-def test_sample_rounds_rotate_which_variant_goes_first() -> None:
-    from dmlmpi.bench.common import rotations
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 8, 9])
+def test_sample_orders_balance_first_place_and_predecessors(k: int) -> None:
+    from collections import Counter
 
-    rounds = rotations(["auto", "mpi", "native"], 7)
-    assert len(rounds) == 7 and all(sorted(r) == ["auto", "mpi", "native"] for r in rounds)
-    firsts = [r[0] for r in rounds]
-    assert firsts == ["auto", "mpi", "native", "auto", "mpi", "native", "auto"]
-    assert all(r[1] == {"auto": "mpi", "mpi": "native", "native": "auto"}[r[0]] for r in rounds)  # still in turn
-    assert rotations([], 3) == [] and rotations(["only"], 2) == [["only"], ["only"]]
+    from dmlmpi.bench.common import balanced_orders
+
+    names = [f"v{i}" for i in range(k)]
+    cycle = k if k % 2 == 0 else 2 * k
+    rounds = balanced_orders(names, 2 * cycle + 1)
+    assert len(rounds) == 2 * cycle + 1 and all(sorted(r) == names for r in rounds)
+    full = rounds[:cycle]
+    assert rounds[cycle:2 * cycle] == full and rounds[-1] == full[0]  # the design repeats
+    firsts = Counter(r[0] for r in full)
+    assert set(firsts) == set(names) and len(set(firsts.values())) == 1  # each name first equally often
+    follows = Counter((a, b) for r in full for a, b in zip(r, r[1:]))
+    if k > 1:  # every ordered pair of different names adjacent equally often
+        assert len(follows) == k * (k - 1) and len(set(follows.values())) == 1
+    assert balanced_orders([], 3) == []

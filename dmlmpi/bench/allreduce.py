@@ -39,7 +39,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sizes", default=DEFAULT_SIZES, help="message sizes in bytes, comma-separated (K/M/G suffixes)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "int32", "int64"])
     p.add_argument("--algorithms", default=",".join(ALGOS), help=f"subset of {','.join(ALGOS)}")
-    p.add_argument("--samples", type=int, default=7, help="timed samples per row (median, min, max over them)")
+    p.add_argument("--samples", type=int, default=18,
+                   help="timed samples per row (median, min, max over them); 18 completes the sample order design for 9 rows")
     p.add_argument("--sample-seconds", type=float, default=0.02, help="target length of one sample")
     p.add_argument("--no-fusion", action="store_true", help="skip the fusion measurement")
     p.add_argument("--json", help="write one record per (algorithm, bytes) to this path")

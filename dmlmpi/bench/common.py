@@ -7,7 +7,7 @@ import socket
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from mpi4py import MPI
 
@@ -36,6 +36,17 @@ def calls_per_sample(fn: Callable[[], Any], comm: MPI.Comm, target_s: float = 0.
     return max(1, min(cap, int(target_s / max(one, 1e-7))))
 
 
+def shared_calls_per_sample(fns: Iterable[Callable[[], Any]], comm: MPI.Comm, target_s: float = 0.02) -> int:
+    """One number of calls per sample for several variants: the median of their calls_per_sample.
+
+    What a sample pays once (the ranks leave its last call at different times, and it is timed as
+    its slowest rank) is then spread over as many calls in every variant. Each variant's own count
+    came from one timed call, and the first variant's call ran slow: at 8 ranks and 1 MiB it got 5
+    calls a sample to native MPI's 16, which put it 15-25% above the same code path in another row.
+    """
+    return int(statistics.median([calls_per_sample(fn, comm, target_s) for fn in fns]))
+
+
 def time_collective(fn: Callable[[], Any], comm: MPI.Comm, samples: int = 7, target_s: float = 0.02) -> Timing:
     """Time `fn` (a collective every rank calls) as the slowest rank's seconds per call, per sample."""
     k = calls_per_sample(fn, comm, target_s)
@@ -45,27 +56,45 @@ def time_collective(fn: Callable[[], Any], comm: MPI.Comm, samples: int = 7, tar
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], comm: MPI.Comm, samples: int = 7,
                      target_s: float = 0.02) -> dict[str, Timing]:
-    """Time several collectives by taking their samples in turn (a, b, c, b, c, a, c, a, b, ...).
+    """Time several collectives by taking their samples in turn, in the orders of balanced_orders.
 
-    A slow spell of a shared machine then falls on every variant alike, so ratios between them hold
-    better than when each variant's samples are taken in one block. Each round starts one variant
-    later (see rotations).
+    A slow spell of a shared machine then falls on every variant alike, and what one variant leaves
+    behind (see balanced_orders) on every other, so ratios between them hold better than when each
+    variant's samples are taken in one block. Every variant makes the same number of calls per
+    sample (see shared_calls_per_sample).
     """
-    k = {name: calls_per_sample(fn, comm, target_s) for name, fn in fns.items()}
+    k = shared_calls_per_sample(fns.values(), comm, target_s)
     per_call: dict[str, list[float]] = {name: [] for name in fns}
-    for order in rotations(list(fns), samples):
+    for order in balanced_orders(list(fns), samples):
         for name in order:
-            per_call[name].append(timed_sample(fns[name], k[name], comm))
+            per_call[name].append(timed_sample(fns[name], k, comm))
     return {name: Timing(statistics.median(t), min(t), max(t), samples) for name, t in per_call.items()}
 
 
-def rotations(names: list[str], rounds: int) -> list[list[str]]:
-    """The order of each round of samples: round r starts at names[r % len(names)].
+def balanced_orders(names: list[str], rounds: int) -> list[list[str]]:
+    """The order of each round of samples, cycling through a Williams design.
 
-    In two runs at 2 ranks and 16 MiB, whichever variant came first in every round measured 8-13%
-    above the same call in other positions; rotating keeps such a bias off any single variant.
+    Over each full cycle (k rounds for k names, 2k if k is odd) every name comes first equally
+    often and follows every other name equally often. A sample can pay for what the one before it
+    left behind (in 2-rank runs at 16 MiB whichever variant came first in every round measured
+    8-13% high); rotating the order alone kept first place fair, but each variant then always
+    followed the same one.
     """
-    return [names[r % len(names):] + names[:r % len(names)] for r in range(rounds)] if names else []
+    k = len(names)
+    if k == 0:
+        return []
+    # the first sequence 0, 1, k-1, 2, k-2, ...; the others add 1, 2, ... to it (mod k)
+    first, low, high = [0], 1, k - 1
+    while len(first) < k:
+        first.append(low)
+        low += 1
+        if len(first) < k:
+            first.append(high)
+            high -= 1
+    design = [[(i + shift) % k for i in first] for shift in range(k)]
+    if k % 2:
+        design += [seq[::-1] for seq in design]  # with an odd k the reversed sequences complete the balance
+    return [[names[i] for i in design[r % len(design)]] for r in range(rounds)]
 
 
 def timed_sample(fn: Callable[[], Any], k: int, comm: MPI.Comm) -> float:

@@ -22,7 +22,7 @@ from torch import nn
 from dmlmpi.models import mlp, mnist1d_cnn
 from dmlmpi.parallel import DataParallel
 
-from .common import calls_per_sample, close_gloo, format_table, init_gloo, rotations, timed_sample, write_json
+from .common import calls_per_sample, close_gloo, format_table, init_gloo, balanced_orders, timed_sample, write_json
 
 VARIANTS = ("local", "dmlmpi", "ddp")
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
@@ -37,7 +37,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="cnn,mlp", help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument("--batch", type=int, default=64, help="samples per rank per step")
-    p.add_argument("--samples", type=int, default=5, help="timed samples per row (median, min, max)")
+    p.add_argument("--samples", type=int, default=6,
+                   help="timed samples per row (median, min, max); 6 completes the sample order design for 3 rows")
     p.add_argument("--sample-seconds", type=float, default=0.5, help="target length of one timed sample")
     p.add_argument("--algorithm", default="auto", help="dmlmpi all-reduce algorithm")
     p.add_argument("--bucket-mb", type=float, default=25.0, help="bucket size for dmlmpi and DDP")
@@ -100,14 +101,16 @@ def make_step(name: str, variant: str, sub: MPI.Comm, group: Any, args: argparse
 def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Train `name` with every variant on the k ranks of `sub`, samples taken in turn; one record per variant.
 
-    The variants alternate sample by sample (local, dmlmpi, ddp, dmlmpi, ddp, local, ...: each round
-    starts one variant later), so a slow spell of this shared machine falls on all of them instead of
-    on whichever was running then, and no variant always takes the first turn.
+    The variants alternate sample by sample in balanced orders (each first, and each after each of
+    the others, equally often), so a slow spell of this shared machine falls on all of them instead
+    of on whichever was running then. Every variant takes the same number of steps per sample (the
+    median of their calibrations), so what a sample pays once weighs on each alike.
     """
     built = {v: make_step(name, v, sub, group, args) for v in VARIANTS}
-    counts = {v: calibrate(step, sub, args) for v, (_, step) in built.items()}
+    steps = int(statistics.median(calibrate(step, sub, args) for _, step in built.values()))
+    counts = {v: steps for v in built}
     per_step: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for order in rotations(list(built), args.samples):
+    for order in balanced_orders(list(built), args.samples):
         for v in order:
             per_step[v].append(timed_sample(built[v][1], counts[v], sub))
     records = []
