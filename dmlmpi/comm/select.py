@@ -8,8 +8,11 @@ page faults; the ring reuses one chunk-sized buffer).
 from __future__ import annotations
 
 # smallest message (bytes) for which `auto` takes the ring, by world size; sizes between entries use
-# the nearest smaller world size (DMLMPI_RING_MIN_BYTES overrides the table)
-RING_MIN_BYTES = {2: 4 << 20, 4: 16 << 20, 8: 32 << 20}
+# the nearest smaller world size (DMLMPI_RING_MIN_BYTES overrides the table). At 4 ranks, 16 MiB,
+# the guard plus native beat the ring in four runs (10819 against 11067 us, 9663 against 10727,
+# 10800 against 12023, 11226 against 11696); at 32 MiB the ring took 22479 and 23320 us against
+# 29391 and 35648.
+RING_MIN_BYTES = {2: 4 << 20, 4: 32 << 20, 8: 32 << 20}
 # The same for reductions of 16-bit floats. MPI cannot add them, so the native path widens them to
 # float32 (twice the bytes, two conversion passes: 2-5x float32's time), while the ring sends the
 # 16 bits and adds them with torch at each step, as NCCL and gloo do. Measured crossover (bf16 and
