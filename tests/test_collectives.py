@@ -111,6 +111,19 @@ def test_allreduce_in_place_and_non_contiguous(algorithm: str) -> None:
     np.testing.assert_array_equal(c, np.arange(10) * SIZE * (SIZE + 1) // 2)
 
 
+@pytest.mark.parametrize("length", [5, 1 << 19])
+def test_in_place_and_general_paths_agree(length: int) -> None:
+    """Ranks that make one call by different routes (in-place numpy, out-of-place torch) agree on it."""
+    for _ in range(3):  # the in-place route keeps what it worked out about a kind of call: use it again
+        x = rank_data(length, "float32", RANK, exact=True)
+        expected = reference(x, "sum")
+        if RANK % 2 == 0:
+            got = comm.allreduce(x, inplace=True)
+        else:
+            got = comm.allreduce(torch.from_numpy(x.copy())).numpy()
+        np.testing.assert_array_equal(got, expected)
+
+
 @pytest.mark.parametrize("segment_bytes", ["12", "4096"])
 def test_ring_in_pieces(segment_bytes: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The ring's reduce-scatter steps cut into pieces (sizes that do not divide the chunks): MPI's answer."""
@@ -281,6 +294,15 @@ class TestGuard:
         x = np.ones(4 + (field == "length" and RANK == 1), np.float32 if field == "dtype" and RANK == 1 else np.float64)
         op = "max" if field == "op" and RANK == 1 else "sum"
         self._expect_mismatch(lambda: comm.allreduce(x, op=op, inplace=True), field, "rank 1")
+
+    def test_call_number(self) -> None:
+        # an empty all-reduce moves nothing but counts; unguarded, only rank 0 makes one
+        if RANK == 0:
+            comm.allreduce(np.ones(0), inplace=True, guard=False)
+        text = self._expect_mismatch(lambda: comm.allreduce(np.ones(4), inplace=True), "call number")
+        assert "rank 0" in text
+        if RANK != 0:  # the counts agree again for the tests that follow
+            comm.allreduce(np.ones(0), inplace=True, guard=False)
 
     def test_shared_and_private_buffers(self) -> None:
         # a shared window is reduced where it lies, a private buffer is staged: all must agree

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ from mpi4py import MPI
 
 from . import guard as _guard
 from . import exchange, hierarchical, ring, shm
-from .buffers import _DTYPE_MEMO, Flat, dtype_of, to_flat, to_result, write_back
+from .buffers import Flat, dtype_of, to_flat, to_result, write_back
 from .context import Context, context
 from .dtypes import DType, lookup
 from .ops import MPI_OPS, OP_CODES, check_op, divide_in_place, torch_view
@@ -72,7 +73,7 @@ def _enter(ctx: Context, guard: bool | None, collective: str, length: int, dtype
 
 def _exchange_allreduce(data: np.ndarray, ctx: Context, op: str, dtype: DType, sig: tuple[int, ...] | None) -> None:
     """All-reduce a 1-D host array through ctx's exchange area, its guard check (sig) in the same barrier."""
-    if not exchange.allreduce(ctx.exchange, data, op, dtype, None if sig is None else hash(sig)):
+    if not exchange.allreduce(ctx.exchange, data, op, dtype, None if sig is None else _guard.signature_hash(sig)):
         _guard.mismatch(ctx, sig)  # type: ignore[arg-type]  # every rank found it, before reading a row
 
 
@@ -304,32 +305,63 @@ def allreduce_flat(data: Any, dtype: DType, op: str, algorithm: str, ctx: Contex
         divide_in_place(data, ctx.size, dtype)
 
 
+@dataclass(slots=True)
+class HostCall:
+    """One kind of in-place host all-reduce on a context, worked out on its first call and kept.
+
+    Every small call of a training loop repeats one of a few kinds; looking the kind up is one
+    dictionary probe, where working it out costs ~0.6 us of Python, and on ranks that share cores
+    each microsecond of a rank's Python adds several to the call (see README, callcost).
+    """
+
+    dtype: DType
+    exchange: bool  # goes through the exchange area (_through_exchange)
+    fields: tuple[int, ...] | None  # the guard's signature with call number 0 (None: guard off)
+    kind_hash: int  # guard.kind_hash(fields): XOR the call number gives guard.signature_hash
+
+    def signature(self, call: int) -> tuple[int, ...]:
+        """The guard's signature of this kind's call number `call`."""
+        assert self.fields is not None
+        return self.fields[:_guard.CALL] + (call,) + self.fields[_guard.CALL + 1:]
+
+
+def _host_call(ctx: Context, x: np.ndarray, op: str, algorithm: str, shared: bool, guard_on: bool) -> HostCall:
+    """Work out the HostCall of an in-place all-reduce of x on ctx (argument errors raise here) and keep it."""
+    check_op(op)
+    _check_algorithm(algorithm)
+    dtype = dtype_of(x)
+    fields = _guard.signature("allreduce", x.size, dtype.code, op, algorithm, 0, 0, shared) if guard_on else None
+    kind = HostCall(dtype, _through_exchange(ctx, algorithm, x.nbytes, shared), fields,
+                    _guard.kind_hash(fields) if fields is not None else 0)
+    if len(ctx.host_calls) > 256:  # many distinct sizes: start over rather than grow without end
+        ctx.host_calls.clear()
+    ctx.host_calls[(x.size, x.dtype, op, algorithm, shared, guard_on)] = kind
+    return kind
+
+
 def _allreduce_host_inplace(x: np.ndarray, op: str, algorithm: str, comm: MPI.Comm | None,
                             guard: bool | None) -> np.ndarray:
     """allreduce() in place on a contiguous numpy array: it is its own flat buffer.
 
-    The general path's steps without the flat-buffer wrapping this case does not need: a small
-    all-reduce is all latency, and every Python call on its path costs ~0.1 us, twice that when the
-    ranks wait for each other.
+    The general path's steps without the flat-buffer wrapping this case does not need, and with what
+    depends only on the kind of call looked up (HostCall): a small all-reduce is all latency.
     """
-    if op not in OP_CODES or algorithm not in _KNOWN:  # one test for the usual case
-        check_op(op)
-        _check_algorithm(algorithm)
-    dtype = _DTYPE_MEMO.get(x.dtype) or dtype_of(x)  # dtype_of's first step, without its call
     ctx = context(MPI.COMM_WORLD if comm is None else comm)
-    seg = shared_segment(ctx, x) if ctx.segments else None  # tested here: this path is all latency
-    ctx.calls += 1  # _signature(), inlined
-    sig = (_guard.signature("allreduce", x.size, dtype.code, op, algorithm, 0, ctx.calls, seg is not None)
-           if (ctx.guard if guard is None else guard) else None)
+    shared = bool(ctx.segments) and shared_segment(ctx, x) is not None  # tested here: this path is all latency
+    guard_on = ctx.guard if guard is None else guard
+    kind = (ctx.host_calls.get((x.size, x.dtype, op, algorithm, shared, guard_on))
+            or _host_call(ctx, x, op, algorithm, shared, guard_on))
+    ctx.calls += 1  # as _signature() counts every call
     flat = x if x.ndim == 1 else x.reshape(-1)
-    if _through_exchange(ctx, algorithm, x.nbytes, seg is not None):
+    if kind.exchange:
         # the guard's check rides along in the exchange's barrier (_exchange_allreduce, inlined)
-        if not exchange.allreduce(ctx.exchange, flat, op, dtype, None if sig is None else hash(sig)):
-            _guard.mismatch(ctx, sig)  # type: ignore[arg-type]
+        if not exchange.allreduce(ctx.exchange, flat, op, kind.dtype,
+                                  None if kind.fields is None else kind.kind_hash ^ ctx.calls):
+            _guard.mismatch(ctx, kind.signature(ctx.calls))
         return x
-    if sig is not None:
-        _guard.check(ctx, sig)
-    allreduce_flat(flat, dtype, op, algorithm, ctx, seg)
+    if kind.fields is not None:
+        _guard.check(ctx, kind.signature(ctx.calls))
+    allreduce_flat(flat, kind.dtype, op, algorithm, ctx, shared_segment(ctx, x) if shared else None)
     return x
 
 

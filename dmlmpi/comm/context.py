@@ -48,6 +48,7 @@ class Context:
     segments: dict[int, Any] = field(default_factory=dict)  # shared_empty windows, by this rank's address
     staging: Any = None  # the shared window that other host buffers are staged through for "shm"
     exchange: Any = None  # exchange.Exchange: where small host all-reduces meet, when all ranks share a node
+    host_calls: dict[tuple[Any, ...], Any] = field(default_factory=dict)  # collectives.HostCall by kind of call
     guard_pair: array = field(default_factory=lambda: array("q", (0, 0)))  # the guard's message: hash, -hash
 
     def scratch(self, n: int, like: Any) -> Any:

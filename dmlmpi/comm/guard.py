@@ -1,8 +1,8 @@
 """Cross-rank consistency guard: every rank checks that all ranks entered the same collective.
 
-Before a collective, ranks compare a 64-bit hash of their call signature. Ranks that share a node
-(a communicator with an exchange area) write it into their header slot of shared memory, pass a
-barrier and read everyone's (exchange.py; a small all-reduce's data rides along in the same step).
+Before a collective, ranks compare a 64-bit hash of their call signature (signature_hash). Ranks
+that share a node (a communicator with an exchange area) write it into their header slot of shared
+memory, pass a barrier and read everyone's (exchange.py; a small all-reduce's data rides along in the same step).
 Other communicators all-reduce (MAX) the hash next to its negation, which gives the hash's maximum
 and minimum in one message of two integers. If the ranks disagree they then gather everyone's
 signature (this path only runs on error) and every rank raises the same CollectiveMismatchError
@@ -33,6 +33,7 @@ class CollectiveMismatchError(RuntimeError):
     """Ranks entered a collective with different arguments (or in a different order)."""
 
 
+CALL = FIELDS.index("call number")  # the one field that changes from call to call
 _COLLECTIVE_CODES = {name: i + 1 for i, name in enumerate(COLLECTIVES)}
 _ALGORITHM_CODES = {name: i + 1 for i, name in enumerate(ALGORITHMS)}
 
@@ -46,6 +47,19 @@ def signature(collective: str, length: int, dtype_code: int, op: str | None, alg
     """
     return (_COLLECTIVE_CODES[collective], length, dtype_code, OP_CODES[op] if op else 0,
             _ALGORITHM_CODES[algorithm], root, call, int(shared))
+
+
+def kind_hash(sig: tuple[int, ...]) -> int:
+    """The hash of a signature without its call number: what every call of one kind shares."""
+    return hash(sig[:CALL] + sig[CALL + 1:])
+
+
+def signature_hash(sig: tuple[int, ...]) -> int:
+    """The 64-bit value that ranks compare: kind_hash XOR the call number.
+
+    Split so that a hot path can hash a kind of call once and pay one XOR per call (collectives.py).
+    """
+    return kind_hash(sig) ^ sig[CALL]
 
 
 def _describe(value: int, name: str) -> str:
@@ -83,7 +97,7 @@ def mismatch_message(signatures: list[tuple[int, ...]]) -> str:
 
 def agree(ctx: Context, sig: tuple[int, ...]) -> bool:
     """One synchronizing step after which every rank knows whether all ranks passed the same signature."""
-    h = hash(sig)
+    h = signature_hash(sig)
     if ctx.exchange is not None:
         # through shared memory: header slots and a barrier (cheaper than an all-reduce here)
         return exchange.agree(ctx.exchange, h)
