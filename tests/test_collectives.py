@@ -359,6 +359,29 @@ def shm_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return calls
 
 
+def test_shared_buffers_found_by_every_route_private_ones_without_an_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dmlmpi.comm import collectives
+    from dmlmpi.comm.context import context
+
+    ctx = context(WORLD)
+    a = comm.shared_empty(64, "float32")
+    try:
+        for route in (a, a.reshape(8, 8), torch.from_numpy(a), torch.from_numpy(a).numpy()):
+            assert collectives.shared_segment(ctx, route) is not None
+        assert collectives.shared_segment(ctx, a[1:]) is None  # not at the window's start
+        asked: list[int] = []
+        real = collectives._address
+        monkeypatch.setattr(collectives, "_address", lambda x: asked.append(1) or real(x))
+        own = np.zeros(64, np.float32)
+        for private in (own, own[3:], own.reshape(8, 8)[::2]):
+            assert collectives.shared_segment(ctx, private) is None
+        assert not asked  # numpy's own memory is never a window: no address looked up
+        x = np.ones(64, np.float32)
+        np.testing.assert_array_equal(comm.allreduce(x, inplace=True), np.full(64, SIZE, np.float32))
+    finally:
+        comm.free_shared(a)
+
+
 @pytest.mark.parametrize("dtype", NP_DTYPES)
 @pytest.mark.parametrize("op", OPS)
 def test_shared_window_in_place(dtype: str, op: str, shm_calls: list[bool]) -> None:
