@@ -330,6 +330,7 @@ class HostCall:
 
     dtype: DType
     exchange: bool  # goes through the exchange area (_through_exchange)
+    plans: tuple[exchange.Plan, exchange.Plan] | None  # its exchange plans (per parity), if it goes there
     fields: tuple[int, ...] | None  # the guard's signature with call number 0 (None: guard off)
     kind_hash: int  # guard.kind_hash(fields): XOR the call number gives guard.signature_hash
 
@@ -345,7 +346,8 @@ def _host_call(ctx: Context, x: np.ndarray, op: str, algorithm: str, shared: boo
     _check_algorithm(algorithm)
     dtype = dtype_of(x)
     fields = _guard.signature("allreduce", x.size, dtype.code, op, algorithm, 0, 0, shared) if guard_on else None
-    kind = HostCall(dtype, _through_exchange(ctx, algorithm, x.nbytes, shared), fields,
+    through = _through_exchange(ctx, algorithm, x.nbytes, shared)
+    kind = HostCall(dtype, through, ctx.exchange.plans(x.nbytes, dtype, op) if through else None, fields,
                     _guard.kind_hash(fields) if fields is not None else 0)
     if len(ctx.host_calls) > 256:  # many distinct sizes: start over rather than grow without end
         ctx.host_calls.clear()
@@ -370,7 +372,7 @@ def _allreduce_host_inplace(x: np.ndarray, op: str, algorithm: str, comm: MPI.Co
     if kind.exchange:
         # the guard's check rides along in the exchange's barrier (_exchange_allreduce, inlined)
         if not exchange.allreduce(ctx.exchange, flat, op, kind.dtype,
-                                  None if kind.fields is None else kind.kind_hash ^ ctx.calls):
+                                  None if kind.fields is None else kind.kind_hash ^ ctx.calls, kind.plans):
             _guard.mismatch(ctx, kind.signature(ctx.calls))
         return x
     if kind.fields is not None:

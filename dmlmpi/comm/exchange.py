@@ -23,6 +23,7 @@ it, that is, before every rank is done with call k, and only then may anyone ove
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from mpi4py import MPI
@@ -37,18 +38,20 @@ _NUMPY_DTYPES = frozenset({"float32", "float64", "int32", "int64"})  # reduced b
 
 @dataclass(slots=True)
 class Plan:
-    """Everything one kind of call (parity, byte count, dtype) needs, made once: views and the reduction's shape."""
+    """Everything one kind of call (parity, byte count, dtype, op) needs, made once: views and the reduction."""
 
     mine: np.ndarray  # this rank's input row
-    rows: np.ndarray  # the n input rows, (n, length)
-    row_list: tuple[np.ndarray, ...]  # the same rows one by one (indexing them per call costs)
     result: np.ndarray  # the result row (used by calls reduced by columns)
     whole: bool  # every rank reduces the whole message (else its share of the columns)
-    share: np.ndarray  # this rank's share of the columns of every row, (n, end - first)
-    share_list: tuple[np.ndarray, ...]  # the same one by one
-    share_out: np.ndarray  # where the share's reduction goes: the result row's columns first:end
+    share_out: np.ndarray  # where a share's reduction goes: the result row's columns first:end
+    # the reduction (_reduce_rows): every row (whole) or this rank's share of every row, combined by op
+    rows: np.ndarray  # (n, columns)
+    row_list: tuple[np.ndarray, ...]  # the same rows one by one (indexing them per call costs)
+    ufunc: Any  # numpy's ufunc for op; None for 16-bit floats, which torch reduces (ops.reduce_into)
     one_call: bool  # reduce all rows in one numpy call (many short rows) rather than row by row
-    pairs: tuple[np.ndarray, ...] | None  # 4 short rows: rows 0-1, rows 2-3, a private (2, length) scratch, its 2 rows
+    pairs: tuple[np.ndarray, ...] | None  # 4 short rows: rows 0-1, rows 2-3, a private (2, columns) scratch, its 2 rows
+    op: str
+    dtype: DType
 
 
 @dataclass
@@ -65,22 +68,25 @@ class Exchange:
     rank: int = 0
     size: int = 1
     calls: int = 0  # synchronizations completed so far; its parity picks the set of headers and rows
-    _plans: dict[tuple[int, int, str], Plan] = field(default_factory=dict)
+    _plans: dict[tuple[int, int, str], tuple[Plan, Plan]] = field(default_factory=dict)
 
-    def plan(self, nbytes: int, dtype: DType) -> Plan:
-        """The Plan of a call of nbytes of `dtype` on this call's set of rows (made on first use)."""
-        key = (self.calls & 1, nbytes, dtype.code)
+    def plans(self, nbytes: int, dtype: DType, op: str) -> tuple[Plan, Plan]:
+        """The Plans, one per parity, of a call of nbytes of `dtype` reduced by op (made on first use).
+
+        Callers that make one kind of call often keep the pair and pass it to allreduce (collectives.HostCall).
+        """
+        key = (nbytes, dtype.code, op)
         found = self._plans.get(key)
         if found is None:
-            found = self._make_plan(key[0], nbytes, dtype.storage)
+            found = (self._make_plan(0, nbytes, dtype, op), self._make_plan(1, nbytes, dtype, op))
             if len(self._plans) > 256:  # many distinct sizes: start over rather than grow without end
                 self._plans.clear()
             self._plans[key] = found
         return found
 
-    def _make_plan(self, parity: int, nbytes: int, storage: np.dtype) -> Plan:
+    def _make_plan(self, parity: int, nbytes: int, dtype: DType, op: str) -> Plan:
         """Build the views and choices for one kind of call."""
-        n, r = self.size, self.rank
+        n, r, storage = self.size, self.rank, dtype.storage
         every = self.rows[parity][:, :nbytes].view(storage)
         rows, result = every[:n], every[n]
         length = nbytes // storage.itemsize
@@ -88,16 +94,16 @@ class Exchange:
         first, end = length * r // n, length * (r + 1) // n
         whole = nbytes <= self.whole_bytes
         columns = length if whole else end - first
-        share = rows[:, first:end]
+        reduced = rows if whole else rows[:, first:end]
         # numpy reduces over the outer axis poorly for long rows, and a chain of calls costs more
         # Python than it saves for many short ones; 4 short rows take two calls in pairs, (0 op 2) op
         # (1 op 3): 0.63 against 0.96 us for one call at 4 KiB (~0.3 us of numpy's overhead per call)
         pairs = None
         if n == 4 and columns < 16384:
-            reduced, scratch = rows if whole else share, np.empty((2, columns), storage)
+            scratch = np.empty((2, columns), storage)
             pairs = (reduced[:2], reduced[2:], scratch, scratch[0], scratch[1])
-        return Plan(rows[r], rows, tuple(rows), result, whole, share, tuple(share), result[first:end],
-                    one_call=n > 2 and columns < 16384, pairs=pairs)
+        return Plan(rows[r], result, whole, result[first:end], reduced, tuple(reduced),
+                    _UFUNCS[op] if dtype.name in _NUMPY_DTYPES else None, n > 2 and columns < 16384, pairs, op, dtype)
 
 
 def allocate(node: MPI.Comm, capacity: int, whole_bytes: int) -> Exchange:
@@ -136,35 +142,35 @@ def agree(ex: Exchange, signature_hash: int) -> bool:
     return headers.tolist().count(signature_hash) == ex.size
 
 
-def _reduce_rows(rows: np.ndarray, row_list: tuple[np.ndarray, ...], out: np.ndarray, op: str, dtype: DType,
-                 one_call: bool, pairs: tuple[np.ndarray, ...] | None = None) -> None:
-    """out = rows[0] op rows[1] op ..., in an order fixed by the plan (the same on every rank, hence the same bits)."""
-    if dtype.name in _NUMPY_DTYPES:
-        fn = _UFUNCS[op]
-        if pairs is not None:
-            top, bottom, scratch, first, second = pairs
-            fn(top, bottom, scratch)  # rows 0 op 2 and 1 op 3, in one call
-            fn(first, second, out)
-        elif one_call:
-            fn.reduce(rows, axis=0, out=out)
-        else:
-            fn(row_list[0], row_list[1], out=out)
-            for row in row_list[2:]:
-                fn(out, row, out=out)
-        return
-    out[:] = row_list[0]
-    for row in row_list[1:]:
-        reduce_into(out, row, op, dtype)
+def _reduce_rows(plan: Plan, out: np.ndarray) -> None:
+    """out = plan.rows[0] op plan.rows[1] op ..., in an order fixed by the plan (the same on every rank, hence the same bits)."""
+    fn = plan.ufunc
+    if fn is None:  # 16-bit floats: torch's kernels
+        out[:] = plan.row_list[0]
+        for row in plan.row_list[1:]:
+            reduce_into(out, row, plan.op, plan.dtype)
+    elif plan.pairs is not None:
+        top, bottom, scratch, first, second = plan.pairs
+        fn(top, bottom, scratch)  # rows 0 op 2 and 1 op 3, in one call
+        fn(first, second, out)
+    elif plan.one_call:
+        fn.reduce(plan.rows, axis=0, out=out)
+    else:
+        rows = plan.row_list
+        fn(rows[0], rows[1], out=out)
+        for row in rows[2:]:
+            fn(out, row, out=out)
 
 
-def allreduce(ex: Exchange, data: np.ndarray, op: str, dtype: DType, signature_hash: int | None) -> bool:
+def allreduce(ex: Exchange, data: np.ndarray, op: str, dtype: DType, signature_hash: int | None,
+              plans: tuple[Plan, Plan] | None = None) -> bool:
     """All-reduce the 1-D host array `data` in place (avg divided once per element).
 
     signature_hash: the guard's hash of this call, checked in the same barrier (None: guard off).
+    plans: ex.plans(data.nbytes, dtype, op), if the caller keeps them.
     Returns False, having reduced nothing, when the ranks' hashes differ (on every rank alike).
     """
-    # ex.plan(), its lookup inlined: this path is all latency
-    plan = ex._plans.get((ex.calls & 1, data.nbytes, dtype.code)) or ex.plan(data.nbytes, dtype)
+    plan = (plans or ex.plans(data.nbytes, dtype, op))[ex.calls & 1]
     headers = ex.headers[ex.calls & 1]
     plan.mine[:] = data  # our input where every rank can read it
     if signature_hash is not None:
@@ -178,13 +184,13 @@ def allreduce(ex: Exchange, data: np.ndarray, op: str, dtype: DType, signature_h
         return False
     if plan.whole:
         # 2. every rank reduces the whole message itself
-        _reduce_rows(plan.rows, plan.row_list, data, op, dtype, plan.one_call, plan.pairs)
+        _reduce_rows(plan, data)
         ex.calls += 1  # this call's set is read: the next call writes the other one
         if op == "avg":
             divide_in_place(data, ex.size, dtype)
         return True
     # 2. our share of the columns, reduced over the ranks into the result row
-    _reduce_rows(plan.share, plan.share_list, plan.share_out, op, dtype, plan.one_call, plan.pairs)
+    _reduce_rows(plan, plan.share_out)
     if op == "avg":
         divide_in_place(plan.share_out, ex.size, dtype)
     # 3. every share is reduced
