@@ -40,7 +40,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "int32", "int64"])
     p.add_argument("--algorithms", default=",".join(ALGOS), help=f"subset of {','.join(ALGOS)}")
     p.add_argument("--samples", type=int, default=18,
-                   help="timed samples per row (median, min, max over them); 18 completes the sample order design for 9 rows")
+                   help="timed samples per row (median, min, max over them); 18 rounds complete the design "
+                        "of sample orders for 9 rows")
     p.add_argument("--sample-seconds", type=float, default=0.02, help="target length of one sample")
     p.add_argument("--no-fusion", action="store_true", help="skip the fusion measurement")
     p.add_argument("--json", help="write one record per (algorithm, bytes) to this path")
@@ -176,7 +177,8 @@ def targets(records: list[dict[str, Any]]) -> list[str]:
                          f"({'<=1.10x or +5us' if b < max(sizes) else 'faster'}: {'PASS' if ok else 'MISS'})")
         if ("native-again", b) in by and ("native", b) in by:
             again, nat = by[("native-again", b)]["time_s_median"], by[("native", b)]["time_s_median"]
-            lines.append(f"native-again vs native at {human_bytes(b):>4}: {again / nat:5.2f}x  (the same call twice: this run's noise)")
+            lines.append(f"native-again vs native at {human_bytes(b):>4}: {again / nat:5.2f}x  "
+                         "(the same call twice: this run's noise)")
         if ("auto-shared", b) in by and ("native", b) in by:
             a, nat = by[("auto-shared", b)]["time_s_median"], by[("native", b)]["time_s_median"]
             lines.append(f"auto on a shared buffer ({by[('auto-shared', b)]['chosen']}) vs native at {human_bytes(b):>4}: {a / nat:5.2f}x")

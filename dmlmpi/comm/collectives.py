@@ -207,7 +207,7 @@ def shared_segment(ctx: Context, x: Any) -> shm.Segment | None:
     """The shared window x lies at the start of (from shared_empty), if any.
 
     None costs one dict test while no window exists, and a look at x.base for arrays whose memory
-    numpy allocated (finding x's address costs 0.8 us, paid on every small call of a process that
+    numpy allocated (finding x's address costs 0.9 us, paid on every small call of a process that
     also keeps a shared window, such as DataParallel's buckets).
     """
     if not ctx.segments or (type(x) is np.ndarray and _numpy_owned(x)):

@@ -7,8 +7,8 @@ its call signature into its header slot, and enters a barrier. When the barrier 
 and every header is written; each rank compares the n headers (if they differ, every rank raises
 before reading a row), then:
 
-- small messages are reduced whole by every rank: each combines all n rows in rank order
-  (identical bits everywhere); one barrier in all;
+- small messages are reduced whole by every rank: each combines all n rows in one order that the
+  plan fixes for all ranks (identical bits everywhere); one barrier in all;
 - larger ones by columns: each rank reduces 1/n of the columns into a shared result row, a second
   barrier, and every rank copies the result row out (each rank reads about 2x the message, not n x).
 
@@ -143,7 +143,7 @@ def agree(ex: Exchange, signature_hash: int) -> bool:
 
 
 def _reduce_rows(plan: Plan, out: np.ndarray) -> None:
-    """out = plan.rows[0] op plan.rows[1] op ..., in an order fixed by the plan (the same on every rank, hence the same bits)."""
+    """out = plan.rows[0] op plan.rows[1] op ..., in an order fixed by the plan (so every rank gets the same bits)."""
     fn = plan.ufunc
     if fn is None:  # 16-bit floats: torch's kernels
         out[:] = plan.row_list[0]

@@ -2,7 +2,8 @@
 
 Before a collective, ranks compare a 64-bit hash of their call signature (signature_hash). Ranks
 that share a node (a communicator with an exchange area) write it into their header slot of shared
-memory, pass a barrier and read everyone's (exchange.py; a small all-reduce's data rides along in the same step).
+memory, pass a barrier and read everyone's (exchange.py; a small all-reduce's data rides along in
+the same step).
 Other communicators all-reduce (MAX) the hash next to its negation, which gives the hash's maximum
 and minimum in one message of two integers. If the ranks disagree they then gather everyone's
 signature (this path only runs on error) and every rank raises the same CollectiveMismatchError
