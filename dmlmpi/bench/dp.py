@@ -22,7 +22,7 @@ from torch import nn
 from dmlmpi.models import mlp, mnist1d_cnn
 from dmlmpi.parallel import DataParallel
 
-from .common import calls_per_sample, close_gloo, format_table, init_gloo, balanced_orders, timed_sample, write_json
+from .common import balanced_orders, calls_per_sample, close_gloo, format_table, init_gloo, timed_sample, write_json
 
 VARIANTS = ("local", "dmlmpi", "ddp")
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
@@ -108,11 +108,10 @@ def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Names
     """
     built = {v: make_step(name, v, sub, group, args) for v in VARIANTS}
     steps = int(statistics.median(calibrate(step, sub, args) for _, step in built.values()))
-    counts = {v: steps for v in built}
     per_step: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for order in balanced_orders(list(built), args.samples):
         for v in order:
-            per_step[v].append(timed_sample(built[v][1], counts[v], sub))
+            per_step[v].append(timed_sample(built[v][1], steps, sub))
     records = []
     for v, (model, _) in built.items():
         if v == "dmlmpi":

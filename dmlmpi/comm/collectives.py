@@ -18,7 +18,7 @@ from . import exchange, hierarchical, ring, shm
 from .buffers import Flat, dtype_of, to_flat, to_result, write_back
 from .context import Context, context
 from .dtypes import DType, lookup
-from .ops import MPI_OPS, OP_CODES, check_op, divide_in_place, torch_view
+from .ops import MPI_OPS, check_op, divide_in_place, torch_view
 from .select import choose_algorithm
 
 ALGORITHMS = ("auto", "ring", "mpi", "hierarchical", "shm")
@@ -329,8 +329,7 @@ class HostCall:
     """
 
     dtype: DType
-    exchange: bool  # goes through the exchange area (_through_exchange)
-    plans: tuple[exchange.Plan, exchange.Plan] | None  # its exchange plans (per parity), if it goes there
+    plans: tuple[exchange.Plan, exchange.Plan] | None  # its exchange plans (per parity); None: not through the area
     fields: tuple[int, ...] | None  # the guard's signature with call number 0 (None: guard off)
     kind_hash: int  # guard.kind_hash(fields): XOR the call number gives guard.signature_hash
 
@@ -346,9 +345,8 @@ def _host_call(ctx: Context, x: np.ndarray, op: str, algorithm: str, shared: boo
     _check_algorithm(algorithm)
     dtype = dtype_of(x)
     fields = _guard.signature("allreduce", x.size, dtype.code, op, algorithm, 0, 0, shared) if guard_on else None
-    through = _through_exchange(ctx, algorithm, x.nbytes, shared)
-    kind = HostCall(dtype, through, ctx.exchange.plans(x.nbytes, dtype, op) if through else None, fields,
-                    _guard.kind_hash(fields) if fields is not None else 0)
+    plans = ctx.exchange.plans(x.nbytes, dtype, op) if _through_exchange(ctx, algorithm, x.nbytes, shared) else None
+    kind = HostCall(dtype, plans, fields, _guard.kind_hash(fields) if fields is not None else 0)
     if len(ctx.host_calls) > 256:  # many distinct sizes: start over rather than grow without end
         ctx.host_calls.clear()
     ctx.host_calls[(x.size, x.dtype, op, algorithm, shared, guard_on)] = kind
@@ -363,13 +361,13 @@ def allreduce(x: Any, op: str = "sum", algorithm: str = "auto", comm: MPI.Comm |
         # the kind of call is kept (HostCall). Written out here: a small all-reduce is all latency,
         # and on ranks that share cores each 0.1 us of a rank's Python adds ~0.7 us at 4 ranks.
         ctx = context(MPI.COMM_WORLD if comm is None else comm)
-        shared = bool(ctx.segments) and shared_segment(ctx, x) is not None
+        seg = shared_segment(ctx, x) if ctx.segments else None
         guard_on = ctx.guard if guard is None else guard
-        kind = (ctx.host_calls.get((x.size, x.dtype, op, algorithm, shared, guard_on))
-                or _host_call(ctx, x, op, algorithm, shared, guard_on))
+        kind = (ctx.host_calls.get((x.size, x.dtype, op, algorithm, seg is not None, guard_on))
+                or _host_call(ctx, x, op, algorithm, seg is not None, guard_on))
         ctx.calls += 1  # as _signature() counts every call
         flat = x if x.ndim == 1 else x.reshape(-1)
-        if kind.exchange:
+        if kind.plans is not None:
             # the guard's check rides along in the exchange's barrier (_exchange_allreduce, inlined)
             if not exchange.allreduce(ctx.exchange, flat, op, kind.dtype,
                                       None if kind.fields is None else kind.kind_hash ^ ctx.calls, kind.plans):
@@ -377,7 +375,7 @@ def allreduce(x: Any, op: str = "sum", algorithm: str = "auto", comm: MPI.Comm |
             return x
         if kind.fields is not None:
             _guard.check(ctx, kind.signature(ctx.calls))
-        allreduce_flat(flat, kind.dtype, op, algorithm, ctx, shared_segment(ctx, x) if shared else None)
+        allreduce_flat(flat, kind.dtype, op, algorithm, ctx, seg)
         return x
     # a buffer in a shared window is reduced where it lies (out of place works on a private copy)
     ctx, dtype, seg, sig = _begin(x, comm, guard, "allreduce", op, algorithm, find_shared=inplace, check=False)
