@@ -11,7 +11,9 @@ from mpi4py import MPI
 from dmlmpi import comm
 from dmlmpi.comm import shm
 from dmlmpi.comm.ring import chunk_bounds
-from dmlmpi.comm.fusion import allreduce_fused
+from dmlmpi.comm import guard as guard_module
+from dmlmpi.comm.context import context
+from dmlmpi.comm.fusion import allreduce_fused, broadcast_fused, byte_offsets
 
 pytestmark = pytest.mark.mpi
 
@@ -247,6 +249,65 @@ def test_fused_allreduce(bucket_bytes: int) -> None:
         torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-6)
 
 
+def state_tensors(rank: int) -> list:
+    """Tensors of many dtypes and layouts whose values depend on `rank` (torch and numpy, strided, empty, 0-d)."""
+    g = torch.Generator().manual_seed(50 + rank)
+    grid = torch.randn(6, 5, generator=g)
+    return [torch.randn(3, 4, generator=g), torch.randint(0, 2, (7,), generator=g).bool(),
+            torch.randint(0, 255, (5,), generator=g).to(torch.uint8), torch.full((), rank, dtype=torch.int64),
+            torch.randn(4, generator=g).to(torch.bfloat16), torch.randn(3, generator=g, dtype=torch.complex64),
+            grid.t()[1:4],  # a strided view: unpacked into its own elements only
+            torch.zeros(0, 3), torch.randint(-9, 9, (2, 2), generator=g).to(torch.int8),
+            np.arange(6, dtype=np.int16).reshape(2, 3) * (rank + 1), np.full(3, rank % 2 == 0)]
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 64, 25 << 20])
+@pytest.mark.parametrize("root", [0, SIZE - 1])
+def test_fused_broadcast(bucket_bytes: int, root: int) -> None:
+    """Every rank ends with root's tensors, bit for bit, whatever the dtype, layout or bucket size."""
+    mine, expect = state_tensors(RANK), state_tensors(root)
+    before = [t.clone() if isinstance(t, torch.Tensor) else t.copy() for t in mine]
+    broadcast_fused(mine, root=root, bucket_bytes=bucket_bytes)
+    for got, want, old in zip(mine, expect, before):
+        assert got.dtype == want.dtype and tuple(got.shape) == tuple(want.shape)
+        if isinstance(got, torch.Tensor):
+            assert torch.equal(got, want), (got, want, old)
+        else:
+            np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="root"):
+        broadcast_fused(mine, root=SIZE)
+
+
+def test_fused_broadcast_writes_strided_views_through() -> None:
+    """A strided view gets root's values in the memory it views; the elements around it keep this rank's."""
+    base = torch.full((4, 4), float(RANK))
+    view = base[:, 1]  # a column: stride 4
+    view_source = torch.arange(4.0) if RANK == 0 else torch.full((4,), -1.0)
+    view.copy_(view_source)
+    broadcast_fused([view], root=0)
+    assert torch.equal(base[:, 1], torch.arange(4.0))
+    assert torch.all(base[:, [0, 2, 3]] == float(RANK))
+
+
+def test_fused_broadcast_one_collective_per_bucket() -> None:
+    """Eleven tensors of one kind and device in one bucket are one guarded collective, not eleven."""
+    ctx = context(WORLD)
+    tensors = [t for t in state_tensors(RANK) if isinstance(t, torch.Tensor)]
+    before = ctx.calls
+    broadcast_fused(tensors, root=0)
+    assert ctx.calls - before == 1
+    before = ctx.calls
+    broadcast_fused(tensors, root=0, bucket_bytes=1)  # every tensor alone in its bucket
+    assert ctx.calls - before == len(tensors)
+
+
+def test_byte_offsets() -> None:
+    """Members start on 64-byte boundaries, in order, without overlap; empty members take no room."""
+    assert byte_offsets([]) == ([], 0)
+    assert byte_offsets([3, 0, 64, 1]) == ([0, 64, 64, 128], 129)
+    assert byte_offsets([8, 8], align=8) == ([0, 8], 16)
+
+
 def test_fused_numpy() -> None:
     """Fusion of numpy arrays returns numpy arrays of the original shapes."""
     arrays = [np.full((2, 3), RANK, np.float64), np.full(4, RANK, np.float64)]
@@ -287,6 +348,24 @@ class TestGuard:
     def test_fused_lists(self) -> None:
         tensors = [np.ones(3)] * (2 if RANK == 0 else 3)
         self._expect_mismatch(lambda: allreduce_fused(tensors), "length")
+
+    def test_fused_broadcast_sizes(self) -> None:
+        tensors = [torch.ones(3, dtype=torch.bool)] * (2 if RANK == 0 else 3)
+        text = self._expect_mismatch(lambda: broadcast_fused(tensors), "length", "broadcast_fused")
+        assert "rank 0 67" in text  # bytes: the second member starts at 64
+
+    @pytest.mark.parametrize("extreme", [-2**63, 2**63 - 1])
+    def test_extreme_hashes_over_messages(self, monkeypatch: pytest.MonkeyPatch, extreme: int) -> None:
+        # the message path carries (hash, ~hash): it must hold every 64-bit hash, -2**63 included
+        monkeypatch.setenv("DMLMPI_EXCHANGE_BYTES", "0")  # read when dmlmpi first meets a communicator
+        fresh = WORLD.Dup()
+        monkeypatch.setattr(guard_module, "signature_hash", lambda sig: extreme)
+        np.testing.assert_array_equal(comm.allreduce(np.ones(3), comm=fresh), np.full(3, SIZE))
+        other = 2**63 - 1 if extreme == -2**63 else -2**63
+        monkeypatch.setattr(guard_module, "signature_hash", lambda sig: extreme if RANK == 0 else other)
+        with pytest.raises(comm.CollectiveMismatchError):
+            comm.allreduce(np.ones(3), comm=fresh)
+        fresh.Free()
 
     @pytest.mark.parametrize("field", ["length", "dtype", "op"])
     def test_in_place_numpy(self, field: str) -> None:

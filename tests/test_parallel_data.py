@@ -151,3 +151,58 @@ def test_different_models_are_refused_on_every_rank() -> None:
     net = nn.Sequential(nn.Linear(40, width), nn.ReLU(), nn.Linear(width, 10))
     with pytest.raises(ValueError, match=f"the model differs across ranks: rank\\(s\\) \\[{SIZE - 1}\\]"):
         DataParallel(net)
+
+
+class WithState(nn.Module):
+    """BatchNorm (float and int64 buffers), a bool mask buffer and a uint8 buffer, as real models carry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(40, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16),
+                                 nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+        self.register_buffer("mask", torch.arange(10) % (2 + RANK) != 0)  # differs by rank until synced
+        self.register_buffer("codes", torch.full((3,), RANK, dtype=torch.uint8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).masked_fill(~self.mask, 0.0)
+
+
+def test_buffers_of_any_dtype_follow_rank_0() -> None:
+    """Bool and uint8 buffers are no obstacle; after construction and after each forward every buffer is rank 0's."""
+    from dmlmpi.comm.context import context
+
+    torch.manual_seed(RANK)  # a different model on every rank until the broadcast
+    model = DataParallel(WithState())
+    rank0 = WORLD.bcast({k: v.clone() for k, v in model.module.state_dict().items()}, root=0)
+    for k, v in model.module.state_dict().items():
+        assert torch.equal(v, rank0[k]), k
+    assert model.module.mask.tolist() == [i % 2 != 0 for i in range(10)]
+    x, y = data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ctx = context(WORLD)
+    for step in range(3):
+        with torch.no_grad():
+            model.module.codes.fill_(RANK + step)  # a rank-local change, undone by the next forward
+        before = ctx.calls
+        out = model(x[RANK::SIZE])
+        assert ctx.calls - before == 1  # 7 buffers, one broadcast (was one guarded broadcast each)
+        assert model.module.codes.tolist() == [step] * 3
+        opt.zero_grad()
+        nn.functional.cross_entropy(out, y[RANK::SIZE]).backward()
+        opt.step()
+    # training forwards updated each rank's BatchNorm statistics from its own batch; the next forward
+    # starts from rank 0's (as with DDP's broadcast_buffers), which eval mode then leaves as they are
+    stats = WORLD.bcast(model.module.net[1].running_mean.clone(), root=0)
+    model.eval()
+    model(x[RANK::SIZE])
+    model.close()
+    assert torch.equal(model.module.net[1].running_mean, stats)
+
+
+@pytest.mark.skipif(SIZE < 2, reason="needs two ranks")
+def test_different_buffers_are_refused_on_every_rank() -> None:
+    """Buffers are moved as bytes, so their shapes are checked: same byte count, other shape, clear error."""
+    net = nn.Linear(4, 4)
+    net.register_buffer("table", torch.zeros((2, 6) if RANK == SIZE - 1 else (3, 4)))
+    with pytest.raises(ValueError, match=r"first difference, parameters and buffers entry 2: rank 0 \('table', \(3, 4\)"):
+        DataParallel(net)

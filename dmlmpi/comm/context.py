@@ -49,7 +49,7 @@ class Context:
     staging: Any = None  # the shared window that other host buffers are staged through for "shm"
     exchange: Any = None  # exchange.Exchange: where small host all-reduces meet, when all ranks share a node
     host_calls: dict[tuple[Any, ...], Any] = field(default_factory=dict)  # collectives.HostCall by kind of call
-    guard_pair: array = field(default_factory=lambda: array("q", (0, 0)))  # the guard's message: hash, -hash
+    guard_pair: array = field(default_factory=lambda: array("q", (0, 0)))  # the guard's message: hash, ~hash
 
     def scratch(self, n: int, like: Any) -> Any:
         """A reusable uninitialised 1-D host buffer of n elements of like's dtype (grown on demand).

@@ -29,6 +29,8 @@ DTYPES = {
     )
 }
 BY_CODE = {d.code: d for d in DTYPES.values()}
+# tensors of any dtype moved (not reduced) as their raw bytes: fused broadcasts (fusion.broadcast_fused)
+RAW_BYTES = DType("bytes", 7, np.dtype(np.uint8), True, False)
 
 
 def lookup(name: str) -> DType:

@@ -151,8 +151,9 @@ def _reduce_rows(plan: Plan, out: np.ndarray) -> None:
             reduce_into(out, row, plan.op, plan.dtype)
     elif plan.pairs is not None:
         top, bottom, scratch, first, second = plan.pairs
-        fn(top, bottom, scratch)  # rows 0 op 2 and 1 op 3, in one call
-        fn(first, second, out)
+        # out= by keyword: numpy deprecates a positional output for maximum and minimum
+        fn(top, bottom, out=scratch)  # rows 0 op 2 and 1 op 3, in one call
+        fn(first, second, out=out)
     elif plan.one_call:
         fn.reduce(plan.rows, axis=0, out=out)
     else:

@@ -4,8 +4,8 @@ Before a collective, ranks compare a 64-bit hash of their call signature (signat
 that share a node (a communicator with an exchange area) write it into their header slot of shared
 memory, pass a barrier and read everyone's (exchange.py; a small all-reduce's data rides along in
 the same step).
-Other communicators all-reduce (MAX) the hash next to its negation, which gives the hash's maximum
-and minimum in one message of two integers. If the ranks disagree they then gather everyone's
+Other communicators all-reduce (MAX) the hash next to its bitwise complement, which gives the hash's
+maximum and minimum in one message of two integers. If the ranks disagree they then gather everyone's
 signature (this path only runs on error) and every rank raises the same CollectiveMismatchError
 naming the ranks and what differs. MPI itself would hang, fail with a truncation error on some
 ranks only, or silently return garbage instead.
@@ -22,11 +22,11 @@ from mpi4py import MPI
 
 from . import exchange
 from .context import Context
-from .dtypes import BY_CODE
+from .dtypes import BY_CODE, RAW_BYTES
 from .ops import OP_CODES
 
 FIELDS = ("collective", "length", "dtype", "op", "algorithm", "root", "call number", "buffer")
-COLLECTIVES = ("allreduce", "reduce_scatter", "allgather", "broadcast", "allreduce_fused")
+COLLECTIVES = ("allreduce", "reduce_scatter", "allgather", "broadcast", "allreduce_fused", "broadcast_fused")
 ALGORITHMS = ("auto", "ring", "mpi", "hierarchical", "none", "shm")
 
 
@@ -68,7 +68,7 @@ def _describe(value: int, name: str) -> str:
     if name == "collective":
         return COLLECTIVES[value - 1]
     if name == "dtype":
-        return BY_CODE[value].name if value in BY_CODE else str(value)
+        return BY_CODE[value].name if value in BY_CODE else RAW_BYTES.name if value == RAW_BYTES.code else str(value)
     if name == "op":
         return {v: k for k, v in OP_CODES.items()}.get(value, "none")
     if name == "algorithm":
@@ -103,10 +103,12 @@ def agree(ctx: Context, sig: tuple[int, ...]) -> bool:
         # through shared memory: header slots and a barrier (cheaper than an all-reduce here)
         return exchange.agree(ctx.exchange, h)
     pair = ctx.guard_pair  # two int64, kept with the communicator (building one per call costs more)
-    pair[0], pair[1] = h, -h
-    # one small collective: the max of the hash and the max of its negation (= -min)
+    # the complement ~h = -h - 1 reverses the order like negation, but fits in 64 bits for every h
+    # (-h overflows for h = -2**63)
+    pair[0], pair[1] = h, ~h
+    # one small collective: the max of the hash and the max of its complement (= ~min)
     ctx.comm.Allreduce(MPI.IN_PLACE, pair, op=MPI.MAX)
-    return pair[0] == -pair[1]
+    return pair[0] == ~pair[1]
 
 
 def mismatch(ctx: Context, sig: tuple[int, ...]) -> NoReturn:

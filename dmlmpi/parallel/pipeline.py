@@ -28,11 +28,10 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from dmlmpi import comm as dcomm
 from dmlmpi.comm import p2p
 from dmlmpi.comm.buffers import dtype_of
 from dmlmpi.comm.dtypes import BY_CODE
-from dmlmpi.comm.fusion import allreduce_fused
+from dmlmpi.comm.fusion import allreduce_fused, broadcast_fused
 from dmlmpi.telemetry import maybe_span
 
 from .data import CommThread, Future
@@ -125,10 +124,8 @@ class Pipeline(nn.Module):
         self.dp_comm = dp_comm
         self._dp_thread = CommThread() if dp_comm is not None and dp_comm.Get_size() > 1 else None
         if self._dp_thread is not None:
-            # replicas of a stage start equal: parameters from dp rank 0
-            with torch.no_grad():
-                for p in self.parameters():
-                    dcomm.broadcast(p.data, root=0, comm=dp_comm, inplace=True)
+            # replicas of a stage start equal: parameters from dp rank 0, packed into a few broadcasts
+            broadcast_fused(list(self.parameters()), root=0, comm=dp_comm)
         # (peer, tag) -> (dtype, shape) of the last tensor sent / received with that tag
         self._sent: dict[tuple[int, int], tuple[torch.dtype, tuple[int, ...]]] = {}
         self._received: dict[tuple[int, int], tuple[torch.dtype, tuple[int, ...]]] = {}
