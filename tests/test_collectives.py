@@ -13,7 +13,7 @@ from dmlmpi.comm import shm
 from dmlmpi.comm.ring import chunk_bounds
 from dmlmpi.comm import guard as guard_module
 from dmlmpi.comm.context import context
-from dmlmpi.comm.fusion import allreduce_fused, broadcast_fused, byte_offsets
+from dmlmpi.comm.fusion import FusedBroadcast, allreduce_fused, broadcast_fused, byte_offsets
 
 pytestmark = pytest.mark.mpi
 
@@ -301,6 +301,27 @@ def test_fused_broadcast_one_collective_per_bucket() -> None:
     assert ctx.calls - before == len(tensors)
 
 
+def test_fused_broadcast_many_layouts() -> None:
+    """More sets of tensors than the kept datatypes (64): old ones are freed, every broadcast still right."""
+    for i in range(70):
+        t = torch.full((i + 1,), float(RANK + i))
+        broadcast_fused([t, torch.zeros(0)], root=0)
+        assert torch.equal(t, torch.full((i + 1,), float(i)))
+    assert sum(1 for k in context(WORLD).buffers if k[0] == "spans type") <= 64
+
+
+def test_kept_broadcast_follows_replaced_memory() -> None:
+    """A FusedBroadcast repeated after a tensor's memory was replaced (set_) plans again: no stale addresses."""
+    a, b = torch.full((4,), float(RANK)), np.full(3, RANK, np.int64)
+    again = FusedBroadcast([a, b], root=SIZE - 1)
+    again()
+    assert a.tolist() == [SIZE - 1.0] * 4 and b.tolist() == [SIZE - 1] * 3
+    a.set_(torch.full((6,), float(RANK + 10)))  # new storage, new length
+    b[:] = RANK
+    again()
+    assert a.tolist() == [SIZE + 9.0] * 6 and b.tolist() == [SIZE - 1] * 3
+
+
 def test_byte_offsets() -> None:
     """Members start on 64-byte boundaries, in order, without overlap; empty members take no room."""
     assert byte_offsets([]) == ([], 0)
@@ -352,7 +373,15 @@ class TestGuard:
     def test_fused_broadcast_sizes(self) -> None:
         tensors = [torch.ones(3, dtype=torch.bool)] * (2 if RANK == 0 else 3)
         text = self._expect_mismatch(lambda: broadcast_fused(tensors), "length", "broadcast_fused")
-        assert "rank 0 67" in text  # bytes: the second member starts at 64
+        assert "rank 0 6;" in text  # bytes, broadcast where they lie
+        strided = [torch.ones(3, 2, dtype=torch.bool)[:, 0]] * (2 if RANK == 0 else 3)
+        text = self._expect_mismatch(lambda: broadcast_fused(strided), "length")
+        assert "rank 0 67;" in text  # packed: the second member starts at byte 64
+
+    def test_fused_broadcast_routes(self) -> None:
+        # a strided tensor is packed, a contiguous one broadcast where it lies: ranks must agree
+        t = torch.zeros(4, 2)[:, 0] if RANK == 0 else torch.zeros(4)
+        self._expect_mismatch(lambda: broadcast_fused([t]), "algorithm", "rank 0 none")
 
     @pytest.mark.parametrize("extreme", [-2**63, 2**63 - 1])
     def test_extreme_hashes_over_messages(self, monkeypatch: pytest.MonkeyPatch, extreme: int) -> None:
@@ -767,6 +796,24 @@ def test_torch_cuda(direct: str, algorithm: str, monkeypatch: pytest.MonkeyPatch
         assert torch.equal(y.cpu(), expect)
         comm.allreduce(x, algorithm=algorithm, inplace=True)
         assert torch.equal(x.cpu(), expect)
+
+
+@requires_cuda
+@pytest.mark.parametrize("direct", ["0", "1"])
+def test_fused_broadcast_cuda(direct: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA tensors of any dtype, strided ones too, packed on the device: staged (0) or straight to MPI (1)."""
+    if direct == "1" and not comm.cuda_aware():
+        pytest.skip("this MPI is not CUDA-aware")
+    monkeypatch.setenv("DMLMPI_CUDA_AWARE", direct)
+    device = torch.device("cuda", 0)
+    mine = [t.to(device) if isinstance(t, torch.Tensor) else t for t in state_tensors(RANK)]
+    expect = state_tensors(0)
+    broadcast_fused(mine, root=0)
+    for got, want in zip(mine, expect):
+        if isinstance(got, torch.Tensor):
+            assert got.device == device and torch.equal(got.cpu(), want)
+        else:
+            np.testing.assert_array_equal(got, want)
 
 
 @requires_cuda

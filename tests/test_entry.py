@@ -75,6 +75,18 @@ def test_dp_bench_compression(tmp_path) -> None:
     assert {v: r["compression"] for v, r in records.items()} == {"local": "none", "dmlmpi": "fp16", "ddp": "fp16"}
 
 
+def test_broadcast_bench_smoke(tmp_path) -> None:
+    """`python -m dmlmpi.bench broadcast` on 2 ranks: every row, each leaving rank 0's values everywhere, JSON records."""
+    out_json = tmp_path / "bc.json"
+    result = run_mpi(2, ["-m", "dmlmpi.bench", "broadcast", "--samples", "2", "--json", str(out_json)],
+                     timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stdout
+    assert "24 buffers of bn-cnn" in result.stdout, result.stdout
+    records = {r["variant"]: r for r in json.loads(out_json.read_text())}
+    assert set(records) == {"fused", "fused-once", "one-each", "native-each", "gloo-coalesced"}
+    assert all(r["wrong"] == 0 and r["ranks"] == 2 and r["tensors"] == 24 for r in records.values())
+
+
 def test_callcost_bench_smoke(tmp_path) -> None:
     """`python -m dmlmpi.bench callcost` on 2 ranks: every row, Python costs that grow with N, JSON records."""
     out_json = tmp_path / "cc.json"

@@ -8,7 +8,7 @@ from dmlmpi.entry import run_main
 
 KINDS = {"allreduce": "dmlmpi.bench.allreduce", "dp": "dmlmpi.bench.dp", "ps": "dmlmpi.bench.ps",
          "pipeline": "dmlmpi.bench.pipeline", "fl": "dmlmpi.bench.fl", "fedavg": "dmlmpi.bench.fedavg",
-         "callcost": "dmlmpi.bench.callcost"}
+         "callcost": "dmlmpi.bench.callcost", "broadcast": "dmlmpi.bench.broadcast"}
 
 
 def main() -> int:

@@ -25,9 +25,20 @@ from dmlmpi.parallel import DataParallel
 from .common import balanced_orders, calls_per_sample, close_gloo, format_table, init_gloo, timed_sample, write_json
 
 VARIANTS = ("local", "dmlmpi", "ddp")
+
+
+def bn_cnn(blocks: int = 8, channels: int = 16) -> nn.Sequential:
+    """An MNIST-1D CNN with a BatchNorm after each convolution: 3 buffers per block, synced before every forward."""
+    layers: list[nn.Module] = [nn.Unflatten(1, (1, 40))]
+    for b in range(blocks):
+        layers += [nn.Conv1d(1 if b == 0 else channels, channels, 3, padding=1), nn.BatchNorm1d(channels), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * 40, 10))
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "cnn": (mnist1d_cnn, (40,)),  # the default job's model (8k parameters)
     "mlp": (lambda: mlp(784, (1024, 1024)), (784,)),  # 784-1024-1024-10: 1.86M parameters
+    "bn-cnn": (bn_cnn, (40,)),  # not run by default: 8 BatchNorm layers, 24 buffers, 12k parameters
 }
 
 

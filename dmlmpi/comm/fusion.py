@@ -9,13 +9,15 @@ state at start and for its buffers before every forward.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 from mpi4py import MPI
 
 from .buffers import cuda_aware, dtype_of, kind_of, sync_device, to_flat, to_result
-from .collectives import _check_algorithm, _comm, _enter, _numel, allreduce_flat, one_node, shared_array, shared_segment
+from .collectives import (_address, _check_algorithm, _comm, _enter, _numel, allreduce_flat, one_node, shared_array,
+                          shared_segment)
 from .context import Context, context
 from .dtypes import RAW_BYTES, DType
 from .ops import check_op
@@ -23,6 +25,7 @@ from .ring import empty_like
 
 DEFAULT_BUCKET_BYTES = 25 << 20  # PyTorch DDP's default bucket_cap_mb
 BYTE_ALIGN = 64  # each member of a byte bucket starts on a cache line (and at a multiple of any itemsize)
+MAX_BLOCK = 1 << 30  # bytes per block of a broadcast's datatype (MPI counts are C ints)
 
 
 def _group_key(x: Any) -> tuple[str, str, str]:
@@ -188,28 +191,128 @@ def _broadcast_bytes(buf: Any, root: int, ctx: Context) -> None:
         buf.set(host)
 
 
+def _host_spans(t: Any) -> tuple[tuple[int, int], ...] | None:
+    """(address, bytes) blocks of a contiguous host array, each under 1 GiB (MPI block lengths are ints); None otherwise."""
+    if kind_of(t) == "numpy":
+        if not t.flags.c_contiguous:
+            return None
+        address, n = t.__array_interface__["data"][0], t.nbytes
+    elif not t.is_cuda and t.is_contiguous():
+        address, n = t.data_ptr(), t.numel() * t.element_size()
+    else:
+        return None
+    return tuple((address + k, min(MAX_BLOCK, n - k)) for k in range(0, n, MAX_BLOCK))
+
+
+def _spans_type(ctx: Context, spans: tuple[tuple[int, int], ...]) -> MPI.Datatype:
+    """An MPI datatype of the bytes at these absolute addresses, made once per set of spans and kept on ctx."""
+    key = ("spans type", spans)
+    found = ctx.buffers.get(key)
+    if found is None:
+        kept = [k for k in ctx.buffers if k[0] == "spans type"]
+        if len(kept) >= 64:  # tensors that move around: free the old types rather than grow without end
+            for k in kept:
+                ctx.buffers.pop(k).Free()
+        found = MPI.BYTE.Create_hindexed([n for _, n in spans], [a for a, _ in spans]).Commit()
+        ctx.buffers[key] = found
+    return found
+
+
+@dataclass
+class ByteBucket:
+    """One bucket of a fused broadcast: its members, and how they travel."""
+
+    members: list[Any]  # the caller's tensors
+    spans: tuple[tuple[int, int], ...] | None  # contiguous host members: their (address, bytes) blocks
+    offsets: list[int]  # otherwise: where each member starts in the packed bucket
+    length: int  # bytes the ranks must agree on (the guard's length)
+
+
+def plan_broadcast(tensors: Sequence[Any], bucket_bytes: int) -> list[ByteBucket]:
+    """Buckets of a fused broadcast: by kind and device, in order; host ones broadcast where they lie when they can."""
+    sizes = [_nbytes(t) for t in tensors]  # TypeError here for anything that is not an array
+    buckets = []
+    for idx in plan_buckets(sizes, [_device_key(t) for t in tensors], bucket_bytes):
+        members = [tensors[i] for i in idx]
+        found = [_host_spans(t) for t in members]
+        if all(f is not None for f in found):
+            spans = tuple(span for f in found for span in f)  # type: ignore[union-attr]
+            buckets.append(ByteBucket(members, spans, [], sum(n for _, n in spans)))
+        else:
+            offsets, length = byte_offsets([sizes[i] for i in idx])
+            buckets.append(ByteBucket(members, None, offsets, length))
+    return buckets
+
+
+def _broadcast_bucket(ctx: Context, bucket: ByteBucket, root: int, guard: bool | None) -> None:
+    """Broadcast one planned bucket from root (collective)."""
+    # every rank must move the same bytes the same way (DataParallel also checks the shapes once)
+    route = "mpi" if bucket.spans is not None else "none"  # where they lie, or packed
+    _enter(ctx, guard, "broadcast_fused", bucket.length, RAW_BYTES, None, route, root)
+    if ctx.size == 1 or bucket.length == 0:
+        return
+    if bucket.spans is not None:
+        # one broadcast from root straight into every member's memory
+        ctx.comm.Bcast([MPI.BOTTOM, 1, _spans_type(ctx, bucket.spans)], root=root)
+        return
+    # torch tensors are written through detached views: autograd has no part in moving state
+    plain = [t.detach() if kind_of(t) == "torch" else t for t in bucket.members]
+    buf = _empty_bytes(bucket.length, plain[0])
+    if ctx.rank == root:
+        for t, offset in zip(plain, bucket.offsets):
+            _slot(buf, offset, t)[...] = t  # pack root's values (strided ones too)
+    # one broadcast of the whole bucket from root
+    _broadcast_bytes(buf, root, ctx)
+    if ctx.rank != root:
+        for t, offset in zip(plain, bucket.offsets):
+            t[...] = _slot(buf, offset, t)  # unpack into the caller's tensors, whatever their strides
+
+
+class FusedBroadcast:
+    """broadcast_fused of one fixed list of tensors, planned once and run by calling it (every forward, say).
+
+    Planning costs a few microseconds of Python per tensor; a call checks only that the tensors
+    still lie where they did (else it plans again), then makes one collective per bucket.
+    """
+
+    def __init__(self, tensors: Sequence[Any], root: int = 0, comm: MPI.Comm | None = None,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, guard: bool | None = None) -> None:
+        self.ctx = context(_comm(comm))
+        if not 0 <= root < self.ctx.size:
+            raise ValueError(f"dmlmpi.comm.broadcast_fused: root {root} is not a rank of a "
+                             f"{self.ctx.size}-rank communicator")
+        self.tensors, self.root, self.bucket_bytes, self.guard = list(tensors), root, bucket_bytes, guard
+        self.buckets = plan_broadcast(self.tensors, bucket_bytes)
+        self._where = self._places()
+
+    def _places(self) -> list[tuple[int, int]]:
+        """(address, elements) of the tensors broadcast where they lie: what the plan depends on."""
+        # torch's data_ptr and numel alone: asking each tensor its kind and device too cost 3x more
+        places = []
+        for b in self.buckets:
+            if b.spans is not None and kind_of(b.members[0]) == "torch":  # a bucket holds one kind
+                places += [(t.data_ptr(), t.numel()) for t in b.members]
+            elif b.spans is not None:
+                places += [(_address(t), t.size) for t in b.members]
+        return places
+
+    def __call__(self) -> None:
+        """Every rank's tensors get root's values (collective)."""
+        if self._places() != self._where:  # memory replaced (set_, resize_, ...): plan again
+            self.buckets = plan_broadcast(self.tensors, self.bucket_bytes)
+            self._where = self._places()
+        for bucket in self.buckets:
+            _broadcast_bucket(self.ctx, bucket, self.root, self.guard)
+
+
 def broadcast_fused(tensors: Sequence[Any], root: int = 0, comm: MPI.Comm | None = None,
                     bucket_bytes: int = DEFAULT_BUCKET_BYTES, guard: bool | None = None) -> None:
-    """Overwrite every tensor in `tensors` with root's, in place, one broadcast per bucket; any dtype, any layout."""
-    ctx = context(_comm(comm))
-    if not 0 <= root < ctx.size:
-        raise ValueError(f"dmlmpi.comm.broadcast_fused: root {root} is not a rank of a {ctx.size}-rank communicator")
-    sizes = [_nbytes(t) for t in tensors]  # TypeError here for anything that is not an array
-    for bucket in plan_buckets(sizes, [_device_key(t) for t in tensors], bucket_bytes):
-        members = [tensors[i] for i in bucket]
-        offsets, length = byte_offsets([sizes[i] for i in bucket])
-        # every rank must move the same number of bytes (DataParallel also checks the shapes once)
-        _enter(ctx, guard, "broadcast_fused", length, RAW_BYTES, None, "mpi", root)
-        if ctx.size == 1 or length == 0:
-            continue
-        # torch tensors are written through detached views: autograd has no part in moving state
-        plain = [t.detach() if kind_of(t) == "torch" else t for t in members]
-        buf = _empty_bytes(length, members[0])
-        if ctx.rank == root:
-            for t, offset in zip(plain, offsets):
-                _slot(buf, offset, t)[...] = t  # pack root's values (strided ones too)
-        # one broadcast of the whole bucket from root
-        _broadcast_bytes(buf, root, ctx)
-        if ctx.rank != root:
-            for t, offset in zip(plain, offsets):
-                t[...] = _slot(buf, offset, t)  # unpack into the caller's tensors, whatever their strides
+    """Overwrite every tensor in `tensors` with root's, in place, one broadcast per bucket; any dtype, any layout.
+
+    Contiguous host tensors are broadcast where they lie: one MPI datatype lists their addresses
+    (MPI_BOTTOM-relative), so nothing is packed (torch's per-call overhead made packing 24 small
+    BatchNorm buffers cost more than the 24 broadcasts it replaced). Device and strided tensors
+    are packed into a bucket of bytes, broadcast, and unpacked. To repeat one broadcast, keep a
+    FusedBroadcast.
+    """
+    FusedBroadcast(tensors, root, comm, bucket_bytes, guard)()
