@@ -126,6 +126,50 @@ def test_in_place_and_general_paths_agree(length: int) -> None:
         np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, torch.int32, torch.int64,
+                                   torch.bfloat16])
+def test_torch_in_place_takes_the_host_path(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A contiguous CPU tensor reduced in place goes as a numpy view (bfloat16, which numpy lacks, as before)."""
+    from dmlmpi.comm import collectives
+
+    general: list[int] = []
+    real = collectives.to_flat
+    monkeypatch.setattr(collectives, "to_flat", lambda *a, **k: general.append(1) or real(*a, **k))
+    for shape in [(0,), (7,), (3, 5), (), (40_000,)]:
+        base = torch.arange(int(np.prod(shape))).reshape(shape) % 3
+        x = (base + RANK).to(dtype)
+        assert comm.allreduce(x, inplace=True) is x
+        assert torch.equal(x, (base * SIZE + SIZE * (SIZE - 1) // 2).to(dtype)), shape
+    leaf = torch.nn.Parameter(torch.ones(4, dtype=dtype)) if dtype.is_floating_point else torch.ones(4, dtype=dtype)
+    comm.allreduce(leaf, op="max", inplace=True)  # a parameter that requires grad: written through a detached view
+    assert torch.equal(leaf.detach(), torch.ones(4, dtype=dtype))
+    assert bool(general) == (dtype == torch.bfloat16)
+
+
+def test_torch_and_numpy_in_place_agree() -> None:
+    """Even ranks reduce a tensor in place, odd ranks a numpy array: one kind of call, one answer."""
+    for _ in range(3):
+        x = rank_data(100, "float32", RANK, exact=True)
+        expected = reference(x, "sum")
+        if RANK % 2 == 0:
+            got = comm.allreduce(torch.from_numpy(x), inplace=True).numpy()
+        else:
+            got = comm.allreduce(x, inplace=True)
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_torch_view_of_a_window_reduced_where_it_lies(shm_calls: list[bool]) -> None:
+    """A CPU tensor over a shared_empty window is found by its address and summed in the window."""
+    n = 1 << 16  # 256 KiB: above auto's shared-memory crossover at every world size
+    a = comm.shared_empty(n, "float32")
+    t = torch.from_numpy(a)
+    t.fill_(RANK + 1)
+    assert comm.allreduce(t, inplace=True) is t
+    assert torch.equal(t, torch.full((n,), SIZE * (SIZE + 1) / 2))
+    comm.free_shared(a)
+    assert shm_calls == ([True] if SIZE > 1 else [])
+
+
 @pytest.mark.parametrize("segment_bytes", ["12", "4096"])
 def test_ring_in_pieces(segment_bytes: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The ring's reduce-scatter steps cut into pieces (sizes that do not divide the chunks): MPI's answer."""
