@@ -3,9 +3,10 @@
 Each collective call pays a fixed latency (and a guard check); gradients of a model are hundreds
 of small tensors. Packing them into buckets of up to `bucket_bytes` (grouped by kind, device and
 dtype, keeping their order) turns hundreds of latency-bound calls into a few bandwidth-bound ones.
-A broadcast reduces nothing, so broadcast_fused packs tensors of every dtype (bool masks and
-uint8 buffers included) into one bucket of raw bytes per kind and device, as DDP does for a model's
-state at start and for its buffers before every forward.
+A broadcast reduces nothing, so broadcast_fused moves tensors of every dtype (bool masks and
+uint8 buffers included) as raw bytes, one bucket per kind and device, as DDP does for a model's
+state at start and for its buffers before every forward: host tensors where they lie (one MPI
+datatype lists their addresses), device and strided ones packed.
 """
 from __future__ import annotations
 

@@ -169,7 +169,8 @@ class DataParallel(nn.Module):
         self._buckets, self._where = self._make_buckets(int(bucket_mb * (1 << 20)))
         self._broadcast_state()
         # before every forward: rank 0's buffers, all in one planned broadcast (DDP coalesces them too)
-        self._sync_buffers = FusedBroadcast(self._synced_buffers, root=0, comm=self.comm) if self._synced_buffers else None
+        self._sync_buffers = (FusedBroadcast(self._synced_buffers, root=0, comm=self.comm)
+                              if self._synced_buffers else None)
         self._thread = CommThread()
         last = set(self._buckets[-1].params) if self._buckets else set()
         for p in self.module.parameters() if self.comm.Get_size() > 1 else []:  # alone, .grad is the average
@@ -181,7 +182,7 @@ class DataParallel(nn.Module):
     # -- start -------------------------------------------------------------------------------
     def _broadcast_state(self) -> None:
         """Every rank starts from rank 0's parameters and buffers (any dtype: bool masks too)."""
-        # from rank 0, packed as bytes into a few buckets: one guarded broadcast each, not one per tensor
+        # from rank 0 as raw bytes, in a few buckets: one guarded broadcast each, not one per tensor
         broadcast_fused(list(self.module.parameters()) + list(self.module.buffers()), root=0, comm=self.comm)
 
     def _check_same_layout(self, layout: list[list[Any]]) -> None:
