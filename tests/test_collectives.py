@@ -528,10 +528,15 @@ def test_shared_buffers_found_by_every_route_private_ones_without_an_address(mon
         for private in (own, own[3:], own.reshape(8, 8)[::2]):
             assert collectives.shared_segment(ctx, private) is None
         assert not asked  # numpy's own memory is never a window: no address looked up
+        assert collectives.shared_segment(ctx, a) is not None and not asked  # found before: remembered
         x = np.ones(64, np.float32)
         np.testing.assert_array_equal(comm.allreduce(x, inplace=True), np.full(64, SIZE, np.float32))
+        a[:] = RANK + 1
+        np.testing.assert_array_equal(comm.allreduce(a, inplace=True), np.full(64, SIZE * (SIZE + 1) / 2))
+        assert not asked
     finally:
         comm.free_shared(a)
+    assert not ctx.window_arrays  # a freed window's arrays are forgotten
 
 
 @pytest.mark.parametrize("dtype", NP_DTYPES)

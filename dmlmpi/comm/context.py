@@ -46,6 +46,7 @@ class Context:
     buffers: dict[Any, Any] = field(default_factory=dict)  # reusable host buffers, by (purpose, dtype)
     node: Any = None  # the ranks of comm as one node communicator, for shared memory (made with the context)
     segments: dict[int, Any] = field(default_factory=dict)  # shared_empty windows, by this rank's address
+    window_arrays: dict[int, Any] = field(default_factory=dict)  # id -> (numpy array, its window): found before
     staging: Any = None  # the shared window that other host buffers are staged through for "shm"
     exchange: Any = None  # exchange.Exchange: where small host all-reduces meet, when all ranks share a node
     host_calls: dict[tuple[Any, ...], Any] = field(default_factory=dict)  # collectives.HostCall by kind of call
