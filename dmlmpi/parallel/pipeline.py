@@ -124,7 +124,7 @@ class Pipeline(nn.Module):
         self.dp_comm = dp_comm
         self._dp_thread = CommThread() if dp_comm is not None and dp_comm.Get_size() > 1 else None
         if self._dp_thread is not None:
-            # replicas of a stage start equal: parameters from dp rank 0, packed into a few broadcasts
+            # replicas of a stage start equal: parameters from dp rank 0, in a few broadcasts (not one each)
             broadcast_fused(list(self.parameters()), root=0, comm=dp_comm)
         # (peer, tag) -> (dtype, shape) of the last tensor sent / received with that tag
         self._sent: dict[tuple[int, int], tuple[torch.dtype, tuple[int, ...]]] = {}
