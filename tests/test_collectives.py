@@ -414,13 +414,26 @@ class TestGuard:
         tensors = [np.ones(3)] * (2 if RANK == 0 else 3)
         self._expect_mismatch(lambda: allreduce_fused(tensors), "length")
 
-    def test_fused_broadcast_sizes(self) -> None:
-        tensors = [torch.ones(3, dtype=torch.bool)] * (2 if RANK == 0 else 3)
-        text = self._expect_mismatch(lambda: broadcast_fused(tensors), "length", "broadcast_fused")
-        assert "rank 0 6;" in text  # bytes, broadcast where they lie
-        strided = [torch.ones(3, 2, dtype=torch.bool)[:, 0]] * (2 if RANK == 0 else 3)
-        text = self._expect_mismatch(lambda: broadcast_fused(strided), "length")
-        assert "rank 0 67;" in text  # packed: the second member starts at byte 64
+    def test_fused_broadcast_layouts(self) -> None:
+        # bytes are bytes: other counts, shapes or dtypes are named before any byte moves
+        last = SIZE - 1
+        tensors = [torch.ones(3, dtype=torch.bool)] * (2 if RANK != last else 3)
+        self._expect_mismatch(lambda: broadcast_fused(tensors), "tensor 2: rank 0 none; rank "
+                              f"{last} (3,) bool", "(2 and 3 tensors)")
+        same_bytes = [torch.zeros((2, 6) if RANK == last else (3, 4))]
+        self._expect_mismatch(lambda: broadcast_fused(same_bytes), f"tensor 0: rank 0 (3, 4) float32; rank {last} "
+                              "(2, 6) float32")
+        same_bytes = [np.zeros(4, np.int32 if RANK == last else np.float32)]
+        self._expect_mismatch(lambda: broadcast_fused(same_bytes), f"rank {last} (4,) int32")
+
+    def test_fused_broadcast_sizes_after_a_local_replan(self) -> None:
+        # a kept broadcast re-plans alone when its memory moves: each bucket's guard still checks the bytes
+        t = torch.ones(3, dtype=torch.bool)
+        again = FusedBroadcast([t])
+        if RANK == SIZE - 1:
+            t.set_(torch.ones(6, dtype=torch.bool))
+        text = self._expect_mismatch(again, "length", "broadcast_fused")
+        assert f"rank {SIZE - 1} 6" in text and " 3; " in text  # bytes: 3 on the others, 6 on the last rank
 
     def test_fused_broadcast_routes(self) -> None:
         # a strided tensor is packed, a contiguous one broadcast where it lies: ranks must agree

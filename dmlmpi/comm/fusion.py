@@ -10,6 +10,7 @@ datatype lists their addresses), device and strided ones packed.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -21,6 +22,7 @@ from .collectives import (_address, _check_algorithm, _comm, _enter, _numel, all
                           shared_segment)
 from .context import Context, context
 from .dtypes import RAW_BYTES, DType
+from .guard import CollectiveMismatchError
 from .ops import check_op
 from .ring import empty_like
 
@@ -269,6 +271,30 @@ def _broadcast_bucket(ctx: Context, bucket: ByteBucket, root: int, guard: bool |
             t[...] = _slot(buf, offset, t)  # unpack into the caller's tensors, whatever their strides
 
 
+def _check_layouts(ctx: Context, tensors: Sequence[Any]) -> None:
+    """Raise CollectiveMismatchError on every rank unless all ranks pass tensors of the same shapes and dtypes."""
+    layout = [(tuple(t.shape), str(t.dtype).replace("torch.", "")) for t in tensors]
+    h = zlib.crc32(repr(layout).encode())  # not hash(): str hashes differ between processes
+    pair = np.array([h, ~h], dtype=np.int64)
+    # one small collective: the max of the checksum and of its complement (= ~min)
+    ctx.comm.Allreduce(MPI.IN_PLACE, pair, op=MPI.MAX)
+    if pair[0] == ~pair[1]:
+        return
+    # error path only: every rank's layout, so every rank can name the same first difference
+    layouts = ctx.comm.allgather(layout)
+    r = next(r for r, other in enumerate(layouts) if other != layouts[0])
+    ours, theirs = layouts[0], layouts[r]
+    i = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    raise CollectiveMismatchError(f"dmlmpi.comm.broadcast_fused on rank {ctx.rank} of {ctx.size}: ranks pass "
+                                  f"different tensors -- tensor {i}: rank 0 {_entry(ours, i)}; rank {r} "
+                                  f"{_entry(theirs, i)} ({len(ours)} and {len(theirs)} tensors)")
+
+
+def _entry(layout: list[tuple[tuple[int, ...], str]], i: int) -> str:
+    """Tensor i of a layout in words: its shape and dtype, or none."""
+    return "none" if i >= len(layout) else f"{layout[i][0]} {layout[i][1]}"
+
+
 class FusedBroadcast:
     """broadcast_fused of one fixed list of tensors, planned once and run by calling it (every forward, say).
 
@@ -285,6 +311,11 @@ class FusedBroadcast:
         self.tensors, self.root, self.bucket_bytes, self.guard = list(tensors), root, bucket_bytes, guard
         self.buckets = plan_broadcast(self.tensors, bucket_bytes)
         self._where = self._places()
+        if self.ctx.guard if guard is None else guard:
+            # bytes are bytes: equal byte counts in other shapes or dtypes would pass each bucket's
+            # guard and scramble the values, so the layouts are compared once, here (collective:
+            # every rank makes its FusedBroadcast together; a later re-plan is local and skips this)
+            _check_layouts(self.ctx, self.tensors)
 
     def _places(self) -> list[tuple[int, int]]:
         """(address, elements) of the tensors broadcast where they lie: what the plan depends on."""
