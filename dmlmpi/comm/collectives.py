@@ -249,12 +249,11 @@ def shared_array(ctx: Context, shape: int | tuple[int, ...], d: DType) -> np.nda
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     count = int(math.prod(shape))
     node = _node(ctx)
-    # every rank must ask for the same size: one small all-reduce of (size, -size), as the guard does
-    sizes = np.array([count, -count], dtype=np.int64)
-    ctx.comm.Allreduce(MPI.IN_PLACE, sizes, op=MPI.MAX)
-    if sizes[0] != -sizes[1]:
+    # every rank must ask for the same size: one small all-reduce, as the guard's
+    most, least = _guard.extremes(ctx.comm, count)
+    if most != least:
         raise ValueError(f"dmlmpi.comm.shared_empty: rank {ctx.rank} asked for {count} elements, but ranks ask for "
-                         f"between {-sizes[1]} and {sizes[0]}: all ranks must ask for the same shape")
+                         f"between {least} and {most}: all ranks must ask for the same shape")
     if count == 0:
         return np.empty(shape, dtype=d.storage)
     seg = shm.allocate(node, count * d.storage.itemsize)

@@ -17,12 +17,12 @@ from typing import Any, Sequence
 import numpy as np
 from mpi4py import MPI
 
-from .buffers import cuda_aware, dtype_of, kind_of, sync_device, to_flat, to_result
+from .buffers import _contiguous, cuda_aware, dtype_of, kind_of, sync_device, to_flat, to_result
 from .collectives import (_address, _check_algorithm, _comm, _enter, _numel, allreduce_flat, one_node, shared_array,
                           shared_segment)
 from .context import Context, context
 from .dtypes import RAW_BYTES, DType
-from .guard import CollectiveMismatchError
+from .guard import CollectiveMismatchError, extremes
 from .ops import check_op
 from .ring import empty_like
 
@@ -145,11 +145,6 @@ def _nbytes(x: Any) -> int:
     return int(x.nbytes) if kind_of(x) != "torch" else x.numel() * x.element_size()
 
 
-def _device_key(x: Any) -> tuple[str, str]:
-    """Byte buckets group by kind and device only: any dtype travels as bytes."""
-    return kind_of(x), str(x.device) if kind_of(x) != "numpy" else "cpu"
-
-
 def _empty_bytes(n: int, like: Any) -> Any:
     """n uninitialised bytes on like's device, as an array of like's kind."""
     kind = kind_of(like)
@@ -196,14 +191,10 @@ def _broadcast_bytes(buf: Any, root: int, ctx: Context) -> None:
 
 def _host_spans(t: Any) -> tuple[tuple[int, int], ...] | None:
     """(address, bytes) blocks of a contiguous host array, each under 1 GiB (MPI block lengths are ints); None otherwise."""
-    if kind_of(t) == "numpy":
-        if not t.flags.c_contiguous:
-            return None
-        address, n = t.__array_interface__["data"][0], t.nbytes
-    elif not t.is_cuda and t.is_contiguous():
-        address, n = t.data_ptr(), t.numel() * t.element_size()
-    else:
+    address = _address(t)  # None for device memory
+    if address is None or not _contiguous(t, kind_of(t)):
         return None
+    n = _nbytes(t)
     return tuple((address + k, min(MAX_BLOCK, n - k)) for k in range(0, n, MAX_BLOCK))
 
 
@@ -235,7 +226,8 @@ def plan_broadcast(tensors: Sequence[Any], bucket_bytes: int) -> list[ByteBucket
     """Buckets of a fused broadcast: by kind and device, in order; host ones broadcast where they lie when they can."""
     sizes = [_nbytes(t) for t in tensors]  # TypeError here for anything that is not an array
     buckets = []
-    for idx in plan_buckets(sizes, [_device_key(t) for t in tensors], bucket_bytes):
+    # by kind and device only (_group_key without the dtype): any dtype travels as bytes
+    for idx in plan_buckets(sizes, [_group_key(t)[:2] for t in tensors], bucket_bytes):
         members = [tensors[i] for i in idx]
         found = [_host_spans(t) for t in members]
         if all(f is not None for f in found):
@@ -274,11 +266,9 @@ def _broadcast_bucket(ctx: Context, bucket: ByteBucket, root: int, guard: bool |
 def _check_layouts(ctx: Context, tensors: Sequence[Any]) -> None:
     """Raise CollectiveMismatchError on every rank unless all ranks pass tensors of the same shapes and dtypes."""
     layout = [(tuple(t.shape), str(t.dtype).replace("torch.", "")) for t in tensors]
-    h = zlib.crc32(repr(layout).encode())  # not hash(): str hashes differ between processes
-    pair = np.array([h, ~h], dtype=np.int64)
-    # one small collective: the max of the checksum and of its complement (= ~min)
-    ctx.comm.Allreduce(MPI.IN_PLACE, pair, op=MPI.MAX)
-    if pair[0] == ~pair[1]:
+    checksum = zlib.crc32(repr(layout).encode())  # not hash(): str hashes differ between processes
+    most, least = extremes(ctx.comm, checksum)  # one small collective
+    if most == least:
         return
     # error path only: every rank's layout, so every rank can name the same first difference
     layouts = ctx.comm.allgather(layout)

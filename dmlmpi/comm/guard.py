@@ -16,6 +16,7 @@ PYTHONHASHSEED says: only str and bytes hashes are salted).
 """
 from __future__ import annotations
 
+from array import array
 from typing import NoReturn
 
 from mpi4py import MPI
@@ -102,13 +103,23 @@ def agree(ctx: Context, sig: tuple[int, ...]) -> bool:
     if ctx.exchange is not None:
         # through shared memory: header slots and a barrier (cheaper than an all-reduce here)
         return exchange.agree(ctx.exchange, h)
-    pair = ctx.guard_pair  # two int64, kept with the communicator (building one per call costs more)
-    # the complement ~h = -h - 1 reverses the order like negation, but fits in 64 bits for every h
-    # (-h overflows for h = -2**63)
-    pair[0], pair[1] = h, ~h
-    # one small collective: the max of the hash and the max of its complement (= ~min)
-    ctx.comm.Allreduce(MPI.IN_PLACE, pair, op=MPI.MAX)
-    return pair[0] == ~pair[1]
+    # two int64 kept with the communicator (building them per call costs more)
+    high, low = extremes(ctx.comm, h, ctx.guard_pair)
+    return high == low
+
+
+def extremes(comm: MPI.Comm, value: int, pair: array | None = None) -> tuple[int, int]:
+    """The largest and smallest of every rank's 64-bit `value`, in one small all-reduce (collective).
+
+    pair: an array("q") of two to use as the message (a new one if None).
+    """
+    pair = array("q", (0, 0)) if pair is None else pair
+    # the complement ~v = -v - 1 reverses the order like negation, but fits in 64 bits for every v
+    # (-v overflows for v = -2**63)
+    pair[0], pair[1] = value, ~value
+    # the max of the values and the max of their complements (= ~min)
+    comm.Allreduce(MPI.IN_PLACE, pair, op=MPI.MAX)
+    return pair[0], ~pair[1]
 
 
 def mismatch(ctx: Context, sig: tuple[int, ...]) -> NoReturn:
