@@ -51,6 +51,7 @@ class Context:
     exchange: Any = None  # exchange.Exchange: where small host all-reduces meet, when all ranks share a node
     host_calls: dict[tuple[Any, ...], Any] = field(default_factory=dict)  # collectives.HostCall by kind of call
     guard_pair: array = field(default_factory=lambda: array("q", (0, 0)))  # the guard's message: hash, ~hash
+    companions: dict[str, MPI.Comm] = field(default_factory=dict)  # purpose -> a duplicate of the user's comm
 
     def scratch(self, n: int, like: Any) -> Any:
         """A reusable uninitialised 1-D host buffer of n elements of like's dtype (grown on demand).
@@ -114,10 +115,24 @@ def _share_node(ctx: Context, override: int | None) -> None:
         ctx.exchange = exchange.allocate(ctx.node, capacity, ring_threshold(ctx.size, EXCHANGE_WHOLE_BYTES))
 
 
+def companion(comm: MPI.Comm, purpose: str) -> MPI.Comm:
+    """A duplicate of `comm` kept for one purpose, made (collectively) on first use.
+
+    Collectives on it can never interleave with those dmlmpi makes on comm from another thread
+    (DataParallel's communication thread), which MPI would match in whatever order they came.
+    """
+    ctx = context(comm)
+    made = ctx.companions.get(purpose)
+    if made is None:
+        made = ctx.companions[purpose] = comm.Dup()
+    return made
+
+
 def existing_comms(comm: MPI.Comm) -> list[MPI.Comm]:
     """The communicators dmlmpi made for `comm` so far (its duplicate, node splits); creates nothing."""
     ctx = comm.Get_attr(_KEYVAL[0]) if _KEYVAL else None
     if ctx is None:
         return []
     made = [ctx.comm] + [c for pair in ctx.nodes.values() for c in pair if c != MPI.COMM_NULL]
+    made += [c for dup in ctx.companions.values() for c in [dup, *existing_comms(dup)]]
     return made + ([ctx.node] if ctx.node is not None else [])

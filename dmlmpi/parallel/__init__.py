@@ -2,5 +2,6 @@
 from .data import DataParallel
 from .pipeline import Pipeline
 from .ps import ParameterServer
+from .syncbn import SyncBatchNorm
 
-__all__ = ["DataParallel", "ParameterServer", "Pipeline"]
+__all__ = ["DataParallel", "ParameterServer", "Pipeline", "SyncBatchNorm"]
