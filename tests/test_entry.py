@@ -75,6 +75,20 @@ def test_dp_bench_compression(tmp_path) -> None:
     assert {v: r["compression"] for v, r in records.items()} == {"local": "none", "dmlmpi": "fp16", "ddp": "fp16"}
 
 
+def test_dp_bench_sync_bn(tmp_path, capsys) -> None:
+    """`bench dp --sync-bn`: a fourth row, dmlmpi with SyncBatchNorm layers; refused for models without BatchNorm."""
+    out_json = tmp_path / "dpsbn.json"
+    result = run_mpi(2, ["-m", "dmlmpi.bench", "dp", "--models", "bn-cnn", "--sync-bn", "--samples", "2",
+                         "--sample-seconds", "0.01", "--json", str(out_json)], timeout=180, cwd=ROOT)
+    assert result.returncode == 0 and "SyncBatchNorm adds" in result.stdout, result.stdout
+    assert {r["variant"] for r in json.loads(out_json.read_text())} == {"local", "dmlmpi", "ddp", "dmlmpi-syncbn"}
+    from dmlmpi.bench.dp import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--models", "cnn", "--sync-bn"])
+    assert "has no BatchNorm layer" in capsys.readouterr().err
+
+
 def test_broadcast_bench_smoke(tmp_path) -> None:
     """`python -m dmlmpi.bench broadcast` on 2 ranks: every row, each leaving rank 0's values everywhere, JSON records."""
     out_json = tmp_path / "bc.json"

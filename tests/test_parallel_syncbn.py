@@ -1,6 +1,7 @@
 """SyncBatchNorm: N ranks with global batch B train the model one process trains with batch B."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from mpi4py import MPI
@@ -10,7 +11,7 @@ from dmlmpi.comm import CollectiveMismatchError
 from dmlmpi.comm.context import companion, context
 from dmlmpi.data import rank_share
 from dmlmpi.parallel import DataParallel, SyncBatchNorm
-from dmlmpi.parallel.syncbn import combine_moments, local_moments
+from dmlmpi.parallel.syncbn import global_moments, local_sums
 
 pytestmark = pytest.mark.mpi
 
@@ -37,17 +38,17 @@ def batches(steps: int, batch: int, n: int) -> list[torch.Tensor]:
     return [torch.arange(s * batch, (s + 1) * batch) % n for s in range(steps)]
 
 
-def test_combined_moments_equal_the_whole_batch() -> None:
-    """Chan's combination of per-piece moments gives the mean and variance of the concatenation, empty pieces included."""
+def test_summed_moments_equal_the_whole_batch() -> None:
+    """Per-piece sums, added up, give the mean and variance of the concatenation, empty pieces included."""
     g = torch.Generator().manual_seed(0)
-    x = 100.0 + torch.randn(11, 3, 4, generator=g, dtype=torch.float64)  # a large mean: no cancellation
+    x = 1000.0 + torch.randn(11, 3, 4, generator=g, dtype=torch.float64)  # mean / std = 1000
     pieces = [x[:0], x[:1], x[1:5], x[5:5], x[5:]]
-    total, mean, var = combine_moments(torch.stack([local_moments(p) for p in pieces]))
+    total, mean, var = global_moments(np.sum([local_sums(p) for p in pieces], axis=0))
     assert total == 11 * 4
-    torch.testing.assert_close(mean, x.mean((0, 2)), rtol=0, atol=1e-12)
-    torch.testing.assert_close(var, x.var((0, 2), unbiased=False), rtol=1e-12, atol=0)
-    half = local_moments(x[:4].to(torch.bfloat16))  # 16-bit inputs: statistics in float32, returned as float64
-    assert half.dtype == torch.float64 and half[0] == 16
+    np.testing.assert_allclose(mean, x.mean((0, 2)).numpy(), rtol=1e-15, atol=0)
+    np.testing.assert_allclose(var, x.var((0, 2), unbiased=False).numpy(), rtol=1e-9, atol=0)
+    half = local_sums(x[:4].to(torch.bfloat16))  # 16-bit inputs: statistics in float32, returned as float64
+    assert half.dtype == np.float64 and half[0] == 16
 
 
 @pytest.mark.parametrize("bucket_mb", [0.0001, 25.0])
@@ -152,7 +153,7 @@ def test_bad_inputs_are_refused() -> None:
 def test_different_channel_counts_are_refused_on_every_rank() -> None:
     """Ranks whose layers differ raise on every rank (the consistency guard) instead of hanging."""
     bn = SyncBatchNorm(4 if RANK == 0 else 5)
-    with pytest.raises(CollectiveMismatchError, match="allgather"):
+    with pytest.raises(CollectiveMismatchError, match="allreduce"):
         bn(torch.randn(6, bn.num_features))
 
 
@@ -167,3 +168,20 @@ def test_convert_keeps_parameters_and_statistics() -> None:
     assert all(a is b for a, b in zip(converted.parameters(), before))
     assert converted[2].running_var is stats and converted[6].momentum is None
     assert converted.state_dict().keys() == conv_bn().state_dict().keys()  # checkpoints load either way
+
+
+def test_bfloat16_inputs_follow_float32() -> None:
+    """16-bit inputs: statistics and gradients in float32, output and input gradient in bfloat16."""
+    g = torch.Generator().manual_seed(5)
+    x = 2.0 + torch.randn(8 * SIZE, 4, 6, generator=g)
+    mine = slice(8 * RANK, 8 * RANK + 8)
+    outs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        bn = SyncBatchNorm(4)
+        xs = x[mine].to(dtype).requires_grad_()
+        y = bn(xs)
+        y.float().square().sum().backward()
+        assert y.dtype == dtype and xs.grad.dtype == dtype
+        outs.append((y.float(), xs.grad.float(), bn.weight.grad, bn.running_var))
+    for want, got in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)

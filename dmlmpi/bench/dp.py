@@ -4,7 +4,8 @@ Run under `mpirun -n K` (K = 1, 2, 4, ... one launch per world size: ranks idlin
 launch would change how MPI waits, since Open MPI makes waiting ranks yield on an oversubscribed
 node). For each model, on the same random data: `local` trains each rank's model alone (no
 communication: the floor), `dmlmpi` wraps it in DataParallel, `ddp` in torch
-DistributedDataParallel over gloo. Each rank takes a fixed batch per step (weak scaling). Reported:
+DistributedDataParallel over gloo; with `--sync-bn`, `dmlmpi-syncbn` also wraps the model's
+BatchNorm layers in dmlmpi's SyncBatchNorm (torch's refuses CPU tensors, so DDP has no such row). Each rank takes a fixed batch per step (weak scaling). Reported:
 samples/s over all K ranks (median, min, max of timed samples, each timed as the slowest rank's)
 and how much longer a step is than `local`'s. The three variants of a model take their timed
 samples in turn, so the machine's slow and fast spells fall on all of them alike.
@@ -20,11 +21,12 @@ from mpi4py import MPI
 from torch import nn
 
 from dmlmpi.models import mlp, mnist1d_cnn
-from dmlmpi.parallel import DataParallel
+from dmlmpi.parallel import DataParallel, SyncBatchNorm
 
 from .common import balanced_orders, calls_per_sample, close_gloo, format_table, init_gloo, timed_sample, write_json
 
 VARIANTS = ("local", "dmlmpi", "ddp")
+SYNC_BN = "dmlmpi-syncbn"  # with --sync-bn: DataParallel over the model with SyncBatchNorm layers
 
 
 def bn_cnn(blocks: int = 8, channels: int = 16) -> nn.Sequential:
@@ -56,12 +58,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--compression", default="none", choices=["none", "fp16", "bf16"],
                    help="gradients on the wire in 16 bits: dmlmpi's compression option, DDP's "
                         "fp16_compress_hook / bf16_compress_hook")
+    p.add_argument("--sync-bn", action="store_true",
+                   help=f"add a {SYNC_BN} row: dmlmpi with SyncBatchNorm layers (models with BatchNorm only: bn-cnn)")
     p.add_argument("--json", help="write one record per (model, ranks, variant) to this path")
     args = p.parse_args(argv)
     for m in args.models.split(","):
         if m not in MODELS:
             p.error(f"unknown model {m!r}; choose from {','.join(MODELS)}")
+        if args.sync_bn and not has_batchnorm(MODELS[m][0]()):
+            p.error(f"--sync-bn: model {m!r} has no BatchNorm layer; use --models bn-cnn")
     return args
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether any layer of `model` is a BatchNorm."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def wrap(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, args: argparse.Namespace) -> nn.Module:
@@ -69,6 +80,9 @@ def wrap(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, args: argpar
     wire = wire_format(variant, args.compression)
     if variant == "dmlmpi":
         return DataParallel(model, comm=sub, algorithm=args.algorithm, bucket_mb=args.bucket_mb, compression=wire)
+    if variant == SYNC_BN:
+        return DataParallel(SyncBatchNorm.convert_sync_batchnorm(model, comm=sub), comm=sub,
+                            algorithm=args.algorithm, bucket_mb=args.bucket_mb, compression=wire)
     if variant == "ddp":
         ddp = nn.parallel.DistributedDataParallel(model, process_group=group, bucket_cap_mb=args.bucket_mb)
         if wire == "fp16":  # DDP's own 16-bit wire format, for a like-for-like row
@@ -117,22 +131,22 @@ def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Names
     of on whichever was running then. Every variant takes the same number of steps per sample (the
     median of their calibrations), so what a sample pays once weighs on each alike.
     """
-    built = {v: make_step(name, v, sub, group, args) for v in VARIANTS}
+    built = {v: make_step(name, v, sub, group, args) for v in VARIANTS + ((SYNC_BN,) if args.sync_bn else ())}
     steps = int(statistics.median(calibrate(step, sub, args) for _, step in built.values()))
-    per_step: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    per_step: dict[str, list[float]] = {v: [] for v in built}
     for order in balanced_orders(list(built), args.samples):
         for v in order:
             per_step[v].append(timed_sample(built[v][1], steps, sub))
     records = []
     for v, (model, _) in built.items():
-        if v == "dmlmpi":
+        if v.startswith("dmlmpi"):
             model.close()
         rates = [k * args.batch / t for t in per_step[v]]
         records.append(dict(model=name, params=sum(p.numel() for p in model.parameters()), variant=v, ranks=k,
                             batch_per_rank=args.batch, samples_per_s_median=statistics.median(rates),
                             samples_per_s_min=min(rates), samples_per_s_max=max(rates),
                             step_time_s_median=statistics.median(per_step[v]),
-                            algorithm=args.algorithm if v == "dmlmpi" else "",
+                            algorithm=args.algorithm if v.startswith("dmlmpi") else "",
                             compression=wire_format(v, args.compression)))
     return records
 
@@ -167,6 +181,9 @@ def main(argv: list[str]) -> int:
             if k == 2:
                 over = by[(name, 2, "dmlmpi")]["comm_overhead"]
                 print(f"{name}, 2 ranks: communication adds {100 * over:.1f}% to the step (<=15%: {'PASS' if over <= 0.15 else 'MISS'})")
+            if args.sync_bn:
+                extra = by[(name, k, SYNC_BN)]["step_time_s_median"] / by[(name, k, "dmlmpi")]["step_time_s_median"] - 1
+                print(f"{name}, {k} ranks: SyncBatchNorm adds {100 * extra:+.1f}% to dmlmpi's step")
         if args.json:
             write_json(args.json, records)
     close_gloo(dist)
