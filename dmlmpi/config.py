@@ -14,6 +14,7 @@ import yaml
 
 from dmlmpi.comm import ALGORITHMS
 from dmlmpi.data import DATASETS, TAILS
+from dmlmpi.models import WITH_BATCHNORM
 
 MODES = ["dp", "ps", "pipeline", "hybrid", "fl"]
 
@@ -35,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", help="directory with MNIST IDX files or CIFAR-10 binary batches")
     g.add_argument("--samples", type=int, default=5000, help="MNIST-1D samples to generate (80%% train, 20%% test)")
     g.add_argument("--data-seed", type=int, default=42, help="seed of the generated MNIST-1D data")
-    g.add_argument("--model", default="auto", choices=["auto", "cnn", "mlp", "linear", "convnet"],
-                   help="auto: cnn for mnist1d, convnet for mnist and cifar10")
+    g.add_argument("--model", default="auto", choices=["auto", "cnn", "cnn-bn", "mlp", "linear", "convnet"],
+                   help="auto: cnn for mnist1d, convnet for mnist and cifar10; cnn-bn: cnn with a BatchNorm after "
+                        "each convolution")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=30, help="passes over the training set")
     g.add_argument("--batch-size", type=int, default=64, help="global batch size, split over the ranks")
@@ -53,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("communication")
     g.add_argument("--algorithm", default="auto", choices=list(ALGORITHMS), help="gradient all-reduce algorithm")
     g.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size in MiB")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="dp mode: BatchNorm layers normalize over the global batch, all ranks' samples "
+                        "(dmlmpi SyncBatchNorm), not each rank's share; needs a model with BatchNorm (cnn-bn)")
     g.add_argument("--compression", default="none", choices=["none", "fp16", "bf16"],
                    help="send gradients as 16-bit floats")
     g.add_argument("--straggler", type=straggler, metavar="RANK:SECONDS",
@@ -256,6 +261,11 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size:
             FLConfig.from_args(args).check(world_size, None)
         except ValueError as exc:
             parser.error(str(exc))
+    if args.sync_bn and args.mode != "dp":
+        parser.error(f"--sync-bn works with --mode dp, not {args.mode}")
+    if args.sync_bn and args.model not in WITH_BATCHNORM:
+        parser.error(f"--sync-bn needs a model with BatchNorm layers (--model {', '.join(WITH_BATCHNORM)}); "
+                     f"--model {args.model} has none")
     if not 0 <= args.momentum < 1:
         parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
     if args.staleness < 0:

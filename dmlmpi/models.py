@@ -10,13 +10,22 @@ from torch import nn
 DEFAULT_FOR = {"mnist1d": "cnn", "mnist": "convnet", "cifar10": "convnet"}
 
 
-def mnist1d_cnn(channels: int = 32, classes: int = 10) -> nn.Sequential:
-    """A 1-D CNN for MNIST-1D (40 inputs): three strided convolutions, then a linear classifier."""
+# the models with BatchNorm layers (what --sync-bn synchronizes)
+WITH_BATCHNORM = ("cnn-bn",)
+
+
+def mnist1d_cnn(channels: int = 32, classes: int = 10, batchnorm: bool = False) -> nn.Sequential:
+    """A 1-D CNN for MNIST-1D (40 inputs): three strided convolutions, then a linear classifier.
+
+    batchnorm: a BatchNorm1d after each convolution (model `cnn-bn`).
+    """
+    def norm() -> list[nn.Module]:
+        return [nn.BatchNorm1d(channels)] if batchnorm else []
     return nn.Sequential(
         nn.Unflatten(1, (1, 40)),  # (batch, 40) -> (batch, 1 channel, 40)
-        nn.Conv1d(1, channels, 5, stride=2, padding=1), nn.ReLU(),  # -> 19
-        nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),  # -> 10
-        nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),  # -> 5
+        nn.Conv1d(1, channels, 5, stride=2, padding=1), *norm(), nn.ReLU(),  # -> 19
+        nn.Conv1d(channels, channels, 3, stride=2, padding=1), *norm(), nn.ReLU(),  # -> 10
+        nn.Conv1d(channels, channels, 3, stride=2, padding=1), *norm(), nn.ReLU(),  # -> 5
         nn.Flatten(),
         nn.Linear(channels * 5, classes),
     )
@@ -49,10 +58,10 @@ def build(name: str, seed: int, sample_shape: tuple[int, ...], dataset: str = "m
     """The named model for inputs of `sample_shape`, with weights drawn from `seed` (same on every rank)."""
     name = DEFAULT_FOR.get(dataset, "mlp") if name == "auto" else name
     torch.manual_seed(seed)
-    if name == "cnn":
+    if name in ("cnn", "cnn-bn"):
         if tuple(sample_shape) != (40,):
-            raise ValueError(f"model 'cnn' is the MNIST-1D CNN (40 inputs); inputs here are {sample_shape}")
-        return mnist1d_cnn()
+            raise ValueError(f"model {name!r} is the MNIST-1D CNN (40 inputs); inputs here are {sample_shape}")
+        return mnist1d_cnn(batchnorm=name == "cnn-bn")
     if name == "mlp":
         return mlp(math.prod(sample_shape))
     if name == "linear":
@@ -63,4 +72,4 @@ def build(name: str, seed: int, sample_shape: tuple[int, ...], dataset: str = "m
         if len(sample_shape) == 3:
             return convnet(*sample_shape)
         raise ValueError(f"model 'convnet' needs images (784 = 28x28, or CxHxW); inputs here are {sample_shape}")
-    raise ValueError(f"unknown model {name!r}; choose from auto, cnn, mlp, linear, convnet")
+    raise ValueError(f"unknown model {name!r}; choose from auto, cnn, cnn-bn, mlp, linear, convnet")

@@ -19,7 +19,7 @@ from dmlmpi import comm as dcomm
 from dmlmpi.comm.context import existing_comms
 from dmlmpi.data import Dataset, rank_share
 from dmlmpi.grid import ProcessGrid
-from dmlmpi.parallel import DataParallel, ParameterServer, Pipeline
+from dmlmpi.parallel import DataParallel, ParameterServer, Pipeline, SyncBatchNorm
 from dmlmpi.telemetry import Timeline
 
 
@@ -149,6 +149,8 @@ class DPTrainer(Trainer):
     def __init__(self, model: nn.Module, data: Dataset, args: argparse.Namespace, world: MPI.Comm,
                  device: torch.device, total_steps: int, tl: Timeline) -> None:
         self.comm, self.data, self.device, self.tl = world, data, device, tl
+        if args.sync_bn:  # BatchNorm statistics over every rank's samples, on this trainer's communicator
+            model = SyncBatchNorm.convert_sync_batchnorm(model, comm=world)
         self.model = DataParallel(model, world, bucket_mb=args.bucket_mb, algorithm=args.algorithm,
                                   compression=args.compression, timeline=tl,
                                   # an elastic recovery closes this on a communicator that lost a rank:

@@ -185,3 +185,19 @@ def test_bfloat16_inputs_follow_float32() -> None:
         outs.append((y.float(), xs.grad.float(), bn.weight.grad, bn.running_var))
     for want, got in zip(*outs):
         torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_tensors_match_batchnorm() -> None:
+    """On the GPU: statistics through the host, output and gradients on the device, equal to BatchNorm2d's."""
+    g = torch.Generator().manual_seed(6)
+    x = (1.0 + torch.randn(4 * SIZE, 3, 5, 5, generator=g)).cuda().requires_grad_()
+    ref = nn.BatchNorm2d(3).cuda()
+    ref(x).square().sum().backward()
+    bn = SyncBatchNorm(3).cuda()
+    xs = x.detach()[4 * RANK:4 * RANK + 4].clone().requires_grad_()
+    y = bn(xs)
+    y.square().sum().backward()
+    assert y.is_cuda and xs.grad.is_cuda and bn.running_var.is_cuda
+    torch.testing.assert_close(xs.grad, x.grad[4 * RANK:4 * RANK + 4], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-5)

@@ -58,6 +58,19 @@ def test_same_losses_on_one_and_three_ranks(three_rank_run, tmp_path) -> None:
         assert three[step] == pytest.approx(one[step], rel=1e-4, abs=1e-6), step
 
 
+def test_sync_bn_same_losses_on_one_and_three_ranks(tmp_path) -> None:
+    """With BatchNorm layers, --sync-bn makes 3 ranks train what one process trains on the same global batch."""
+    runs = {}
+    for n in (1, 3):
+        out = tmp_path / f"r{n}"
+        result = train(n, out, "--epochs", "1", "--model", "cnn-bn", "--sync-bn")
+        assert result.returncode == 0, result.stdout
+        runs[n] = losses(out)
+    assert runs[1].keys() == runs[3].keys() and len(runs[1]) == 15
+    for step in runs[1]:
+        assert runs[3][step] == pytest.approx(runs[1][step], rel=1e-4, abs=1e-6), step
+
+
 def test_resume_continues_where_it_stopped(three_rank_run, tmp_path) -> None:
     """Stopped after 11 steps (mid-epoch), resumed: later losses equal the uninterrupted run's."""
     full, _ = three_rank_run
@@ -99,6 +112,7 @@ def test_yaml_config_and_command_line(tmp_path) -> None:
     (["--mode", "ps", "--straggler", "2:0.1"], "rank 2 does not train (training ranks are 0..1)"),
     (["--mode", "ps", "--straggler", "1-0.1"], "expected RANK:SECONDS"),
     (["--mode", "ps", "--ps-mode", "ssp", "--staleness", "-1"], "--staleness must not be negative"),
+    (["--sync-bn"], "--sync-bn needs a model with BatchNorm layers (--model cnn-bn); --model auto has none"),
 ])
 def test_bad_input_fails_fast_on_every_rank(extra: list[str], message: str, tmp_path) -> None:
     """Each bad setting: non-zero exit, the reason in the output from every rank, no hang."""
