@@ -1,6 +1,8 @@
 """DataParallel against single-process training on the same global batch, at any world size."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -206,3 +208,89 @@ def test_different_buffers_are_refused_on_every_rank() -> None:
     net.register_buffer("table", torch.zeros((2, 6) if RANK == SIZE - 1 else (3, 4)))
     with pytest.raises(ValueError, match=r"first difference, parameters and buffers entry 2: rank 0 \('table', \(3, 4\)"):
         DataParallel(net)
+
+
+def uneven_counts(kind: str) -> list[int]:
+    """Batches per rank: a staircase (rank r has 2 + r), or rank 0 with none and the others 3."""
+    return [2 + r for r in range(SIZE)] if kind == "staircase" else [0] + [3] * (SIZE - 1)
+
+
+def uneven_batch(r: int, s: int, part: int = 0) -> slice:
+    """Rank r's samples at step s (part 1: its second, accumulated micro-batch)."""
+    start = ((r * 16 + s) * 2 + part) * 4
+    return slice(start, start + 4)
+
+
+@pytest.mark.parametrize("kind", ["staircase", "one-empty"])
+@pytest.mark.parametrize("divide_by_initial", [True, False])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_join_trains_uneven_inputs_like_one_process(kind: str, divide_by_initial: bool, accumulate: bool) -> None:
+    """Ranks with different numbers of batches: no hang, and every rank ends with the single-process model.
+
+    The reference takes, at step s, the gradient of the ranks that still have a batch, divided by the
+    world size (DDP's default) or by their number; with accumulate, each step adds a micro-batch under
+    no_sync() first (the ranks that ran out skip those rounds).
+    """
+    counts = uneven_counts(kind)
+    x, y = data(1024)
+    parts = (1, 0) if accumulate else (0,)
+    ref = make_model()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    for s in range(max(counts)):
+        active = [r for r in range(SIZE) if s < counts[r]]
+        opt.zero_grad()
+        divisor = SIZE if divide_by_initial else len(active)
+        loss = sum(nn.functional.cross_entropy(ref(x[uneven_batch(r, s, p)]), y[uneven_batch(r, s, p)])
+                   for r in active for p in parts) / divisor
+        loss.backward()
+        opt.step()
+
+    model = DataParallel(make_model(seed=RANK), bucket_mb=0.0001)  # one bucket per parameter
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with model.join(divide_by_initial_world_size=divide_by_initial):
+        for s in range(counts[RANK]):
+            opt.zero_grad()
+            for p in parts:
+                with model.no_sync() if p == 1 else contextlib.nullcontext():
+                    b = uneven_batch(RANK, s, p)
+                    nn.functional.cross_entropy(model(x[b]), y[b]).backward()
+            opt.step()
+    for got, want in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-6)
+    # out of join: back to the whole world's average, no counting round
+    assert model._join is None and model._scale == 1.0 / SIZE
+    model.close()
+
+
+@pytest.mark.skipif(SIZE < 2, reason="needs two ranks")
+def test_join_can_stop_every_rank_at_the_first_uneven_step() -> None:
+    """throw_on_early_termination: when rank 0 runs out, every rank raises at the next step."""
+    model = DataParallel(make_model())
+    x = torch.randn(4, 40)
+    with pytest.raises(RuntimeError, match="1 of .* ranks ran out of inputs"):
+        with model.join(throw_on_early_termination=True):
+            for _ in range(1 if RANK == 0 else 3):
+                model(x).sum().backward()
+    model.close()
+
+
+@pytest.mark.skipif(SIZE < 2, reason="needs two ranks")
+def test_join_refuses_ranks_that_disagree_on_no_sync() -> None:
+    """Inside join, rank 0 accumulating while the others synchronize is an error on every rank, not a hang."""
+    model = DataParallel(make_model())
+    with pytest.raises(RuntimeError, match="inside no_sync"):
+        with model.join():
+            with model.no_sync() if RANK == 0 else contextlib.nullcontext():
+                model(torch.randn(4, 40)).sum().backward()
+    model.close()
+
+
+def test_join_refuses_sync_batchnorm() -> None:
+    """SyncBatchNorm's collectives cannot be shadowed by a rank without inputs: refused at entry."""
+    from dmlmpi.parallel import SyncBatchNorm
+
+    model = DataParallel(nn.Sequential(nn.Linear(4, 3), SyncBatchNorm(3)))
+    with pytest.raises(ValueError, match="SyncBatchNorm"):
+        with model.join():
+            pass
+    model.close()

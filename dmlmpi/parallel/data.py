@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -30,6 +31,8 @@ from torch import nn
 from dmlmpi import comm as dcomm
 from dmlmpi.comm.fusion import FusedBroadcast, broadcast_fused, plan_buckets
 from dmlmpi.telemetry import maybe_span
+
+from .syncbn import SyncBatchNorm
 
 COMPRESSION = {None: None, "none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -143,6 +146,33 @@ class Bucket:
 
 
 
+@dataclass
+class Join:
+    """Settings and progress of a DataParallel.join() block on this rank."""
+
+    divide_by_initial_world_size: bool
+    throw_on_early_termination: bool
+    steps: int = 0  # training steps this rank took inside the block
+
+
+def join_round(comm: MPI.Comm, training: int, syncs: bool) -> tuple[int, int]:
+    """One round of join(): (ranks still training, ranks of them that synchronize gradients this step)."""
+    flags = np.array([training, int(bool(training) and syncs)], dtype=np.int64)
+    dcomm.allreduce(flags, comm=comm, inplace=True)
+    return int(flags[0]), int(flags[1])
+
+
+def check_round(active: int, syncing: int, world: int, throw: bool, joined: bool = False) -> None:
+    """Raise on every rank alike when a join() round cannot go on (pure: the counts are the same everywhere)."""
+    if syncing not in (0, active):
+        raise RuntimeError(f"DataParallel.join: {active - syncing} of the {active} training ranks are inside "
+                           f"no_sync() and {syncing} are not: all must accumulate, or all synchronize, together")
+    if throw and active < world:
+        raise RuntimeError(f"DataParallel.join: {world - active} of {world} ranks ran out of inputs"
+                           + (" (this one among them)" if joined else "")
+                           + "; throw_on_early_termination=True stops every rank here")
+
+
 class DataParallel(nn.Module):
     """Wrap `module` so that backward averages its gradients over the ranks of `comm`."""
 
@@ -167,6 +197,7 @@ class DataParallel(nn.Module):
         self._wire_dtype = COMPRESSION[compression]
         self._sync = True
         self._backward_queued = False
+        self._join: Join | None = None  # set inside join(): uneven inputs across ranks
         # DDP's pre-division: each rank's gradient is scaled by 1/n as it enters its bucket (no extra
         # pass over the data) and the buckets are summed, so .grad ends with the average
         self._scale = 1.0 / self.comm.Get_size()
@@ -300,9 +331,70 @@ class DataParallel(nn.Module):
     # -- user API ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped module (buffers such as BatchNorm statistics first come from rank 0)."""
+        if self._join is not None and self.training and torch.is_grad_enabled():
+            self._count_active()  # inside join(): how many ranks still train this step
         if self._sync_buffers is not None and self._sync:
             self._sync_buffers()  # one collective for all buffers (a ResNet-50 has 159), not one each
         return self.module(*args, **kwargs)
+
+    # -- uneven inputs -----------------------------------------------------------------------
+    def _count_active(self) -> None:
+        """A training step inside join(): agree on how many ranks train it, and whether they sync."""
+        join = self._join
+        # one small all-reduce: ranks still training send (1, syncs?), ranks that ran out (0, 0)
+        active, syncing = join_round(self.comm, 1, self._sync)
+        check_round(active, syncing, self.comm.Get_size(), join.throw_on_early_termination)
+        if not join.divide_by_initial_world_size:
+            self._scale = 1.0 / active  # the average over the ranks that train this step
+        join.steps += 1
+
+    def _shadow(self) -> None:
+        """This rank ran out of inputs: join every step the others still take, with zero gradients."""
+        join = self._join
+        n = self.comm.Get_size()
+        while True:
+            active, syncing = join_round(self.comm, 0, False)
+            if active == 0:
+                break  # every rank has run out
+            check_round(active, syncing, n, join.throw_on_early_termination, joined=True)
+            if not syncing:
+                continue  # a no_sync() step: the others only run forward and backward
+            # the same collectives, in the same order, as a synced step of the ranks still training:
+            # rank 0's buffers, then every bucket in bucket order (zeros from here)
+            if self._sync_buffers is not None:
+                self._sync_buffers()
+            for bucket in self._buckets:
+                bucket.buffer.zero_()
+                self._allreduce_job(bucket)()
+        # parameters and buffers from the rank that trained longest (the others stopped updating)
+        steps, last = self.comm.allreduce((join.steps, -self.comm.Get_rank()), op=MPI.MAX)
+        broadcast_fused(list(self.module.parameters()) + list(self.module.buffers()), root=-last, comm=self.comm)
+
+    @contextlib.contextmanager
+    def join(self, divide_by_initial_world_size: bool = True,
+             throw_on_early_termination: bool = False) -> Iterator[None]:
+        """Ranks with fewer batches than others leave the loop early without hanging the rest (DDP's join).
+
+        Inside, each training forward first counts the ranks still training (one small all-reduce).
+        A rank that leaves the block keeps taking part in the others' steps with zero gradients until
+        all have left; then every rank takes the parameters and buffers of the rank that trained
+        longest (optimizer state stays each rank's own, as with DDP). Gradients are divided by the
+        whole world size (DDP's default), or with divide_by_initial_world_size=False by the number of
+        ranks training that step. throw_on_early_termination=True: every rank raises instead, at the
+        first step some rank no longer takes.
+        """
+        if any(isinstance(m, SyncBatchNorm) for m in self.module.modules()):
+            raise ValueError("DataParallel.join: the model has SyncBatchNorm layers, whose collectives a rank "
+                             "without inputs cannot take part in; use BatchNorm, or even inputs")
+        if self._join is not None:
+            raise RuntimeError("DataParallel.join: already inside join()")
+        self._join = Join(divide_by_initial_world_size, throw_on_early_termination)
+        try:
+            yield
+            self._shadow()  # only after a normal exit: an exception ends the job instead
+        finally:
+            self._join = None
+            self._scale = 1.0 / self.comm.Get_size()
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
