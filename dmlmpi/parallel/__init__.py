@@ -3,5 +3,6 @@ from .data import DataParallel
 from .pipeline import Pipeline
 from .ps import ParameterServer
 from .syncbn import SyncBatchNorm
+from .zero import ZeroRedundancyOptimizer
 
-__all__ = ["DataParallel", "ParameterServer", "Pipeline", "SyncBatchNorm"]
+__all__ = ["DataParallel", "ParameterServer", "Pipeline", "SyncBatchNorm", "ZeroRedundancyOptimizer"]
