@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sync-bn", action="store_true",
                    help="dp mode: BatchNorm layers normalize over the global batch, all ranks' samples "
                         "(dmlmpi SyncBatchNorm), not each rank's share; needs a model with BatchNorm (cnn-bn)")
+    g.add_argument("--zero", action="store_true",
+                   help="dp mode: split the optimizer state over the ranks (ZeRO stage 1): each rank keeps "
+                        "and updates 1/n of it, then the parameters are all-gathered")
     g.add_argument("--compression", default="none", choices=["none", "fp16", "bf16"],
                    help="send gradients as 16-bit floats")
     g.add_argument("--straggler", type=straggler, metavar="RANK:SECONDS",
@@ -266,6 +269,10 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size:
     if args.sync_bn and args.model not in WITH_BATCHNORM:
         parser.error(f"--sync-bn needs a model with BatchNorm layers (--model {', '.join(WITH_BATCHNORM)}); "
                      f"--model {args.model} has none")
+    if args.zero and args.mode != "dp":
+        parser.error(f"--zero works with --mode dp, not {args.mode}")
+    if args.zero and args.elastic:
+        parser.error("--zero does not work with --elastic: a dead rank's shard of the optimizer state dies with it")
     if not 0 <= args.momentum < 1:
         parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
     if args.staleness < 0:

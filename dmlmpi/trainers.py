@@ -19,19 +19,25 @@ from dmlmpi import comm as dcomm
 from dmlmpi.comm.context import existing_comms
 from dmlmpi.data import Dataset, rank_share
 from dmlmpi.grid import ProcessGrid
-from dmlmpi.parallel import DataParallel, ParameterServer, Pipeline, SyncBatchNorm
+from dmlmpi.parallel import DataParallel, ParameterServer, Pipeline, SyncBatchNorm, ZeroRedundancyOptimizer
 from dmlmpi.telemetry import Timeline
+
+
+def optimizer_spec(args: argparse.Namespace) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The chosen optimizer's class and settings."""
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW, dict(lr=args.lr, weight_decay=args.weight_decay)
+    if args.optimizer == "adam":
+        return torch.optim.Adam, dict(lr=args.lr, weight_decay=args.weight_decay)
+    momentum = args.momentum if args.optimizer == "momentum" else 0.0
+    return torch.optim.SGD, dict(lr=args.lr, momentum=momentum, weight_decay=args.weight_decay)
 
 
 def make_optimizer(args: argparse.Namespace) -> Callable[[Any], torch.optim.Optimizer]:
     """A factory of the chosen optimizer (servers build theirs over their shard)."""
     def build(params: Any) -> torch.optim.Optimizer:
-        if args.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-        if args.optimizer == "adam":
-            return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
-        momentum = args.momentum if args.optimizer == "momentum" else 0.0
-        return torch.optim.SGD(params, lr=args.lr, momentum=momentum, weight_decay=args.weight_decay)
+        cls, settings = optimizer_spec(args)
+        return cls(params, **settings)
     return build
 
 
@@ -156,7 +162,11 @@ class DPTrainer(Trainer):
                                   # an elastic recovery closes this on a communicator that lost a rank:
                                   # shared buckets would need a collective free there
                                   shared_buckets=not args.elastic)
-        self.optimizer = make_optimizer(args)(self.model.parameters())
+        if args.zero:  # each rank keeps and updates 1/n of the optimizer state (ZeRO stage 1)
+            cls, settings = optimizer_spec(args)
+            self.optimizer = ZeroRedundancyOptimizer(self.model.parameters(), cls, comm=world, **settings)
+        else:
+            self.optimizer = make_optimizer(args)(self.model.parameters())
         self.schedule = make_schedule(args, total_steps)(self.optimizer)
 
     def step(self, idx: np.ndarray, batch: int) -> float:

@@ -89,6 +89,20 @@ def test_dp_bench_sync_bn(tmp_path, capsys) -> None:
     assert "has no BatchNorm layer" in capsys.readouterr().err
 
 
+def test_dp_bench_zero(tmp_path) -> None:
+    """`bench dp --zero --optimizer adamw`: dmlmpi's and torch's ZeRO rows, each holding about half of AdamW's state."""
+    out_json = tmp_path / "dpzero.json"
+    result = run_mpi(2, ["-m", "dmlmpi.bench", "dp", "--models", "cnn", "--zero", "--optimizer", "adamw",
+                         "--samples", "2", "--sample-seconds", "0.01", "--json", str(out_json)], timeout=180, cwd=ROOT)
+    assert result.returncode == 0 and "dmlmpi-zero / ddp-zero" in result.stdout, result.stdout
+    records = {r["variant"]: r for r in json.loads(out_json.read_text())}
+    assert set(records) == {"local", "dmlmpi", "ddp", "dmlmpi-zero", "ddp-zero"}
+    whole = records["dmlmpi"]["optimizer_state_bytes"]
+    assert whole == records["ddp"]["optimizer_state_bytes"] > 2 * 4 * 8000  # two moments of 8k parameters
+    for v in ("dmlmpi-zero", "ddp-zero"):
+        assert 0.3 * whole < records[v]["optimizer_state_bytes"] < 0.7 * whole, (v, records[v])
+
+
 def test_broadcast_bench_smoke(tmp_path) -> None:
     """`python -m dmlmpi.bench broadcast` on 2 ranks: every row, each leaving rank 0's values everywhere, JSON records."""
     out_json = tmp_path / "bc.json"

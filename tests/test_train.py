@@ -89,6 +89,19 @@ def test_resume_continues_where_it_stopped(three_rank_run, tmp_path) -> None:
     assert a == b
 
 
+def test_zero_trains_the_same_and_resumes_on_another_world_size(three_rank_run, tmp_path) -> None:
+    """--zero (optimizer state split over the ranks): the same losses; its checkpoint resumes on 2 ranks."""
+    full, _ = three_rank_run
+    first = train(3, tmp_path, "--epochs", "2", "--max-steps", "11", "--zero")
+    assert first.returncode == 0, first.stdout
+    second = train(2, tmp_path, "--epochs", "2", "--resume", "--zero")
+    assert second.returncode == 0 and "at step 11" in second.stdout, second.stdout
+    resumed, uninterrupted = losses(tmp_path), losses(full)
+    assert sorted(resumed) == list(range(1, 31))
+    for step in range(1, 31):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-4, abs=1e-6), step
+
+
 def test_yaml_config_and_command_line(tmp_path) -> None:
     """A YAML file sets options; the command line overrides it."""
     cfg = tmp_path / "run.yaml"
@@ -113,6 +126,7 @@ def test_yaml_config_and_command_line(tmp_path) -> None:
     (["--mode", "ps", "--straggler", "1-0.1"], "expected RANK:SECONDS"),
     (["--mode", "ps", "--ps-mode", "ssp", "--staleness", "-1"], "--staleness must not be negative"),
     (["--sync-bn"], "--sync-bn needs a model with BatchNorm layers (--model cnn-bn); --model auto has none"),
+    (["--zero", "--mode", "pipeline"], "--zero works with --mode dp, not pipeline"),
 ])
 def test_bad_input_fails_fast_on_every_rank(extra: list[str], message: str, tmp_path) -> None:
     """Each bad setting: non-zero exit, the reason in the output from every rank, no hang."""

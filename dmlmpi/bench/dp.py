@@ -5,7 +5,9 @@ launch would change how MPI waits, since Open MPI makes waiting ranks yield on a
 node). For each model, on the same random data: `local` trains each rank's model alone (no
 communication: the floor), `dmlmpi` wraps it in DataParallel, `ddp` in torch
 DistributedDataParallel over gloo; with `--sync-bn`, `dmlmpi-syncbn` also wraps the model's
-BatchNorm layers in dmlmpi's SyncBatchNorm (torch's refuses CPU tensors, so DDP has no such row). Each rank takes a fixed batch per step (weak scaling). Reported:
+BatchNorm layers in dmlmpi's SyncBatchNorm (torch's refuses CPU tensors, so DDP has no such row); with
+`--zero`, `dmlmpi-zero` and `ddp-zero` split the optimizer state over the ranks (dmlmpi's
+ZeroRedundancyOptimizer, and torch's over gloo). Each rank takes a fixed batch per step (weak scaling). Reported:
 samples/s over all K ranks (median, min, max of timed samples, each timed as the slowest rank's)
 and how much longer a step is than `local`'s. The three variants of a model take their timed
 samples in turn, so the machine's slow and fast spells fall on all of them alike.
@@ -21,12 +23,14 @@ from mpi4py import MPI
 from torch import nn
 
 from dmlmpi.models import mlp, mnist1d_cnn
-from dmlmpi.parallel import DataParallel, SyncBatchNorm
+from dmlmpi.parallel import DataParallel, SyncBatchNorm, ZeroRedundancyOptimizer
 
 from .common import balanced_orders, calls_per_sample, close_gloo, format_table, init_gloo, timed_sample, write_json
 
 VARIANTS = ("local", "dmlmpi", "ddp")
 SYNC_BN = "dmlmpi-syncbn"  # with --sync-bn: DataParallel over the model with SyncBatchNorm layers
+ZERO = ("dmlmpi-zero", "ddp-zero")  # with --zero: the optimizer state split over the ranks (ZeRO stage 1)
+OPTIMIZERS = {"sgd": (torch.optim.SGD, dict(lr=0.01)), "adamw": (torch.optim.AdamW, dict(lr=0.001))}
 
 
 def bn_cnn(blocks: int = 8, channels: int = 16) -> nn.Sequential:
@@ -60,6 +64,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "fp16_compress_hook / bf16_compress_hook")
     p.add_argument("--sync-bn", action="store_true",
                    help=f"add a {SYNC_BN} row: dmlmpi with SyncBatchNorm layers (models with BatchNorm only: bn-cnn)")
+    p.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZERS),
+                   help="every variant's optimizer (adamw keeps two moments per parameter: what --zero splits)")
+    p.add_argument("--zero", action="store_true",
+                   help=f"add {' and '.join(ZERO)} rows: dmlmpi's and torch's ZeroRedundancyOptimizer")
     p.add_argument("--json", help="write one record per (model, ranks, variant) to this path")
     args = p.parse_args(argv)
     for m in args.models.split(","):
@@ -78,12 +86,12 @@ def has_batchnorm(model: nn.Module) -> bool:
 def wrap(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, args: argparse.Namespace) -> nn.Module:
     """The model as trained by one variant."""
     wire = wire_format(variant, args.compression)
-    if variant == "dmlmpi":
+    if variant in ("dmlmpi", "dmlmpi-zero"):
         return DataParallel(model, comm=sub, algorithm=args.algorithm, bucket_mb=args.bucket_mb, compression=wire)
     if variant == SYNC_BN:
         return DataParallel(SyncBatchNorm.convert_sync_batchnorm(model, comm=sub), comm=sub,
                             algorithm=args.algorithm, bucket_mb=args.bucket_mb, compression=wire)
-    if variant == "ddp":
+    if variant in ("ddp", "ddp-zero"):
         ddp = nn.parallel.DistributedDataParallel(model, process_group=group, bucket_cap_mb=args.bucket_mb)
         if wire == "fp16":  # DDP's own 16-bit wire format, for a like-for-like row
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -95,7 +103,7 @@ def wrap(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, args: argpar
 
 def wire_format(variant: str, compression: str) -> str:
     """The gradient wire format a variant uses for --compression (DDP's bf16 hook needs NCCL: none on gloo)."""
-    if variant == "local" or (variant == "ddp" and compression == "bf16"):
+    if variant == "local" or (variant.startswith("ddp") and compression == "bf16"):
         return "none"
     return compression
 
@@ -112,7 +120,7 @@ def make_step(name: str, variant: str, sub: MPI.Comm, group: Any, args: argparse
     build, shape = MODELS[name]
     torch.manual_seed(0)
     model = wrap(variant, build(), sub, group, args)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    opt = make_optimizer(variant, model, sub, group, args)
     g = torch.Generator().manual_seed(1 + sub.Get_rank())
     x, y = torch.randn(args.batch, *shape, generator=g), torch.randint(0, 10, (args.batch,), generator=g)
 
@@ -120,7 +128,26 @@ def make_step(name: str, variant: str, sub: MPI.Comm, group: Any, args: argparse
         opt.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
+    step.optimizer = opt  # type: ignore[attr-defined]  (its state size goes into the record)
     return model, step
+
+
+def make_optimizer(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, args: argparse.Namespace) -> Any:
+    """--optimizer for the variant: whole on every rank, or split over the ranks by dmlmpi's or torch's ZeRO."""
+    cls, settings = OPTIMIZERS[args.optimizer]
+    if variant == "dmlmpi-zero":
+        return ZeroRedundancyOptimizer(model.parameters(), cls, comm=sub, **settings)
+    if variant == "ddp-zero":
+        from torch.distributed.optim import ZeroRedundancyOptimizer as TorchZero
+
+        return TorchZero(model.parameters(), optimizer_class=cls, process_group=group, **settings)
+    return cls(model.parameters(), **settings)
+
+
+def state_bytes(opt: Any) -> int:
+    """Bytes of optimizer state tensors this rank holds."""
+    inner = getattr(opt, "optim", opt)  # both ZeROs keep their local optimizer as .optim
+    return sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values() if torch.is_tensor(t))
 
 
 def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -131,14 +158,15 @@ def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Names
     of on whichever was running then. Every variant takes the same number of steps per sample (the
     median of their calibrations), so what a sample pays once weighs on each alike.
     """
-    built = {v: make_step(name, v, sub, group, args) for v in VARIANTS + ((SYNC_BN,) if args.sync_bn else ())}
+    extra = ((SYNC_BN,) if args.sync_bn else ()) + (ZERO if args.zero else ())
+    built = {v: make_step(name, v, sub, group, args) for v in VARIANTS + extra}
     steps = int(statistics.median(calibrate(step, sub, args) for _, step in built.values()))
     per_step: dict[str, list[float]] = {v: [] for v in built}
     for order in balanced_orders(list(built), args.samples):
         for v in order:
             per_step[v].append(timed_sample(built[v][1], steps, sub))
     records = []
-    for v, (model, _) in built.items():
+    for v, (model, step) in built.items():
         if v.startswith("dmlmpi"):
             model.close()
         rates = [k * args.batch / t for t in per_step[v]]
@@ -147,7 +175,8 @@ def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Names
                             samples_per_s_min=min(rates), samples_per_s_max=max(rates),
                             step_time_s_median=statistics.median(per_step[v]),
                             algorithm=args.algorithm if v.startswith("dmlmpi") else "",
-                            compression=wire_format(v, args.compression)))
+                            compression=wire_format(v, args.compression), optimizer=args.optimizer,
+                            optimizer_state_bytes=state_bytes(step.optimizer)))
     return records
 
 
@@ -165,13 +194,15 @@ def main(argv: list[str]) -> int:
             r["comm_overhead"] = r["step_time_s_median"] / floor[(r["model"], r["ranks"])] - 1
         rows = [dict(r, rate=f"{r['samples_per_s_median']:.0f}",
                      spread=f"{r['samples_per_s_min']:.0f}-{r['samples_per_s_max']:.0f}",
-                     step=f"{r['step_time_s_median'] * 1e3:.2f}", over=f"{100 * r['comm_overhead']:+.1f}%")
+                     step=f"{r['step_time_s_median'] * 1e3:.2f}", over=f"{100 * r['comm_overhead']:+.1f}%",
+                     state=f"{r['optimizer_state_bytes'] / 1024:.0f}")
                 for r in records]
         print(f"# dmlmpi data-parallel benchmark: {args.batch} samples per rank per step, torch threads 1, "
-              f"gradient compression {args.compression}")
+              f"gradient compression {args.compression}, optimizer {args.optimizer}")
         print(format_table(rows, [("model", "model", ""), ("params", "params", ""), ("ranks", "ranks", ""),
                                   ("variant", "variant", ""), ("rate", "samples/s", ""), ("spread", "min-max", ""),
-                                  ("step", "step(ms)", ""), ("over", "vs local", "")]))
+                                  ("step", "step(ms)", ""), ("over", "vs local", ""),
+                                  ("state", "opt state KiB (rank 0)", "")]))
         print("\n# targets (medians of this run)")
         by = {(r["model"], r["ranks"], r["variant"]): r for r in records}
         if k in (2, 4) and ("mlp", k, "dmlmpi") in by:
@@ -181,6 +212,13 @@ def main(argv: list[str]) -> int:
             if k == 2:
                 over = by[(name, 2, "dmlmpi")]["comm_overhead"]
                 print(f"{name}, 2 ranks: communication adds {100 * over:.1f}% to the step (<=15%: {'PASS' if over <= 0.15 else 'MISS'})")
+            if args.zero:
+                z, t = by[(name, k, "dmlmpi-zero")], by[(name, k, "ddp-zero")]
+                plain = by[(name, k, "dmlmpi")]
+                print(f"{name}, {k} ranks: dmlmpi-zero / ddp-zero samples/s = "
+                      f"{z['samples_per_s_median'] / t['samples_per_s_median']:.2f}x; dmlmpi-zero step vs dmlmpi "
+                      f"{100 * (z['step_time_s_median'] / plain['step_time_s_median'] - 1):+.1f}%, optimizer state "
+                      f"{z['optimizer_state_bytes'] / max(1, plain['optimizer_state_bytes']):.2f}x of dmlmpi's")
             if args.sync_bn:
                 extra = by[(name, k, SYNC_BN)]["step_time_s_median"] / by[(name, k, "dmlmpi")]["step_time_s_median"] - 1
                 print(f"{name}, {k} ranks: SyncBatchNorm adds {100 * extra:+.1f}% to dmlmpi's step")

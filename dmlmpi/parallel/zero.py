@@ -106,15 +106,6 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         self._flat.copy_(dcomm.allgather(self._shard.detach(), comm=self.comm))
         return loss
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the parameters' gradients (the shard's own is rebuilt by every step)."""
-        for p in self._params:
-            if p.grad is not None:
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.detach_().zero_()
-
     def local_state_bytes(self) -> int:
         """Bytes of optimizer state held on this rank (tensors only)."""
         return sum(t.numel() * t.element_size() for state in self.optim.state.values()
