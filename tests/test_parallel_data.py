@@ -294,3 +294,32 @@ def test_join_refuses_sync_batchnorm() -> None:
         with model.join():
             pass
     model.close()
+
+
+@pytest.mark.parametrize("kind", ["staircase", "one-empty"])
+def test_join_keeps_a_zero_optimizer_stepping(kind: str) -> None:
+    """With ZeroRedundancyOptimizer (a collective step), ranks that ran out keep updating their shard: one process's model."""
+    from dmlmpi.parallel import ZeroRedundancyOptimizer
+
+    counts = uneven_counts(kind)
+    x, y = data(1024)
+    ref = make_model()
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.01, weight_decay=0.1)
+    for s in range(max(counts)):
+        active = [r for r in range(SIZE) if s < counts[r]]
+        opt.zero_grad()
+        (sum(nn.functional.cross_entropy(ref(x[uneven_batch(r, s)]), y[uneven_batch(r, s)])
+             for r in active) / len(active)).backward()
+        opt.step()
+
+    model = DataParallel(make_model(seed=RANK), bucket_mb=0.0001)
+    opt = ZeroRedundancyOptimizer(model.parameters(), torch.optim.AdamW, lr=0.01, weight_decay=0.1)
+    with model.join(divide_by_initial_world_size=False, optimizer=opt):
+        for s in range(counts[RANK]):
+            opt.zero_grad()
+            b = uneven_batch(RANK, s)
+            nn.functional.cross_entropy(model(x[b]), y[b]).backward()
+            opt.step()
+    for got, want in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-6)
+    model.close()

@@ -152,6 +152,7 @@ class Join:
 
     divide_by_initial_world_size: bool
     throw_on_early_termination: bool
+    optimizer: Any = None  # stepped by a rank that ran out, after each of the others' synced steps
     steps: int = 0  # training steps this rank took inside the block
 
 
@@ -319,6 +320,12 @@ class DataParallel(nn.Module):
                 if not bucket.arrived[i]:  # no gradient in this pass: contribute what .grad holds, zeros if nothing
                     bucket.take_gradient(i, self._scale)
             self._allreduce_job(bucket)()
+        self._grads_from_buckets()
+        for bucket in self._buckets:
+            bucket.reset()
+
+    def _grads_from_buckets(self) -> None:
+        """Every .grad the reduced average in its bucket (already so, where .grad is the slot itself)."""
         for bucket in self._buckets:
             for i, p in enumerate(bucket.params):
                 slot = bucket.slots[i]
@@ -326,7 +333,6 @@ class DataParallel(nn.Module):
                     p.grad = slot.to(p.dtype) if p.grad is None else p.grad.copy_(slot)
                 elif p.grad is None or p.grad.data_ptr() != slot.data_ptr():
                     p.grad = slot  # a parameter that got no gradient here still gets the average
-            bucket.reset()
 
     # -- user API ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -366,13 +372,18 @@ class DataParallel(nn.Module):
             for bucket in self._buckets:
                 bucket.buffer.zero_()
                 self._allreduce_job(bucket)()
+            if join.optimizer is not None:
+                # the others' averaged gradients are in the buckets now: step with them (a ZeRO
+                # optimizer's step is collective, and this rank's shard is this rank's to update)
+                self._grads_from_buckets()
+                join.optimizer.step()
         # parameters and buffers from the rank that trained longest (the others stopped updating)
         steps, last = self.comm.allreduce((join.steps, -self.comm.Get_rank()), op=MPI.MAX)
         broadcast_fused(list(self.module.parameters()) + list(self.module.buffers()), root=-last, comm=self.comm)
 
     @contextlib.contextmanager
-    def join(self, divide_by_initial_world_size: bool = True,
-             throw_on_early_termination: bool = False) -> Iterator[None]:
+    def join(self, divide_by_initial_world_size: bool = True, throw_on_early_termination: bool = False,
+             optimizer: Any = None) -> Iterator[None]:
         """Ranks with fewer batches than others leave the loop early without hanging the rest (DDP's join).
 
         Inside, each training forward first counts the ranks still training (one small all-reduce).
@@ -382,13 +393,18 @@ class DataParallel(nn.Module):
         whole world size (DDP's default), or with divide_by_initial_world_size=False by the number of
         ranks training that step. throw_on_early_termination=True: every rank raises instead, at the
         first step some rank no longer takes.
+
+        optimizer: stepped by ranks that ran out, after each synced step of the others, with the
+        averaged gradients they received. Required for a ZeroRedundancyOptimizer (its step is
+        collective, and each rank's shard is its own to update); with any other it keeps those
+        ranks' parameters and optimizer state current.
         """
         if any(isinstance(m, SyncBatchNorm) for m in self.module.modules()):
             raise ValueError("DataParallel.join: the model has SyncBatchNorm layers, whose collectives a rank "
                              "without inputs cannot take part in; use BatchNorm, or even inputs")
         if self._join is not None:
             raise RuntimeError("DataParallel.join: already inside join()")
-        self._join = Join(divide_by_initial_world_size, throw_on_early_termination)
+        self._join = Join(divide_by_initial_world_size, throw_on_early_termination, optimizer)
         try:
             yield
             self._shadow()  # only after a normal exit: an exception ends the job instead
