@@ -148,3 +148,15 @@ def test_bad_parameters_are_refused() -> None:
                                 torch.optim.SGD, lr=0.1)
     with pytest.raises(ValueError, match="no parameters"):
         ZeroRedundancyOptimizer([nn.Parameter(torch.zeros(3), requires_grad=False)], torch.optim.SGD, lr=0.1)
+
+
+def test_parameters_moved_after_construction_are_an_error() -> None:
+    """Converting the model after making the optimizer would leave its updates off the model: a clear error."""
+    model = make_model()
+    opt = ZeroRedundancyOptimizer(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(NotImplementedError, match="cannot be added"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+    model.double()
+    model(torch.randn(2, 40, dtype=torch.float64)).sum().backward()
+    with pytest.raises(RuntimeError, match="no longer lives in the optimizer's flat vector"):
+        opt.step()

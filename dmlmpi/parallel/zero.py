@@ -80,6 +80,7 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         # the parameters as schedulers see them, with the local optimizer's full defaults (betas,
         # momentum: OneCycleLR cycles them); step() passes any change on to the local optimizer
         super().__init__(params, dict(self.optim.defaults))
+        self._made = True
 
     def _sync_hyperparameters(self) -> None:
         """Learning-rate schedulers change this optimizer's param_groups: pass the values on to the local one."""
@@ -87,9 +88,27 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
             if key != "params":
                 self.optim.param_groups[0][key] = value
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Refused once made: the flat vector and its shards are fixed at construction."""
+        if getattr(self, "_made", False):  # (torch's Optimizer.__init__ adds the first group itself)
+            raise NotImplementedError("ZeroRedundancyOptimizer: parameters cannot be added after construction; "
+                                      "make a new one over all of them")
+        super().add_param_group(param_group)
+
+    def _check_in_place(self) -> None:
+        """The parameters must still be views of the flat vector: model.to(), .double() and the like replace them."""
+        base, offset = self._flat.data_ptr(), 0
+        for i, (p, size) in enumerate(zip(self._params, self._sizes)):
+            if p.data_ptr() != base + offset * self._flat.element_size():
+                raise RuntimeError(f"ZeroRedundancyOptimizer: parameter {i} (shape {tuple(p.shape)}) no longer lives "
+                                   "in the optimizer's flat vector (moved or converted after the optimizer was "
+                                   "made); make the optimizer after moving the model")
+            offset += size
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Update this rank's shard from its slice of the (already averaged) gradients; then all-gather every shard."""
+        self._check_in_place()  # else the update would silently miss the model
         loss = None
         if closure is not None:
             with torch.enable_grad():
