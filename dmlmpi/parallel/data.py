@@ -32,9 +32,11 @@ from dmlmpi import comm as dcomm
 from dmlmpi.comm.fusion import FusedBroadcast, broadcast_fused, plan_buckets
 from dmlmpi.telemetry import maybe_span
 
+from .powersgd import PowerSGD
 from .syncbn import SyncBatchNorm
 
-COMPRESSION = {None: None, "none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# gradient compression: the bucket dtype on the wire (powersgd: full precision, sent as low-rank factors)
+COMPRESSION = {None: None, "none": None, "fp16": torch.float16, "bf16": torch.bfloat16, "powersgd": None}
 
 
 class CommThread:
@@ -179,10 +181,11 @@ class DataParallel(nn.Module):
 
     def __init__(self, module: nn.Module, comm: MPI.Comm | None = None, bucket_mb: float = 25.0,
                  algorithm: str = "auto", compression: str | None = None, broadcast_buffers: bool = True,
-                 timeline: Any = None, shared_buckets: bool = True) -> None:
+                 timeline: Any = None, shared_buckets: bool = True, powersgd_rank: int = 1,
+                 powersgd_warmup: int = 0) -> None:
         super().__init__()
         if compression not in COMPRESSION:
-            raise ValueError(f"DataParallel: compression must be one of none, fp16, bf16; got {compression!r}")
+            raise ValueError(f"DataParallel: compression must be one of none, fp16, bf16, powersgd; got {compression!r}")
         if algorithm not in dcomm.ALGORITHMS:
             raise ValueError(f"DataParallel: unknown algorithm {algorithm!r}; choose from {', '.join(dcomm.ALGORITHMS)}")
         if bucket_mb <= 0:
@@ -196,6 +199,9 @@ class DataParallel(nn.Module):
         self._synced_buffers = list(module.buffers()) if broadcast_buffers else []
         self.timeline = timeline  # a dmlmpi.telemetry.Timeline: bucket all-reduces become "comm" spans
         self._wire_dtype = COMPRESSION[compression]
+        # low-rank factors instead of whole gradient matrices, with error feedback (parallel/powersgd.py)
+        self._powersgd = (PowerSGD(powersgd_rank, self.comm, warmup_steps=powersgd_warmup)
+                          if compression == "powersgd" else None)
         self._sync = True
         self._backward_queued = False
         self._join: Join | None = None  # set inside join(): uneven inputs across ranks
@@ -300,6 +306,9 @@ class DataParallel(nn.Module):
         def job() -> Any:
             with maybe_span(self.timeline, f"allreduce bucket {self._buckets.index(bucket)}", "comm",
                             {"bytes": bucket.buffer.numel() * bucket.buffer.element_size()}):
+                if self._powersgd is not None:  # matrices as factors (their guarded all-reduces)
+                    return self._powersgd.reduce(self._buckets.index(bucket), bucket.slots, bucket.buffer,
+                                                 self.algorithm)
                 # no per-call guard: the bucket layout was checked across ranks at construction and
                 # buckets are reduced in one fixed order, so ranks cannot disagree on these calls
                 return dcomm.allreduce(bucket.buffer, op="sum", algorithm=self.algorithm, comm=self.comm,

@@ -1,0 +1,121 @@
+"""PowerSGD: gradients all-reduced as low-rank factors, with error feedback (Vogels et al. 2019).
+
+A gradient matrix M (rows x cols; a convolution's weight is (out channels) x (the rest)) is sent
+as two thin factors instead of itself: with a rank-r matrix Q (cols x r) kept from the last step,
+
+    P = sum over ranks of M Q          (all-reduce rows x r)
+    P = orthonormalize(P)
+    Q = sum over ranks of M^T P        (all-reduce cols x r)
+    M_hat = P Q^T                      (what every rank takes as the summed gradient)
+
+one step of subspace (power) iteration, warm-started by the last step's Q. What a rank's M loses
+to the projection (M - P P^T M) is kept and added to its next gradient (error feedback), so
+nothing is dropped for good: summed over steps, the applied gradients plus the ranks' kept errors
+equal the true gradients exactly. Vectors (biases), matrices whose factors would not be smaller
+than the matrix, and tensors of other dtypes than float32/float64 are all-reduced whole.
+
+With r >= min(rows, cols) and a full-rank Q, P spans the summed gradient's columns and M_hat is
+the exact sum: the tests use that. The pure math is `factor_plan`, `orthonormalize`; `PowerSGD`
+keeps each matrix's Q and error and runs the collectives for a DataParallel bucket.
+"""
+from __future__ import annotations
+
+import torch
+from mpi4py import MPI
+
+from dmlmpi import comm as dcomm
+
+
+def as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """t as rows x cols: dimension 0 against the rest (a view)."""
+    return t.reshape(t.shape[0], -1)
+
+
+def compressible(shape: tuple[int, ...], dtype: torch.dtype, rank: int) -> bool:
+    """Whether a tensor goes as factors: a matrix (or more) whose two factors are smaller than it."""
+    if len(shape) < 2 or dtype not in (torch.float32, torch.float64):
+        return False
+    rows = shape[0]
+    cols = 1
+    for d in shape[1:]:
+        cols *= d
+    return (rows + cols) * min(rank, rows, cols) < rows * cols
+
+
+def orthonormalize(p: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning p's (reduced QR; columns of zeros stay zero)."""
+    q, r = torch.linalg.qr(p, mode="reduced")
+    # a column QR found no new direction for (its diagonal is ~0) carries no information: zero it,
+    # so that P P^T projects onto the gradient's span and nothing else
+    scale = p.abs().max().clamp_min(torch.finfo(p.dtype).tiny)
+    keep = r.diagonal().abs() > scale * torch.finfo(p.dtype).eps * max(p.shape)
+    return q * keep.to(q.dtype)
+
+
+class PowerSGD:
+    """Per-matrix state (Q, error) and the low-rank all-reduce of DataParallel buckets."""
+
+    def __init__(self, rank: int, comm: MPI.Comm, seed: int = 0, warmup_steps: int = 0) -> None:
+        if rank < 1:
+            raise ValueError(f"PowerSGD: rank must be at least 1, got {rank}")
+        if warmup_steps < 0:
+            raise ValueError(f"PowerSGD: warmup_steps must not be negative, got {warmup_steps}")
+        self.rank, self.comm, self.seed, self.warmup_steps = rank, comm, seed, warmup_steps
+        self.q: dict[tuple[int, int], torch.Tensor] = {}  # (bucket, slot) -> cols x r, the same on every rank
+        self.error: dict[tuple[int, int], torch.Tensor] = {}  # (bucket, slot) -> what this rank still owes
+        self.calls: dict[int, int] = {}  # bucket -> reductions so far (the first warmup_steps go whole)
+
+    def _q(self, key: tuple[int, int], cols: int, r: int, like: torch.Tensor) -> torch.Tensor:
+        """The matrix's Q: random at first, drawn from (seed, key) so that every rank draws the same."""
+        q = self.q.get(key)
+        if q is None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + key[0] * 10_007 + key[1])
+            q = self.q[key] = torch.randn(cols, r, generator=g, dtype=like.dtype).to(like.device)
+        return q
+
+    def reduce(self, index: int, slots: list[torch.Tensor], buffer: torch.Tensor, algorithm: str) -> None:
+        """Sum bucket `index` over the ranks in place: matrices as factors, the rest whole."""
+        calls = self.calls[index] = self.calls.get(index, 0) + 1
+        if calls <= self.warmup_steps:
+            dcomm.allreduce(buffer, op="sum", algorithm=algorithm, comm=self.comm, inplace=True)
+            return
+        low = [i for i, s in enumerate(slots) if compressible(tuple(s.shape), s.dtype, self.rank)]
+        whole = [i for i in range(len(slots)) if i not in set(low)]
+        if whole:  # vectors and small matrices: one all-reduce of them packed together
+            packed = torch.cat([slots[i].reshape(-1) for i in whole])
+            dcomm.allreduce(packed, op="sum", algorithm=algorithm, comm=self.comm, inplace=True)
+            offset = 0
+            for i in whole:
+                n = slots[i].numel()
+                slots[i].copy_(packed[offset:offset + n].view_as(slots[i]))
+                offset += n
+        if not low:
+            return
+        # this rank's matrices with what it still owes from earlier steps (error feedback)
+        ms = []
+        for i in low:
+            m = as_matrix(slots[i])
+            err = self.error.get((index, i))
+            ms.append(m + err if err is not None else m.clone())
+        rs = [min(self.rank, *m.shape) for m in ms]
+        qs = [self._q((index, i), m.shape[1], r, m) for i, m, r in zip(low, ms, rs)]
+        # P = sum over ranks of M Q, every matrix's in one all-reduce
+        ps = torch.cat([(m @ q).reshape(-1) for m, q in zip(ms, qs)])
+        dcomm.allreduce(ps, op="sum", algorithm=algorithm, comm=self.comm, inplace=True)
+        bases, offset = [], 0
+        for m, r in zip(ms, rs):
+            n = m.shape[0] * r
+            bases.append(orthonormalize(ps[offset:offset + n].view(m.shape[0], r)))
+            offset += n
+        # Q = sum over ranks of M^T P, in one all-reduce; what P P^T M leaves out stays here as error
+        mine = [m.T @ p for m, p in zip(ms, bases)]
+        qsum = torch.cat([q.reshape(-1) for q in mine])
+        dcomm.allreduce(qsum, op="sum", algorithm=algorithm, comm=self.comm, inplace=True)
+        offset = 0
+        for i, m, p, q_mine in zip(low, ms, bases, mine):
+            n = q_mine.numel()
+            q = qsum[offset:offset + n].view_as(q_mine)
+            offset += n
+            self.error[(index, i)] = m - p @ q_mine.T  # this rank's part the factors did not carry
+            self.q[(index, i)] = q.clone()  # the warm start of the next step
+            as_matrix(slots[i]).copy_(p @ q.T)  # the summed gradient, rank r
