@@ -65,14 +65,16 @@ def test_dp_bench_smoke(tmp_path) -> None:
                for r in records)
 
 
-def test_dp_bench_compression(tmp_path) -> None:
-    """`bench dp --compression fp16`: dmlmpi and DDP (its fp16 hook) both run compressed, local does not."""
-    out_json = tmp_path / "dp16.json"
+@pytest.mark.parametrize("compression", ["fp16", "powersgd"])
+def test_dp_bench_compression(compression: str, tmp_path) -> None:
+    """`bench dp --compression X`: dmlmpi and DDP (its fp16 / PowerSGD hook) both run compressed, local does not."""
+    out_json = tmp_path / "dpc.json"
     result = run_mpi(2, ["-m", "dmlmpi.bench", "dp", "--models", "cnn", "--samples", "2", "--sample-seconds",
-                         "0.01", "--compression", "fp16", "--json", str(out_json)], timeout=180, cwd=ROOT)
-    assert result.returncode == 0 and "gradient compression fp16" in result.stdout, result.stdout
+                         "0.01", "--compression", compression, "--json", str(out_json)], timeout=180, cwd=ROOT)
+    assert result.returncode == 0 and f"gradient compression {compression}" in result.stdout, result.stdout
     records = {r["variant"]: r for r in json.loads(out_json.read_text())}
-    assert {v: r["compression"] for v, r in records.items()} == {"local": "none", "dmlmpi": "fp16", "ddp": "fp16"}
+    assert {v: r["compression"] for v, r in records.items()} == {"local": "none", "dmlmpi": compression,
+                                                                   "ddp": compression}
 
 
 def test_dp_bench_sync_bn(tmp_path, capsys) -> None:

@@ -59,9 +59,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sample-seconds", type=float, default=0.5, help="target length of one timed sample")
     p.add_argument("--algorithm", default="auto", help="dmlmpi all-reduce algorithm")
     p.add_argument("--bucket-mb", type=float, default=25.0, help="bucket size for dmlmpi and DDP")
-    p.add_argument("--compression", default="none", choices=["none", "fp16", "bf16"],
-                   help="gradients on the wire in 16 bits: dmlmpi's compression option, DDP's "
-                        "fp16_compress_hook / bf16_compress_hook")
+    p.add_argument("--compression", default="none", choices=["none", "fp16", "bf16", "powersgd"],
+                   help="gradients on the wire in 16 bits (dmlmpi's compression option, DDP's "
+                        "fp16_compress_hook / bf16_compress_hook), or as low-rank factors (dmlmpi's powersgd, "
+                        "DDP's powerSGD_hook)")
+    p.add_argument("--powersgd-rank", type=int, default=1, help="rank of the factors with --compression powersgd")
     p.add_argument("--sync-bn", action="store_true",
                    help=f"add a {SYNC_BN} row: dmlmpi with SyncBatchNorm layers (models with BatchNorm only: bn-cnn)")
     p.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZERS),
@@ -87,7 +89,9 @@ def wrap(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, args: argpar
     """The model as trained by one variant."""
     wire = wire_format(variant, args.compression)
     if variant in ("dmlmpi", "dmlmpi-zero"):
-        return DataParallel(model, comm=sub, algorithm=args.algorithm, bucket_mb=args.bucket_mb, compression=wire)
+        # powersgd: the first step whole, like DDP's hook with start_powerSGD_iter=2 (its least with error feedback)
+        return DataParallel(model, comm=sub, algorithm=args.algorithm, bucket_mb=args.bucket_mb, compression=wire,
+                            powersgd_rank=args.powersgd_rank, powersgd_warmup=1)
     if variant == SYNC_BN:
         return DataParallel(SyncBatchNorm.convert_sync_batchnorm(model, comm=sub), comm=sub,
                             algorithm=args.algorithm, bucket_mb=args.bucket_mb, compression=wire)
@@ -97,6 +101,12 @@ def wrap(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, args: argpar
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
             ddp.register_comm_hook(group, default_hooks.fp16_compress_hook)
+        if wire == "powersgd":
+            from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+            state = powerSGD_hook.PowerSGDState(process_group=group, matrix_approximation_rank=args.powersgd_rank,
+                                                start_powerSGD_iter=2)
+            ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
         return ddp
     return model
 

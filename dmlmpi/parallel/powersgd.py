@@ -91,12 +91,14 @@ class PowerSGD:
                 offset += n
         if not low:
             return
-        # this rank's matrices with what it still owes from earlier steps (error feedback)
+        # this rank's matrices plus what it still owes from earlier steps (error feedback), in place
         ms = []
         for i in low:
             m = as_matrix(slots[i])
             err = self.error.get((index, i))
-            ms.append(m + err if err is not None else m.clone())
+            if err is not None:
+                m.add_(err)
+            ms.append(m)
         rs = [min(self.rank, *m.shape) for m in ms]
         qs = [self._q((index, i), m.shape[1], r, m) for i, m, r in zip(low, ms, rs)]
         # P = sum over ranks of M Q, every matrix's in one all-reduce
@@ -107,7 +109,7 @@ class PowerSGD:
             n = m.shape[0] * r
             bases.append(orthonormalize(ps[offset:offset + n].view(m.shape[0], r)))
             offset += n
-        # Q = sum over ranks of M^T P, in one all-reduce; what P P^T M leaves out stays here as error
+        # Q = sum over ranks of M^T P, in one all-reduce
         mine = [m.T @ p for m, p in zip(ms, bases)]
         qsum = torch.cat([q.reshape(-1) for q in mine])
         dcomm.allreduce(qsum, op="sum", algorithm=algorithm, comm=self.comm, inplace=True)
@@ -116,6 +118,9 @@ class PowerSGD:
             n = q_mine.numel()
             q = qsum[offset:offset + n].view_as(q_mine)
             offset += n
-            self.error[(index, i)] = m - p @ q_mine.T  # this rank's part the factors did not carry
+            # what P P^T M leaves out of this rank's M stays here as error (one pass, kept buffer)
+            err = self.error.get((index, i))
+            err = self.error[(index, i)] = m.clone() if err is None else err.copy_(m)
+            err.addmm_(p, q_mine.T, alpha=-1)
             self.q[(index, i)] = q.clone()  # the warm start of the next step
-            as_matrix(slots[i]).copy_(p @ q.T)  # the summed gradient, rank r
+            torch.mm(p, q.T, out=m)  # the summed gradient, rank r, written over the slot
