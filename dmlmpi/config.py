@@ -271,6 +271,9 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size:
                      f"--model {args.model} has none")
     if args.zero and args.mode != "dp":
         parser.error(f"--zero works with --mode dp, not {args.mode}")
+    if args.sync_bn and args.elastic:
+        parser.error("--sync-bn is not supported with --elastic: recovery from a rank that dies inside "
+                     "SyncBatchNorm's collectives has not been tested")
     if args.zero and args.elastic:
         parser.error("--zero does not work with --elastic: a dead rank's shard of the optimizer state dies with it")
     if not 0 <= args.momentum < 1:

@@ -249,6 +249,11 @@ def test_join_trains_uneven_inputs_like_one_process(kind: str, divide_by_initial
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     with model.join(divide_by_initial_world_size=divide_by_initial):
         for s in range(counts[RANK]):
+            if s == 1:  # an evaluation inside the block: no round, nothing for the others to mirror
+                model.eval()
+                with torch.no_grad():
+                    model(x[:4])
+                model.train()
             opt.zero_grad()
             for p in parts:
                 with model.no_sync() if p == 1 else contextlib.nullcontext():

@@ -126,7 +126,6 @@ def test_yaml_config_and_command_line(tmp_path) -> None:
     (["--mode", "ps", "--straggler", "1-0.1"], "expected RANK:SECONDS"),
     (["--mode", "ps", "--ps-mode", "ssp", "--staleness", "-1"], "--staleness must not be negative"),
     (["--sync-bn"], "--sync-bn needs a model with BatchNorm layers (--model cnn-bn); --model auto has none"),
-    (["--zero", "--mode", "pipeline"], "--zero works with --mode dp, not pipeline"),
 ])
 def test_bad_input_fails_fast_on_every_rank(extra: list[str], message: str, tmp_path) -> None:
     """Each bad setting: non-zero exit, the reason in the output from every rank, no hang."""

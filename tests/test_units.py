@@ -151,3 +151,19 @@ def test_sample_orders_balance_first_place_and_predecessors(k: int) -> None:
     if k > 1:  # every ordered pair of different names adjacent equally often
         assert len(follows) == k * (k - 1) and len(set(follows.values())) == 1
     assert balanced_orders([], 3) == []
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sync-bn"], "--sync-bn needs a model with BatchNorm layers (--model cnn-bn); --model auto has none"),
+    (["--sync-bn", "--model", "cnn-bn", "--mode", "pipeline"], "--sync-bn works with --mode dp, not pipeline"),
+    (["--sync-bn", "--model", "cnn-bn", "--elastic"], "--sync-bn is not supported with --elastic"),
+    (["--zero", "--mode", "ps", "--servers", "1"], "--zero works with --mode dp, not ps"),
+    (["--zero", "--elastic"], "--zero does not work with --elastic"),
+])
+def test_sync_bn_and_zero_settings_are_checked(argv: list[str], message: str, capsys) -> None:
+    """--sync-bn and --zero outside what they support: refused before training, saying why."""
+    from dmlmpi import config
+
+    with pytest.raises(SystemExit):
+        config.parse(argv, 4)
+    assert message in capsys.readouterr().err

@@ -346,9 +346,11 @@ class DataParallel(nn.Module):
     # -- user API ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped module (buffers such as BatchNorm statistics first come from rank 0)."""
-        if self._join is not None and self.training and torch.is_grad_enabled():
+        counted = self._join is None or (self.training and torch.is_grad_enabled())
+        if self._join is not None and counted:
             self._count_active()  # inside join(): how many ranks still train this step
-        if self._sync_buffers is not None and self._sync:
+        # (inside join() only in training steps: ranks that ran out mirror those, not evaluations)
+        if self._sync_buffers is not None and self._sync and counted:
             self._sync_buffers()  # one collective for all buffers (a ResNet-50 has 159), not one each
         return self.module(*args, **kwargs)
 
@@ -387,7 +389,7 @@ class DataParallel(nn.Module):
                 self._grads_from_buckets()
                 join.optimizer.step()
         # parameters and buffers from the rank that trained longest (the others stopped updating)
-        steps, last = self.comm.allreduce((join.steps, -self.comm.Get_rank()), op=MPI.MAX)
+        _, last = self.comm.allreduce((join.steps, -self.comm.Get_rank()), op=MPI.MAX)
         broadcast_fused(list(self.module.parameters()) + list(self.module.buffers()), root=-last, comm=self.comm)
 
     @contextlib.contextmanager
