@@ -328,3 +328,16 @@ def test_join_keeps_a_zero_optimizer_stepping(kind: str) -> None:
     for got, want in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-6)
     model.close()
+
+
+def test_use_after_close_is_a_clear_error() -> None:
+    """After close() (shared buckets unmapped) a forward raises, instead of a backward writing into freed memory."""
+    model = DataParallel(make_model(), bucket_mb=0.0001)
+    x, y = data(8)
+    local_loss(model, x, y, 8).backward()
+    pending = local_loss(model, x, y, 8)  # a graph made before close(): its backward must not crash either
+    model.close()
+    model.close()  # twice is harmless
+    pending.backward()
+    with pytest.raises(RuntimeError, match="used after close"):
+        model(x)

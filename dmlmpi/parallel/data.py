@@ -219,12 +219,15 @@ class DataParallel(nn.Module):
         self._sync_buffers = (FusedBroadcast(self._synced_buffers, root=0, comm=self.comm)
                               if self._synced_buffers else None)
         self._thread = CommThread()
+        self._hooks: list[Any] = []  # removed by close(): the buckets they write into are gone then
+        self._closed = False
         last = set(self._buckets[-1].params) if self._buckets else set()
         for p in self.module.parameters() if self.comm.Get_size() > 1 else []:  # alone, .grad is the average
             if p.requires_grad:
                 # the last bucket is reduced when backward ends anyway: its hooks only make sure
                 # that _finish runs (cheaper than moving each gradient as it arrives)
-                p.register_post_accumulate_grad_hook(self._on_late_grad if p in last else self._on_grad)
+                self._hooks.append(p.register_post_accumulate_grad_hook(
+                    self._on_late_grad if p in last else self._on_grad))
 
     # -- start -------------------------------------------------------------------------------
     def _broadcast_state(self) -> None:
@@ -346,6 +349,8 @@ class DataParallel(nn.Module):
     # -- user API ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped module (buffers such as BatchNorm statistics first come from rank 0)."""
+        if self._closed:  # its buckets are given back: training on would not average anything
+            raise RuntimeError("DataParallel: used after close(); wrap the module in a new DataParallel")
         counted = self._join is None or (self.training and torch.is_grad_enabled())
         if self._join is not None and counted:
             self._count_active()  # inside join(): how many ranks still train this step
@@ -434,6 +439,11 @@ class DataParallel(nn.Module):
 
     def close(self) -> None:
         """Stop the communication thread and give back shared buckets (collective: every rank calls it)."""
+        if self._closed:
+            return
+        self._closed = True
+        for hook in self._hooks:
+            hook.remove()  # a backward after this must not write into buckets that are unmapped below
         self._thread.close()
         for bucket in self._buckets:
             bucket.release()
