@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dp mode: BatchNorm layers normalize over the global batch, all ranks' samples "
                         "(dmlmpi SyncBatchNorm), not each rank's share; needs a model with BatchNorm (cnn-bn)")
     g.add_argument("--zero", action="store_true",
-                   help="dp mode: split the optimizer state over the ranks (ZeRO stage 1): each rank keeps "
-                        "and updates 1/n of it, then the parameters are all-gathered")
+                   help="dp and hybrid modes: split the optimizer state over the data-parallel ranks (ZeRO "
+                        "stage 1): each keeps and updates 1/n of it, then the parameters are all-gathered")
     g.add_argument("--compression", default="none", choices=["none", "fp16", "bf16"],
                    help="send gradients as 16-bit floats")
     g.add_argument("--straggler", type=straggler, metavar="RANK:SECONDS",
@@ -269,8 +269,8 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size:
     if args.sync_bn and args.model not in WITH_BATCHNORM:
         parser.error(f"--sync-bn needs a model with BatchNorm layers (--model {', '.join(WITH_BATCHNORM)}); "
                      f"--model {args.model} has none")
-    if args.zero and args.mode != "dp":
-        parser.error(f"--zero works with --mode dp, not {args.mode}")
+    if args.zero and args.mode not in ("dp", "hybrid"):
+        parser.error(f"--zero works with --mode dp or hybrid (split along dp), not {args.mode}")
     if args.sync_bn and args.elastic:
         parser.error("--sync-bn is not supported with --elastic: recovery from a rank that dies inside "
                      "SyncBatchNorm's collectives has not been tested")

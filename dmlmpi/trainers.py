@@ -376,7 +376,11 @@ class PipelineTrainer(Trainer):
                              checkpoint=args.recompute, sample=sample, dp_comm=self.dp_comm, timeline=tl)
         # a stage of parameter-free layers (an activation) gets an optimizer of one unused placeholder
         params = list(self.pipe.parameters()) or [nn.Parameter(torch.zeros(1, device=device))]
-        self.optimizer = make_optimizer(args)(params)
+        if args.zero:  # this stage's optimizer state split over its replicas along dp (ZeRO stage 1)
+            cls, settings = optimizer_spec(args)
+            self.optimizer = ZeroRedundancyOptimizer(params, cls, comm=self.dp_comm, **settings)
+        else:
+            self.optimizer = make_optimizer(args)(params)
         self.schedule = make_schedule(args, total_steps)(self.optimizer)
         self.peak_activation_bytes = 0
 
@@ -422,9 +426,10 @@ class PipelineTrainer(Trainer):
     def save(self, run_dir: str, step: int, state: dict[str, Any]) -> None:
         """Rank 0 gathers every stage's layers and optimizer state (from replica 0) and writes them."""
         mine = None
+        optimizer = self.optimizer.state_dict()  # every replica: collective along dp with --zero
         if self.data_rank == 0:
             mine = dict(layers={k: v.detach().cpu() for k, v in self.pipe.parts.state_dict().items()},
-                        optimizer=self.optimizer.state_dict(), pp_rank=self.pp_comm.Get_rank())
+                        optimizer=optimizer, pp_rank=self.pp_comm.Get_rank())
         # gather: each stage's state to rank 0
         everyone = self.world.gather(mine, root=0)
         extra: dict[str, Any] = dict(schedule=self.schedule.state_dict())

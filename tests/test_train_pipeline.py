@@ -63,6 +63,20 @@ def test_resume_and_schedule_plot(dp_one_rank, tmp_path) -> None:
     assert (tmp_path / "png" / "schedule.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_hybrid_zero_same_losses_and_resume(dp_one_rank, tmp_path) -> None:
+    """--zero in a 2 x 2 grid (each stage's optimizer state split over its 2 replicas), stopped and resumed:
+    every loss is single-process training's."""
+    args = ["--mode", "hybrid", "--dp", "2", "--pp", "2", "--optimizer", "adamw", "--zero"]
+    first = train(4, tmp_path, *args, "--max-steps", "11")
+    assert first.returncode == 0, first.stdout
+    second = train(4, tmp_path, *args, "--resume")
+    assert second.returncode == 0 and "at step 11" in second.stdout, second.stdout
+    ref, got = losses(dp_one_rank), losses(tmp_path)
+    assert ref.keys() == got.keys()
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-6), step
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--mode", "hybrid", "--dp", "2", "--pp", "2"], "--mode hybrid --dp 2 --pp 2 needs 4 ranks, but the job has 3"),
     (["--mode", "pipeline", "--pipeline-schedule", "interleaved", "--microbatches", "4"],

@@ -157,7 +157,8 @@ def test_sample_orders_balance_first_place_and_predecessors(k: int) -> None:
     (["--sync-bn"], "--sync-bn needs a model with BatchNorm layers (--model cnn-bn); --model auto has none"),
     (["--sync-bn", "--model", "cnn-bn", "--mode", "pipeline"], "--sync-bn works with --mode dp, not pipeline"),
     (["--sync-bn", "--model", "cnn-bn", "--elastic"], "--sync-bn is not supported with --elastic"),
-    (["--zero", "--mode", "ps", "--servers", "1"], "--zero works with --mode dp, not ps"),
+    (["--zero", "--mode", "ps", "--servers", "1"], "--zero works with --mode dp or hybrid (split along dp), not ps"),
+    (["--zero", "--mode", "pipeline"], "--zero works with --mode dp or hybrid (split along dp), not pipeline"),
     (["--zero", "--elastic"], "--zero does not work with --elastic"),
 ])
 def test_sync_bn_and_zero_settings_are_checked(argv: list[str], message: str, capsys) -> None:
