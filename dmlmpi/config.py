@@ -61,8 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--zero", action="store_true",
                    help="dp and hybrid modes: split the optimizer state over the data-parallel ranks (ZeRO "
                         "stage 1): each keeps and updates 1/n of it, then the parameters are all-gathered")
-    g.add_argument("--compression", default="none", choices=["none", "fp16", "bf16"],
-                   help="send gradients as 16-bit floats")
+    g.add_argument("--compression", default="none", choices=["none", "fp16", "bf16", "powersgd"],
+                   help="dp mode: send gradients as 16-bit floats, or gradient matrices as low-rank factors with "
+                        "error feedback (PowerSGD)")
+    g.add_argument("--powersgd-rank", type=int, default=2, help="rank of PowerSGD's factors")
+    g.add_argument("--powersgd-warmup", type=int, default=0,
+                   help="steps whose gradients go whole before PowerSGD starts")
     g.add_argument("--straggler", type=straggler, metavar="RANK:SECONDS",
                    help="slow one training rank down: it sleeps SECONDS before each step")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -271,6 +275,16 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size:
                      f"--model {args.model} has none")
     if args.zero and args.mode not in ("dp", "hybrid"):
         parser.error(f"--zero works with --mode dp or hybrid (split along dp), not {args.mode}")
+    if args.compression == "powersgd":
+        if args.mode != "dp":
+            parser.error(f"--compression powersgd works with --mode dp, not {args.mode}")
+        if args.elastic:
+            parser.error("--compression powersgd is not supported with --elastic: a dead rank's error feedback "
+                         "would be lost")
+        if args.powersgd_rank < 1:
+            parser.error(f"--powersgd-rank must be at least 1, got {args.powersgd_rank}")
+        if args.powersgd_warmup < 0:
+            parser.error(f"--powersgd-warmup must not be negative, got {args.powersgd_warmup}")
     if args.sync_bn and args.elastic:
         parser.error("--sync-bn is not supported with --elastic: recovery from a rank that dies inside "
                      "SyncBatchNorm's collectives has not been tested")

@@ -158,7 +158,8 @@ class DPTrainer(Trainer):
         if args.sync_bn:  # BatchNorm statistics over every rank's samples, on this trainer's communicator
             model = SyncBatchNorm.convert_sync_batchnorm(model, comm=world)
         self.model = DataParallel(model, world, bucket_mb=args.bucket_mb, algorithm=args.algorithm,
-                                  compression=args.compression, timeline=tl,
+                                  compression=args.compression, timeline=tl, powersgd_rank=args.powersgd_rank,
+                                  powersgd_warmup=args.powersgd_warmup,
                                   # an elastic recovery closes this on a communicator that lost a rank:
                                   # shared buckets would need a collective free there
                                   shared_buckets=not args.elastic)
@@ -200,7 +201,7 @@ class DPTrainer(Trainer):
     def state(self) -> dict[str, Any]:
         """Model, optimizer and schedule state (what a checkpoint or an elastic recovery carries)."""
         return dict(model=self.model.module.state_dict(), optimizer=self.optimizer.state_dict(),
-                    schedule=self.schedule.state_dict())
+                    schedule=self.schedule.state_dict(), comm_state=self.model.comm_state())
 
     def save(self, run_dir: str, step: int, state: dict[str, Any]) -> None:
         """Rank 0 writes model, optimizer and schedule with `state`."""
@@ -211,6 +212,9 @@ class DPTrainer(Trainer):
         self.model.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
+        if not self.model.load_comm_state(state.get("comm_state", {})) and self.comm.Get_rank() == 0:
+            print("dmlmpi: PowerSGD's per-rank errors were saved at another world size: they start from zero",
+                  flush=True)
 
     def close(self) -> None:
         """Stop DataParallel's communication thread."""

@@ -102,6 +102,22 @@ def test_zero_trains_the_same_and_resumes_on_another_world_size(three_rank_run, 
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-4, abs=1e-6), step
 
 
+def test_powersgd_resumes_exactly(tmp_path) -> None:
+    """--compression powersgd stopped mid-epoch and resumed: the factors' warm starts and every rank's error
+    feedback come back from the checkpoint, so later losses equal an uninterrupted run's."""
+    args = ["--epochs", "2", "--compression", "powersgd", "--powersgd-rank", "1"]
+    full = train(3, tmp_path / "full", *args)
+    assert full.returncode == 0, full.stdout
+    first = train(3, tmp_path / "cut", *args, "--max-steps", "11")
+    assert first.returncode == 0, first.stdout
+    second = train(3, tmp_path / "cut", *args, "--resume")
+    assert second.returncode == 0 and "at step 11" in second.stdout, second.stdout
+    resumed, uninterrupted = losses(tmp_path / "cut"), losses(tmp_path / "full")
+    assert sorted(resumed) == list(range(1, 31))
+    for step in range(12, 31):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-9), step
+
+
 def test_yaml_config_and_command_line(tmp_path) -> None:
     """A YAML file sets options; the command line overrides it."""
     cfg = tmp_path / "run.yaml"

@@ -160,9 +160,11 @@ def test_sample_orders_balance_first_place_and_predecessors(k: int) -> None:
     (["--zero", "--mode", "ps", "--servers", "1"], "--zero works with --mode dp or hybrid (split along dp), not ps"),
     (["--zero", "--mode", "pipeline"], "--zero works with --mode dp or hybrid (split along dp), not pipeline"),
     (["--zero", "--elastic"], "--zero does not work with --elastic"),
+    (["--compression", "powersgd", "--mode", "ps", "--servers", "1"], "--compression powersgd works with --mode dp"),
+    (["--compression", "powersgd", "--powersgd-rank", "0"], "--powersgd-rank must be at least 1, got 0"),
 ])
-def test_sync_bn_and_zero_settings_are_checked(argv: list[str], message: str, capsys) -> None:
-    """--sync-bn and --zero outside what they support: refused before training, saying why."""
+def test_sync_bn_zero_and_powersgd_settings_are_checked(argv: list[str], message: str, capsys) -> None:
+    """--sync-bn, --zero and PowerSGD outside what they support: refused before training, saying why."""
     from dmlmpi import config
 
     with pytest.raises(SystemExit):

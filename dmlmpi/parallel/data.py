@@ -428,6 +428,16 @@ class DataParallel(nn.Module):
             self._join = None
             self._scale = 1.0 / self.comm.Get_size()
 
+    def comm_state(self) -> dict[str, Any]:
+        """What gradient compression carries from step to step (PowerSGD's factors and errors; collective), for checkpoints."""
+        return {} if self._powersgd is None else {"powersgd": self._powersgd.state_dict()}
+
+    def load_comm_state(self, state: dict[str, Any]) -> bool:
+        """Continue from comm_state(); False when part of it could not be used (another world size)."""
+        if self._powersgd is None or "powersgd" not in state:
+            return True
+        return self._powersgd.load_state_dict(state["powersgd"])
+
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Inside, backward only accumulates local gradients; the next synced backward averages the sum."""

@@ -20,6 +20,8 @@ keeps each matrix's Q and error and runs the collectives for a DataParallel buck
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from mpi4py import MPI
 
@@ -68,6 +70,8 @@ class PowerSGD:
     def _q(self, key: tuple[int, int], cols: int, r: int, like: torch.Tensor) -> torch.Tensor:
         """The matrix's Q: random at first, drawn from (seed, key) so that every rank draws the same."""
         q = self.q.get(key)
+        if q is not None and q.device != like.device:  # loaded from a checkpoint onto the host
+            q = self.q[key] = q.to(like.device)
         if q is None:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + key[0] * 10_007 + key[1])
             q = self.q[key] = torch.randn(cols, r, generator=g, dtype=like.dtype).to(like.device)
@@ -97,6 +101,8 @@ class PowerSGD:
             m = as_matrix(slots[i])
             err = self.error.get((index, i))
             if err is not None:
+                if err.device != m.device:  # loaded from a checkpoint onto the host
+                    err = self.error[(index, i)] = err.to(m.device)
                 m.add_(err)
             ms.append(m)
         rs = [min(self.rank, *m.shape) for m in ms]
@@ -124,3 +130,22 @@ class PowerSGD:
             err.addmm_(p, q_mine.T, alpha=-1)
             self.q[(index, i)] = q.clone()  # the warm start of the next step
             torch.mm(p, q.T, out=m)  # the summed gradient, rank r, written over the slot
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly (collective: every rank's errors are gathered)."""
+        errors = self.comm.allgather({k: v.cpu() for k, v in self.error.items()})  # pickled: checkpoint time
+        return {"q": {k: v.cpu() for k, v in self.q.items()}, "calls": dict(self.calls), "errors": errors,
+                "rank": self.rank}
+
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        """Continue from state_dict(); returns False when the errors were saved at another world size (dropped)."""
+        if state["rank"] != self.rank:
+            raise ValueError(f"PowerSGD: the state was saved with rank {state['rank']}, this one has {self.rank}")
+        self.q = {k: v.clone() for k, v in state["q"].items()}  # moved to the gradients' device on first use
+        self.calls = dict(state["calls"])
+        errors = state["errors"]
+        if len(errors) != self.comm.Get_size():
+            self.error = {}  # another world size: whose error is whose no longer holds; start afresh
+            return False
+        self.error = {k: v.clone() for k, v in errors[self.comm.Get_rank()].items()}
+        return True
