@@ -92,3 +92,26 @@ def test_bad_settings_are_refused() -> None:
     """A factor rank below 1 is an error."""
     with pytest.raises(ValueError, match="rank must be at least 1"):
         DataParallel(make_model(), compression="powersgd", powersgd_rank=0)
+
+
+@pytest.mark.skipif(SIZE < 2, reason="one rank communicates nothing: no compression")
+def test_state_moves_to_other_buckets() -> None:
+    """comm_state() keyed by parameter name: loaded into a DataParallel with other buckets, the next step is the same."""
+    x, y = data()
+    first = DataParallel(make_model(), bucket_mb=0.0001, compression="powersgd", powersgd_rank=1)
+    for s in range(2):
+        first.zero_grad()
+        idx = rank_share(np.arange(s * 13, (s + 1) * 13), RANK, SIZE)
+        local_loss(first, x[idx], y[idx], 13).backward()
+    state = first.comm_state()
+    other = DataParallel(make_model(), bucket_mb=25.0, compression="powersgd", powersgd_rank=1)  # one bucket
+    assert other.load_comm_state(state)
+    idx = rank_share(np.arange(26, 39), RANK, SIZE)
+    for m in (first, other):
+        m.zero_grad()
+        local_loss(m, x[idx], y[idx], 13).backward()
+    for a, b in zip(first.parameters(), other.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="names parameters this model does not have"):
+        DataParallel(nn.Sequential(nn.Linear(40, 3)), compression="powersgd").load_comm_state(state)
+    first.close(), other.close()

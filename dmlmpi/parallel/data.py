@@ -428,15 +428,41 @@ class DataParallel(nn.Module):
             self._join = None
             self._scale = 1.0 / self.comm.Get_size()
 
+    def _slot_names(self) -> dict[tuple[int, int], str]:
+        """(bucket, slot) -> the parameter's name: how compression state is keyed inside, and in checkpoints."""
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        return {(b, i): names[id(p)] for b, bucket in enumerate(self._buckets) for i, p in enumerate(bucket.params)}
+
     def comm_state(self) -> dict[str, Any]:
-        """What gradient compression carries from step to step (PowerSGD's factors and errors; collective), for checkpoints."""
-        return {} if self._powersgd is None else {"powersgd": self._powersgd.state_dict()}
+        """What gradient compression carries from step to step (PowerSGD's factors and errors; collective), for checkpoints.
+
+        Keyed by parameter name, so that a run resumed with other buckets (--bucket-mb) gets each
+        matrix's own state back.
+        """
+        if self._powersgd is None:
+            return {}
+        state, names = self._powersgd.state_dict(), self._slot_names()
+        by_name = {names[k]: k for k in names}
+        return {"powersgd": dict(state, q={names[k]: v for k, v in state["q"].items()},
+                                 errors=[{names[k]: v for k, v in e.items()} for e in state["errors"]],
+                                 calls={n: state["calls"].get(k[0], 0) for n, k in by_name.items()})}
 
     def load_comm_state(self, state: dict[str, Any]) -> bool:
         """Continue from comm_state(); False when part of it could not be used (another world size)."""
         if self._powersgd is None or "powersgd" not in state:
             return True
-        return self._powersgd.load_state_dict(state["powersgd"])
+        saved, names = state["powersgd"], self._slot_names()
+        slot_of = {n: k for k, n in names.items()}
+        unknown = sorted(set(saved["q"]) - set(slot_of))
+        if unknown:
+            raise ValueError(f"DataParallel: the PowerSGD state names parameters this model does not have: {unknown[:3]}")
+        calls: dict[int, int] = {}
+        for n, c in saved["calls"].items():  # a bucket has taken as many steps as its parameters had
+            if n in slot_of:
+                calls[slot_of[n][0]] = max(calls.get(slot_of[n][0], 0), c)
+        return self._powersgd.load_state_dict(dict(
+            saved, q={slot_of[n]: v for n, v in saved["q"].items()},
+            errors=[{slot_of[n]: v for n, v in e.items()} for e in saved["errors"]], calls=calls))
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
