@@ -24,6 +24,7 @@ from torch import nn
 
 from dmlmpi.models import mlp, mnist1d_cnn
 from dmlmpi.parallel import DataParallel, SyncBatchNorm, ZeroRedundancyOptimizer
+from dmlmpi.parallel.zero import state_bytes
 
 from .common import balanced_orders, calls_per_sample, close_gloo, format_table, init_gloo, timed_sample, write_json
 
@@ -125,8 +126,9 @@ def calibrate(step: Callable[[], None], sub: MPI.Comm, args: argparse.Namespace)
     return max(3, calls_per_sample(step, sub, args.sample_seconds))
 
 
-def make_step(name: str, variant: str, sub: MPI.Comm, group: Any, args: argparse.Namespace) -> tuple[nn.Module, Callable[[], None]]:
-    """The model as `variant` trains it, and one training step of it on this rank's fixed batch."""
+def make_step(name: str, variant: str, sub: MPI.Comm, group: Any,
+              args: argparse.Namespace) -> tuple[nn.Module, Callable[[], None], Any]:
+    """The model as `variant` trains it, one training step of it on this rank's fixed batch, and its optimizer."""
     build, shape = MODELS[name]
     torch.manual_seed(0)
     model = wrap(variant, build(), sub, group, args)
@@ -138,8 +140,7 @@ def make_step(name: str, variant: str, sub: MPI.Comm, group: Any, args: argparse
         opt.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-    step.optimizer = opt  # type: ignore[attr-defined]  (its state size goes into the record)
-    return model, step
+    return model, step, opt
 
 
 def make_optimizer(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, args: argparse.Namespace) -> Any:
@@ -154,12 +155,6 @@ def make_optimizer(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, ar
     return cls(model.parameters(), **settings)
 
 
-def state_bytes(opt: Any) -> int:
-    """Bytes of optimizer state tensors this rank holds."""
-    inner = getattr(opt, "optim", opt)  # both ZeROs keep their local optimizer as .optim
-    return sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values() if torch.is_tensor(t))
-
-
 def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Train `name` with every variant on the k ranks of `sub`, samples taken in turn; one record per variant.
 
@@ -170,13 +165,13 @@ def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Names
     """
     extra = ((SYNC_BN,) if args.sync_bn else ()) + (ZERO if args.zero else ())
     built = {v: make_step(name, v, sub, group, args) for v in VARIANTS + extra}
-    steps = int(statistics.median(calibrate(step, sub, args) for _, step in built.values()))
+    steps = int(statistics.median(calibrate(step, sub, args) for _, step, _ in built.values()))
     per_step: dict[str, list[float]] = {v: [] for v in built}
     for order in balanced_orders(list(built), args.samples):
         for v in order:
             per_step[v].append(timed_sample(built[v][1], steps, sub))
     records = []
-    for v, (model, step) in built.items():
+    for v, (model, _, opt) in built.items():
         if v.startswith("dmlmpi"):
             model.close()
         rates = [k * args.batch / t for t in per_step[v]]
@@ -186,7 +181,8 @@ def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Names
                             step_time_s_median=statistics.median(per_step[v]),
                             algorithm=args.algorithm if v.startswith("dmlmpi") else "",
                             compression=wire_format(v, args.compression), optimizer=args.optimizer,
-                            optimizer_state_bytes=state_bytes(step.optimizer)))
+                            # both ZeROs keep their local optimizer as .optim
+                            optimizer_state_bytes=state_bytes(getattr(opt, "optim", opt))))
     return records
 
 

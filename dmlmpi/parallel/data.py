@@ -92,8 +92,10 @@ class Future:
 class Bucket:
     """A flat gradient buffer for a group of parameters, and which of them have arrived."""
 
-    def __init__(self, params: list[nn.Parameter], dtype: torch.dtype, shared_comm: MPI.Comm | None = None) -> None:
+    def __init__(self, params: list[nn.Parameter], dtype: torch.dtype, shared_comm: MPI.Comm | None = None,
+                 index: int = 0) -> None:
         self.params = params
+        self.index = index  # its place in the bucket order (telemetry names, compression state keys)
         sizes = [p.numel() for p in params]
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         self.shared_comm = shared_comm  # set: the buffer lives in a node-shared window on it
@@ -230,10 +232,10 @@ class DataParallel(nn.Module):
                     self._on_late_grad if p in last else self._on_grad))
 
     # -- start -------------------------------------------------------------------------------
-    def _broadcast_state(self) -> None:
-        """Every rank starts from rank 0's parameters and buffers (any dtype: bool masks too)."""
-        # from rank 0 as raw bytes, in a few buckets: one guarded broadcast each, not one per tensor
-        broadcast_fused(list(self.module.parameters()) + list(self.module.buffers()), root=0, comm=self.comm)
+    def _broadcast_state(self, root: int = 0) -> None:
+        """Every rank takes root's parameters and buffers (any dtype: bool masks too); rank 0's at start."""
+        # from root as raw bytes, in a few buckets: one guarded broadcast each, not one per tensor
+        broadcast_fused(list(self.module.parameters()) + list(self.module.buffers()), root=root, comm=self.comm)
 
     def _check_same_layout(self, layout: list[list[Any]]) -> None:
         """Every rank must have the same buckets and state: checked once here, so steps can skip the per-call guard.
@@ -271,7 +273,7 @@ class DataParallel(nn.Module):
         # checked before any bucket is made: making shared ones is collective, once per bucket
         self._check_same_layout([[tuple(params[i].shape) for i in idx] + [str(dtypes[idx[0]])] for idx in plan])
         shared = self.comm if self._shared else None
-        buckets = [Bucket([params[i] for i in idx], dtypes[idx[0]], shared) for idx in plan]
+        buckets = [Bucket([params[i] for i in idx], dtypes[idx[0]], shared, b) for b, idx in enumerate(plan)]
         where = {p: (b, i) for b, bucket in enumerate(buckets) for i, p in enumerate(bucket.params)}
         return buckets, where
 
@@ -307,11 +309,10 @@ class DataParallel(nn.Module):
     def _allreduce_job(self, bucket: Bucket) -> Callable[[], Any]:
         """The communication thread's job: sum one bucket (already scaled by 1/n) over the ranks, in place."""
         def job() -> Any:
-            with maybe_span(self.timeline, f"allreduce bucket {self._buckets.index(bucket)}", "comm",
+            with maybe_span(self.timeline, f"allreduce bucket {bucket.index}", "comm",
                             {"bytes": bucket.buffer.numel() * bucket.buffer.element_size()}):
                 if self._powersgd is not None:  # matrices as factors (their guarded all-reduces)
-                    return self._powersgd.reduce(self._buckets.index(bucket), bucket.slots, bucket.buffer,
-                                                 self.algorithm)
+                    return self._powersgd.reduce(bucket.index, bucket.slots, bucket.buffer, self.algorithm)
                 # no per-call guard: the bucket layout was checked across ranks at construction and
                 # buckets are reduced in one fixed order, so ranks cannot disagree on these calls
                 return dcomm.allreduce(bucket.buffer, op="sum", algorithm=self.algorithm, comm=self.comm,
@@ -395,7 +396,7 @@ class DataParallel(nn.Module):
                 join.optimizer.step()
         # parameters and buffers from the rank that trained longest (the others stopped updating)
         _, last = self.comm.allreduce((join.steps, -self.comm.Get_rank()), op=MPI.MAX)
-        broadcast_fused(list(self.module.parameters()) + list(self.module.buffers()), root=-last, comm=self.comm)
+        self._broadcast_state(root=-last)
 
     @contextlib.contextmanager
     def join(self, divide_by_initial_world_size: bool = True, throw_on_early_termination: bool = False,
@@ -430,8 +431,7 @@ class DataParallel(nn.Module):
 
     def _slot_names(self) -> dict[tuple[int, int], str]:
         """(bucket, slot) -> the parameter's name: how compression state is keyed inside, and in checkpoints."""
-        names = {id(p): n for n, p in self.module.named_parameters()}
-        return {(b, i): names[id(p)] for b, bucket in enumerate(self._buckets) for i, p in enumerate(bucket.params)}
+        return {self._where[p]: n for n, p in self.module.named_parameters() if p in self._where}
 
     def comm_state(self) -> dict[str, Any]:
         """What gradient compression carries from step to step (PowerSGD's factors and errors; collective), for checkpoints.
@@ -442,10 +442,9 @@ class DataParallel(nn.Module):
         if self._powersgd is None:
             return {}
         state, names = self._powersgd.state_dict(), self._slot_names()
-        by_name = {names[k]: k for k in names}
         return {"powersgd": dict(state, q={names[k]: v for k, v in state["q"].items()},
                                  errors=[{names[k]: v for k, v in e.items()} for e in state["errors"]],
-                                 calls={n: state["calls"].get(k[0], 0) for n, k in by_name.items()})}
+                                 calls={n: state["calls"].get(k[0], 0) for k, n in names.items()})}
 
     def load_comm_state(self, state: dict[str, Any]) -> bool:
         """Continue from comm_state(); False when part of it could not be used (another world size)."""

@@ -26,6 +26,7 @@ import torch
 from mpi4py import MPI
 
 from dmlmpi import comm as dcomm
+from dmlmpi.comm.fusion import allreduce_fused
 
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
@@ -86,13 +87,7 @@ class PowerSGD:
         low = [i for i, s in enumerate(slots) if compressible(tuple(s.shape), s.dtype, self.rank)]
         whole = [i for i in range(len(slots)) if i not in set(low)]
         if whole:  # vectors and small matrices: one all-reduce of them packed together
-            packed = torch.cat([slots[i].reshape(-1) for i in whole])
-            dcomm.allreduce(packed, op="sum", algorithm=algorithm, comm=self.comm, inplace=True)
-            offset = 0
-            for i in whole:
-                n = slots[i].numel()
-                slots[i].copy_(packed[offset:offset + n].view_as(slots[i]))
-                offset += n
+            allreduce_fused([slots[i] for i in whole], op="sum", algorithm=algorithm, comm=self.comm, inplace=True)
         if not low:
             return
         # this rank's matrices plus what it still owes from earlier steps (error feedback), in place
@@ -108,27 +103,18 @@ class PowerSGD:
         rs = [min(self.rank, *m.shape) for m in ms]
         qs = [self._q((index, i), m.shape[1], r, m) for i, m, r in zip(low, ms, rs)]
         # P = sum over ranks of M Q, every matrix's in one all-reduce
-        ps = torch.cat([(m @ q).reshape(-1) for m, q in zip(ms, qs)])
-        dcomm.allreduce(ps, op="sum", algorithm=algorithm, comm=self.comm, inplace=True)
-        bases, offset = [], 0
-        for m, r in zip(ms, rs):
-            n = m.shape[0] * r
-            bases.append(orthonormalize(ps[offset:offset + n].view(m.shape[0], r)))
-            offset += n
-        # Q = sum over ranks of M^T P, in one all-reduce
+        ps = allreduce_fused([m @ q for m, q in zip(ms, qs)], op="sum", algorithm=algorithm, comm=self.comm,
+                             inplace=True)
+        bases = [orthonormalize(p) for p in ps]
+        # Q = sum over ranks of M^T P, in one all-reduce (out of place: this rank's own stay for the error)
         mine = [m.T @ p for m, p in zip(ms, bases)]
-        qsum = torch.cat([q.reshape(-1) for q in mine])
-        dcomm.allreduce(qsum, op="sum", algorithm=algorithm, comm=self.comm, inplace=True)
-        offset = 0
-        for i, m, p, q_mine in zip(low, ms, bases, mine):
-            n = q_mine.numel()
-            q = qsum[offset:offset + n].view_as(q_mine)
-            offset += n
+        qsums = allreduce_fused(mine, op="sum", algorithm=algorithm, comm=self.comm)
+        for i, m, p, q_mine, q in zip(low, ms, bases, mine, qsums):
             # what P P^T M leaves out of this rank's M stays here as error (one pass, kept buffer)
             err = self.error.get((index, i))
             err = self.error[(index, i)] = m.clone() if err is None else err.copy_(m)
             err.addmm_(p, q_mine.T, alpha=-1)
-            self.q[(index, i)] = q.clone()  # the warm start of the next step
+            self.q[(index, i)] = q  # the warm start of the next step (a fresh result: nothing reuses it)
             torch.mm(p, q.T, out=m)  # the summed gradient, rank r, written over the slot
 
     def state_dict(self) -> dict[str, Any]:

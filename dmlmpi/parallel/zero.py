@@ -45,6 +45,12 @@ def overlaps(sizes: list[int], start: int, stop: int) -> list[tuple[int, int, in
     return out
 
 
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the state tensors an optimizer holds."""
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values()
+               for t in state.values() if torch.is_tensor(t))
+
+
 class ZeroRedundancyOptimizer(torch.optim.Optimizer):
     """`optimizer_class` over 1/n of the parameters on each rank of `comm`; `step()` all-gathers the rest."""
 
@@ -127,8 +133,7 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
 
     def local_state_bytes(self) -> int:
         """Bytes of optimizer state held on this rank (tensors only)."""
-        return sum(t.numel() * t.element_size() for state in self.optim.state.values()
-                   for t in state.values() if torch.is_tensor(t))
+        return state_bytes(self.optim)
 
     def state_dict(self) -> dict[str, Any]:
         """The whole optimizer state, gathered from every rank (collective): any world size can load it."""
