@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dp", type=int, default=2, help="hybrid: data-parallel replicas of the pipeline")
     g.add_argument("--pp", type=int, default=4, help="hybrid: pipeline ranks (pipeline mode: all ranks)")
     g.add_argument("--microbatches", type=int, default=8, help="microbatches per global batch share")
-    g.add_argument("--pipeline-schedule", default="1f1b", choices=["gpipe", "1f1b", "interleaved"],
-                   help="order of the microbatches' forwards and backwards on each stage")
+    g.add_argument("--pipeline-schedule", default="1f1b", choices=["gpipe", "1f1b", "interleaved", "zb-h1"],
+                   help="order of the microbatches' forwards and backwards on each stage (zb-h1: zero-bubble, "
+                        "the backward split into input and weight gradients)")
     g.add_argument("--chunks", type=int, default=2, help="interleaved: model chunks (virtual stages) per rank")
     g.add_argument("--partition", default="parameters",
                    help="how layers are cut into stages: uniform, parameters, time, or cut points like 3,6,9")

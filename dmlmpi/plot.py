@@ -278,14 +278,17 @@ def plot_timeline(trace: dict[str, Any], path: str, window_ms: float) -> bool:
     return True
 
 
+PIPELINE_OPS = {"forward": "F", "backward": "B", "weight": "W"}  # trace category -> pipeline action
+
+
 def pipeline_blocks(trace: dict[str, Any]) -> list[tuple[int, str, int, int, float, float]]:
-    """Pipeline actions of the last training step: (rank, F/B, microbatch, stage, start ms, duration ms)."""
+    """Pipeline actions of the last training step: (rank, F/B/W, microbatch, stage, start ms, duration ms)."""
     blocks = []
     for e in trace.get("traceEvents", []):
         args = e.get("args") if isinstance(e, dict) else None
-        if (e.get("ph") == "X" and e.get("cat") in ("forward", "backward") and isinstance(args, dict)
+        if (e.get("ph") == "X" and e.get("cat") in PIPELINE_OPS and isinstance(args, dict)
                 and isinstance(args.get("micro"), int) and _number(e.get("ts")) and _number(e.get("dur"))):
-            blocks.append((e["pid"], "F" if e["cat"] == "forward" else "B", args["micro"],
+            blocks.append((e["pid"], PIPELINE_OPS[e["cat"]], args["micro"],
                            int(args.get("stage", e["pid"])), e["ts"] / 1000.0, e["dur"] / 1000.0))
     if not blocks:
         return []
@@ -314,14 +317,14 @@ def plot_schedule(trace: dict[str, Any], path: str) -> bool:
     for rank, op, micro, stage, t0, dur in blocks:
         color = cmap((2 * micro) % 20 if op == "F" else (2 * micro + 1) % 20)
         ax.broken_barh([(t0 - lo, dur)], (ranks.index(rank) - 0.4, 0.8), facecolors=color,
-                       edgecolors="black", linewidth=0.4, hatch=None if op == "F" else "//")
+                       edgecolors="black", linewidth=0.4, hatch={"F": None, "B": "//", "W": ".."}[op])
         if dur > 0:
             ax.text(t0 - lo + dur / 2, ranks.index(rank), f"{op}{micro}", ha="center", va="center", fontsize=7)
     ax.set_yticks(range(len(ranks)), [f"rank {r}" for r in ranks])
     ax.set_ylim(len(ranks) - 0.5, -0.5)
     ax.set_xlabel("time in the step (ms), measured")
     ax.set_title(f"executed pipeline schedule, last step: {len(micros)} microbatches "
-                 "(plain = forward, hatched = backward)")
+                 "(plain = forward, hatched = backward, dotted = weight gradient)")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -67,7 +67,7 @@ def sub_world() -> MPI.Comm | None:
     return None if sub == MPI.COMM_NULL else sub
 
 
-CASES = [(s, m) for s in ("gpipe", "1f1b", "interleaved") for m in (1, P, 2 * P + 1)]
+CASES = [(s, m) for s in ("gpipe", "1f1b", "interleaved", "zb-h1") for m in (1, P, 2 * P + 1)]
 
 
 @pytest.mark.parametrize("schedule,M", CASES, ids=[f"{s}-M{m}" for s, m in CASES])
@@ -96,7 +96,7 @@ def test_gradients_equal_single_process(schedule: str, M: int, checkpoint: bool)
     comm.Free()
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved", "zb-h1"])
 def test_parameters_after_optimizer_steps_equal_single_process(schedule: str) -> None:
     """Three Adam steps through the pipeline end where three single-process steps end."""
     comm = sub_world()
@@ -150,7 +150,7 @@ def test_batches_of_changing_size_equal_single_process() -> None:
     comm.Free()
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1"])
 def test_stages_of_views_only_equal_single_process(schedule: str) -> None:
     """Stages of views only: their output is their input's memory, their input's gradient the received one's."""
     comm = sub_world()
@@ -203,6 +203,26 @@ def test_forward_only_matches_the_model() -> None:
     comm.Free()
 
 
+def test_zero_bubble_sends_input_gradients_before_weight_gradients() -> None:
+    """zb-h1: every B's message leaves before its W runs, W's happen, and the activations held stay within min(P, M) microbatches' worth."""
+    comm = sub_world()
+    if comm is None:
+        return
+    M = 2 * P
+    pp = Pipeline(make_model(), comm, microbatches=M, schedule="zb-h1")
+    x, y = data()
+    pp.train_step(x, y, nn.functional.cross_entropy)
+    ops = [(a.op, a.micro) for a in pp.actions]
+    assert sorted(op for op, _ in ops) == ["B"] * M + ["F"] * M + ["W"] * M
+    assert set(pp.last_action_s) == {(op, m, 0) for op, m in ops}  # each ran, W's included
+    rank = comm.Get_rank()
+    # rank r runs r W's late: after its first B the next action is an F on every rank but 0
+    first_b = ops.index(("B", 0))
+    assert ops[first_b + 1] == (("W", 0) if rank == 0 else ("F", P - rank)) or first_b + 1 == len(ops)
+    pp.close()
+    comm.Free()
+
+
 def test_recompute_holds_fewer_activation_bytes() -> None:
     """Activation checkpointing keeps only stage inputs: less held than storing every activation."""
     comm = sub_world()
@@ -219,14 +239,15 @@ def test_recompute_holds_fewer_activation_bytes() -> None:
     comm.Free()
 
 
-def test_hybrid_grid_equals_single_process() -> None:
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+def test_hybrid_grid_equals_single_process(schedule: str) -> None:
     """dp x pp: each pipeline takes half the batch; gradients averaged over dp equal the whole batch's."""
     if SIZE % 2 or SIZE < 4:
         pytest.skip("needs an even world of at least 4 ranks")
     grid = ProcessGrid(WORLD, dp=2, pp=SIZE // 2)
     x, y = data()
     half = torch.tensor_split(torch.arange(BATCH), 2)[grid.rank("dp")]
-    pp = Pipeline(make_model(), grid.comm("pp"), microbatches=2, schedule="1f1b", dp_comm=grid.comm("dp"))
+    pp = Pipeline(make_model(), grid.comm("pp"), microbatches=2, schedule=schedule, dp_comm=grid.comm("dp"))
     # each replica's loss is its half's mean: scale so that the dp average is the whole batch's mean
     share = len(half) * 2 / BATCH
     pp.train_step(x[half], y[half], lambda out, tg: nn.functional.cross_entropy(out, tg) * share)

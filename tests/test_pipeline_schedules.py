@@ -10,7 +10,7 @@ from dmlmpi.parallel.partition import balanced_cuts, describe, partition
 from dmlmpi.parallel.schedules import Action, build, check, promised_activations
 
 
-@pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved"])
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved", "zb-h1"])
 def test_every_schedule_is_valid_over_a_grid(name: str) -> None:
     """Dependencies, matched messages, no deadlock, activations within the promise, for P<=8, M<=17."""
     ran = 0
@@ -40,6 +40,44 @@ def test_bubble_and_memory_match_the_theory() -> None:
     assert check(build("interleaved", P, M, 2), P, M, 2).bubble() < (P - 1) / (M + P - 1)
 
 
+@pytest.mark.parametrize("P,M", [(2, 2), (2, 8), (3, 7), (4, 4), (4, 16), (8, 8), (8, 17)])
+def test_zero_bubble_reaches_its_theory(P: int, M: int) -> None:
+    """zb-h1 with F, B, W of equal cost: makespan 3M + P - 1, bubble (P-1)/(3M+P-1), every rank holding min(P, M)."""
+    report = check(build("zb-h1", P, M), P, M)
+    assert report.makespan == pytest.approx(3 * M + P - 1)
+    assert report.busiest_idle() == pytest.approx((P - 1) / (3 * M + P - 1))
+    assert report.max_held == [min(P, M)] * P
+    # against 1F1B (backward = B + W): a third of its bubble at large M
+    one = check(build("1f1b", P, M), P, M)
+    assert report.makespan < one.makespan or P == 1
+
+
+def test_zero_bubble_with_fewer_microbatches_than_stages() -> None:
+    """M < P runs and holds M, though the bubble is more than the M >= P formula."""
+    for M in (1, 2, 3):
+        report = check(build("zb-h1", 4, M), 4, M)
+        assert report.max_held == [M] * 4
+    with pytest.raises(ValueError, match="one chunk per rank"):
+        build("zb-h1", 2, 4, 2)
+
+
+def test_the_checker_catches_a_broken_weight_pass() -> None:
+    """A W before its B, a W that sends, a missing W are reported."""
+    P, M = 2, 2
+    ok = build("zb-h1", P, M)
+    r1 = list(ok[1])
+    w = next(i for i, a in enumerate(r1) if a.op == "W")
+    b = next(i for i, a in enumerate(r1) if a.op == "B" and a.micro == r1[w].micro)
+    r1[w], r1[b] = r1[b], r1[w]
+    with pytest.raises(ValueError, match="W0 before B0"):
+        check([ok[0], r1], P, M)
+    sending = [[Action(a.op, a.micro, a.chunk, a.stage, None, 1 if a.op == "W" else a.send_to) for a in ok[0]], ok[1]]
+    with pytest.raises(ValueError, match="cannot receive or send"):
+        check(sending, P, M)
+    with pytest.raises(ValueError, match="exactly once"):
+        check([[a for a in ok[0] if a.op != "W" or a.micro], ok[1]], P, M)
+
+
 def test_replay_with_measured_action_times() -> None:
     """check(cost=...) replays given durations: equal ones give the theory, a slow action stretches the step."""
     P, M = 2, 8
@@ -63,7 +101,7 @@ def test_the_checker_catches_broken_schedules() -> None:
     P, M = 2, 2
     ok = build("1f1b", P, M)
     swapped = [list(ok[0]), list(reversed(ok[1]))]  # rank 1 starts with a backward
-    with pytest.raises(ValueError, match="before its forward"):
+    with pytest.raises(ValueError, match=r"B\d before F\d"):
         check(swapped, P, M)
     # rank 0 waits for microbatch 0's gradient before sending microbatch 1's activation, while rank 1
     # wants microbatch 1's activation before it computes microbatch 0: each waits for the other

@@ -1,11 +1,13 @@
 """`python -m dmlmpi.train --mode pipeline / hybrid` end to end: same losses as data parallel, resume, plots."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
+from dmlmpi.plot import pipeline_blocks
 from trainrun import ROOT, losses, records, run_train
 
 pytestmark = pytest.mark.launches_mpi  # these tests start mpiexec themselves
@@ -31,7 +33,8 @@ def dp_one_rank(tmp_path_factory):
     (3, ["--mode", "pipeline", "--pipeline-schedule", "gpipe"]),
     (2, ["--mode", "pipeline", "--pipeline-schedule", "interleaved", "--chunks", "2", "--recompute"]),
     (4, ["--mode", "hybrid", "--dp", "2", "--pp", "2", "--partition", "uniform"]),
-], ids=["pipeline-gpipe-3", "pipeline-interleaved-recompute-2", "hybrid-2x2"])
+    (3, ["--mode", "pipeline", "--pipeline-schedule", "zb-h1"]),
+], ids=["pipeline-gpipe-3", "pipeline-interleaved-recompute-2", "hybrid-2x2", "pipeline-zb-h1-3"])
 def test_same_losses_as_single_process(ranks, extra, dp_one_rank, tmp_path) -> None:
     """Every logged loss equals single-process training's, step by step."""
     result = train(ranks, tmp_path, *extra)
@@ -44,8 +47,8 @@ def test_same_losses_as_single_process(ranks, extra, dp_one_rank, tmp_path) -> N
 
 
 def test_resume_and_schedule_plot(dp_one_rank, tmp_path) -> None:
-    """A hybrid run stopped at step 11 and resumed logs the uninterrupted losses; the plot draws the schedule."""
-    args = ["--mode", "hybrid", "--dp", "2", "--pp", "2"]
+    """A zero-bubble hybrid run stopped at step 11 and resumed logs the uninterrupted losses; the plot draws the schedule."""
+    args = ["--mode", "hybrid", "--dp", "2", "--pp", "2", "--pipeline-schedule", "zb-h1"]
     first = train(4, tmp_path, *args, "--max-steps", "11")
     assert first.returncode == 0, first.stdout
     second = train(4, tmp_path, *args, "--resume")
@@ -61,6 +64,10 @@ def test_resume_and_schedule_plot(dp_one_rank, tmp_path) -> None:
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "png" / "schedule.png").read_bytes()[:4] == b"\x89PNG"
+    # the last step's actions, weight passes included: each of F, B, W once per microbatch per rank
+    blocks = pipeline_blocks(json.loads((tmp_path / "trace.json").read_text()))
+    assert sorted({(b[0], b[1]) for b in blocks}) == [(r, op) for r in range(4) for op in "BFW"]
+    assert len(blocks) == 4 * 3 * 4
 
 
 def test_hybrid_zero_same_losses_and_resume(dp_one_rank, tmp_path) -> None:

@@ -12,7 +12,8 @@ Python and sends). "replay" is the
 same step replayed by the schedule checker with each action's measured compute time and free,
 instant messages: the bubble the machine's compute times alone allow, so bubble - replay is what
 the executor adds and replay - theory what uneven action times add. Next to them, the theory for
-balanced stages: (P-1)/(M+P-1) for GPipe and 1F1B, (P-1)/(V*M+P-1) for interleaved with V chunks. Peak activation
+balanced stages: (P-1)/(M+P-1) for GPipe and 1F1B, (P-1)/(V*M+P-1) for interleaved with V chunks,
+(P-1)/(3M+P-1) for zb-h1 (input-gradient B, weight-gradient W, each as long as a forward). Peak activation
 memory per stage is what autograd saved (and the pipeline kept) for backward at most at once;
 `1f1b+recompute` is 1F1B with activation checkpointing (stage inputs kept, stages run again in
 backward): its memory saving and its cost in step time.
@@ -38,7 +39,7 @@ def parse_args(argv: list[str], P: int) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(prog="python -m dmlmpi.bench pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--schedules", default="gpipe,1f1b,interleaved,1f1b+recompute",
+    p.add_argument("--schedules", default="gpipe,1f1b,interleaved,zb-h1,1f1b+recompute",
                    help="comma-separated schedules; NAME+recompute adds activation checkpointing")
     p.add_argument("--micro", default=",".join(str(m * P) for m in (1, 2, 4, 8)), help="comma-separated M values")
     p.add_argument("--micro-size", type=int, default=64, help="rows per microbatch")
@@ -65,7 +66,9 @@ def make_model(P: int, V: int, args: argparse.Namespace) -> nn.Sequential:
 
 
 def theory(schedule: str, P: int, M: int, V: int) -> float:
-    """Bubble fraction of balanced stages."""
+    """Bubble fraction of balanced stages (zb-h1: F, B and W of equal length; M >= P)."""
+    if schedule == "zb-h1":
+        return (P - 1) / (3 * M + P - 1)
     return (P - 1) / ((V if schedule == "interleaved" else 1) * M + P - 1)
 
 
@@ -163,6 +166,12 @@ def main(argv: list[str]) -> int:
             saved = 1 - r["peak_activation_bytes"][0] / by[("1f1b", m)]["peak_activation_bytes"][0]
             print(f"M={m}: recompute saves {100 * saved:.0f}% of 1F1B's stage-0 activation memory, "
                   f"step time x{r['step_time_s'] / by[('1f1b', m)]['step_time_s']:.2f}")
+        if s == "zb-h1" and ("1f1b", m) in by and P > 1:
+            one = by[("1f1b", m)]
+            print(f"M={m}: zb-h1 bubble {r['bubble_measured']:.3f} vs 1F1B's {one['bubble_measured']:.3f} "
+                  f"(x{r['bubble_measured'] / one['bubble_measured']:.2f}; theory x{r['bubble_theory'] / one['bubble_theory']:.2f}), "
+                  f"step time x{r['step_time_s'] / one['step_time_s']:.3f}, stage-0 activations "
+                  f"x{r['peak_activation_bytes'][0] / one['peak_activation_bytes'][0]:.2f}")
         if s == "1f1b" and ("gpipe", m) in by:
             ratio = r["peak_activation_bytes"][0] / by[("gpipe", m)]["peak_activation_bytes"][0]
             print(f"M={m}: 1F1B / GPipe stage-0 activation memory = {ratio:.3f} (about P/M = {P / m:.3f}: "

@@ -9,7 +9,8 @@ as one nonblocking send, preceded by a small header (dtype and shape: never assu
 tag last carried a different dtype or shape, so a steady run sends no headers; a rank waits only
 on the one message its next action needs, and the schedule checker guarantees that this cannot
 deadlock. With `checkpoint=True` a forward keeps only its input and backward runs
-the chunk again (activation checkpointing).
+the chunk again (activation checkpointing). Under a zero-bubble schedule (zb-h1) the backward is
+two actions: B computes and sends the input's gradient, W later the weights' (`splitgrad`).
 
 After `train_step` every parameter's .grad holds (adds) the gradient of the mean loss over the whole
 batch, and every rank gets that loss. With `dp_comm` (a hybrid grid) each chunk's gradients are
@@ -36,7 +37,8 @@ from dmlmpi.telemetry import maybe_span
 
 from .data import CommThread, Future
 from .partition import describe, partition
-from .schedules import Action, build, promised_activations
+from . import splitgrad
+from .schedules import Action, build, promised_activations, splits_backward
 
 # tensors whose numpy view MPI takes as it is (bfloat16 has none: it goes through the buffer handling)
 _HOST_DTYPES = frozenset({torch.float16, torch.float32, torch.float64, torch.int32, torch.int64, torch.uint8, torch.int8})
@@ -87,9 +89,9 @@ class SavedBytes:
             self.peak = max(self.peak, sum(self.live.values()))
         return t
 
-    def hold(self, key: tuple[int, int], t: torch.Tensor) -> None:
-        """Count a tensor kept by the pipeline itself (a stage's input or output) for microbatch key."""
-        self.live[key] = self.live.get(key, 0) + t.numel() * t.element_size()
+    def hold(self, key: tuple[int, int], nbytes: int) -> None:
+        """Count bytes kept by the pipeline itself (a stage's input, gradients waiting for W) for microbatch key."""
+        self.live[key] = self.live.get(key, 0) + nbytes
         self.peak = max(self.peak, sum(self.live.values()))
 
     def release(self, key: tuple[int, int]) -> None:
@@ -110,6 +112,7 @@ class Pipeline(nn.Module):
         world = MPI.COMM_WORLD if comm is None else comm
         self.P, self.rank, self.M, self.V = world.Get_size(), world.Get_rank(), microbatches, chunks
         self.schedule_name, self.checkpoint, self.timeline = schedule, checkpoint, timeline
+        self.split = splits_backward(schedule)  # B and W apart: the weights' gradient comes later
         schedules = build(schedule, self.P, microbatches, chunks)  # ValueError for sizes it cannot run
         self.actions: list[Action] = schedules[self.rank]
         self.promise = promised_activations(schedule, self.P, microbatches, chunks, self.rank)
@@ -272,11 +275,16 @@ class Pipeline(nn.Module):
         if (first and len(inputs) < self.M) or (last and len(targets) < self.M):
             raise ValueError(f"pipeline: a batch of {batch} cannot be cut into {self.M} microbatches")
         saved = SavedBytes(list(self.parameters()))
-        kept: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (micro, chunk) -> (input, output or loss)
+        # (micro, chunk) -> (input, output or loss, its per-layer graphs when the backward is split)
+        kept: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, list[splitgrad.Segment] | None]] = {}
         pending: list[p2p.Transfer] = []
         total_loss = torch.zeros((), dtype=torch.float64)
         took = self.last_action_s = {}
-        remaining = {c: sum(1 for a in self.actions if a.op == "B" and a.chunk == c) for c in range(self.V)}
+        # a chunk's gradients are complete after its last backward: its last W when the backward is split
+        done_op = "W" if self.split else "B"
+        remaining = {c: sum(1 for a in self.actions if a.op == done_op and a.chunk == c) for c in range(self.V)}
+        # (micro, chunk) -> what its W needs after its B: input, received gradient, graphs, gradient sent
+        stash: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None, list[splitgrad.Segment], torch.Tensor | None]] = {}
         futures: list[Future] = []
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
             for a in self.actions:
@@ -289,21 +297,60 @@ class Pipeline(nn.Module):
                     with maybe_span(self.timeline, f"F{a.micro}", "forward", {"micro": a.micro, "chunk": a.chunk, "stage": a.stage}):
                         t0 = time.perf_counter()
                         saved.current = key
-                        with torch.no_grad() if self.checkpoint else contextlib.nullcontext():
-                            y = part(x)
+                        tail = self._loss_tail(loss_fn, mb_tg, a, batch, device)
+                        if self.split and not self.checkpoint:
+                            # one graph per layer, so that B and W can walk them apart
+                            segments = splitgrad.forward(part, x, tail)
+                            y = segments[-1].y
+                        else:
+                            segments = None
+                            with torch.no_grad() if self.checkpoint else contextlib.nullcontext():
+                                y = part(x)
+                            if tail is not None and not self.checkpoint:
+                                y = tail(y)
                         saved.current = None
-                        if a.stage == self.stages - 1:
-                            tg = mb_tg[a.micro].to(device)
-                            # this microbatch's share of the whole batch's mean loss
-                            y = loss_fn(y, tg) * (len(tg) / batch) if not self.checkpoint else y
                         took["F", a.micro, a.chunk] = time.perf_counter() - t0
                         compute += took["F", a.micro, a.chunk]
                     if a.send_to is not None:
                         self._send(y, a.send_to, "F", a.micro, a.stage + 1, pending)
-                    kept[key] = (x, y)
-                    saved.hold(key, x)
+                    kept[key] = (x, y, segments)
+                    saved.hold(key, x.numel() * x.element_size())
+                elif a.op == "W":
+                    x, grad, segments, dx = stash.pop(key)
+                    with maybe_span(self.timeline, f"W{a.micro}", "weight", {"micro": a.micro, "chunk": a.chunk, "stage": a.stage}):
+                        t0 = time.perf_counter()
+                        splitgrad.backward_weight(segments)
+                        took["W", a.micro, a.chunk] = time.perf_counter() - t0
+                        compute += took["W", a.micro, a.chunk]
+                    saved.release(key)
+                    # the weights' gradient is done: the received input and gradient can take later messages
+                    if a.stage > 0:
+                        self._recycle(x, dx)
+                    self._recycle(grad, dx)
+                    remaining[a.chunk] -= 1
+                    if remaining[a.chunk] == 0 and self._dp_thread is not None:
+                        futures.append(self._dp_thread.submit(self._average_job(a.chunk)))
+                elif self.split:
+                    x, y, segments = kept.pop(key)
+                    grad = None if a.stage == self.stages - 1 else self._recv(a.recv_from, "B", a.micro, a.stage, device)
+                    with maybe_span(self.timeline, f"B{a.micro}", "backward", {"micro": a.micro, "chunk": a.chunk, "stage": a.stage}):
+                        t0 = time.perf_counter()
+                        if self.checkpoint:  # recompute the forward, this time one graph per layer
+                            saved.current = key
+                            segments = splitgrad.forward(part, x, self._loss_tail(loss_fn, mb_tg, a, batch, device))
+                            saved.current = None
+                        if a.stage == self.stages - 1:
+                            total_loss += segments[-1].y.detach().double().cpu()
+                        # B: the input's gradient only; each layer's output gradient stays for W
+                        dx = splitgrad.backward_input(segments, grad)
+                        took["B", a.micro, a.chunk] = time.perf_counter() - t0
+                        compute += took["B", a.micro, a.chunk]
+                    saved.hold(key, splitgrad.held_bytes(segments))
+                    if a.send_to is not None:
+                        self._send(dx if dx is not None else torch.zeros_like(x), a.send_to, "B", a.micro, a.stage - 1, pending)
+                    stash[key] = (x, grad, segments, dx)
                 else:
-                    x, y = kept.pop(key)
+                    x, y, _ = kept.pop(key)
                     grad = None if a.stage == self.stages - 1 else self._recv(a.recv_from, "B", a.micro, a.stage, device)
                     with maybe_span(self.timeline, f"B{a.micro}", "backward", {"micro": a.micro, "chunk": a.chunk, "stage": a.stage}):
                         t0 = time.perf_counter()
@@ -313,8 +360,7 @@ class Pipeline(nn.Module):
                             saved.current = None
                         if a.stage == self.stages - 1:
                             if self.checkpoint:
-                                tg = mb_tg[a.micro].to(device)
-                                y = loss_fn(y, tg) * (len(tg) / batch)
+                                y = self._loss_tail(loss_fn, mb_tg, a, batch, device)(y)
                             total_loss += y.detach().double().cpu()
                             y.backward()
                         elif y.requires_grad:  # (a first stage without parameters has nothing to do)
@@ -338,6 +384,14 @@ class Pipeline(nn.Module):
         self.last_compute_s, self.last_wait_s, self.last_step_s = compute, self._waited, time.perf_counter() - start
         # broadcast: the loss from the rank holding the last stage to every rank of the pipeline
         return float(self.comm.bcast(float(total_loss) if last else None, root=(self.stages - 1) % self.P))
+
+    def _loss_tail(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], mb_tg: Sequence[torch.Tensor] | None,
+                   a: Action, batch: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """On the last stage, output -> this microbatch's share of the whole batch's mean loss; else None."""
+        if a.stage != self.stages - 1:
+            return None
+        tg = mb_tg[a.micro].to(device)
+        return lambda out: loss_fn(out, tg) * (len(tg) / batch)
 
     def _average_job(self, chunk: int) -> Callable[[], None]:
         """Average one chunk's gradients over the data-parallel replicas (run on the comm thread)."""

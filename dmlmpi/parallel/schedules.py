@@ -13,20 +13,25 @@ no rank holding more activations than the schedule promises.
 - interleaved (Megatron-LM, Narayanan et al. 2021): 1F1B over V chunks per rank, forwards going
   through chunk 0 of every rank, then chunk 1, ...; a smaller bubble for more messages. Needs M to
   be a multiple of P.
+- zb-h1 (Qi et al. 2024, "Zero Bubble Pipeline Parallelism"): the backward split in two, B (the
+  input's gradient, which the previous stage waits for) and W (the weights' gradient, which nobody
+  waits for). 1F1B's order of F and B, with rank r running each W r steps late: the W's fill the
+  cool-down's idle time. With F, B and W of equal cost the bubble is (P-1)/(3M+P-1), a third of
+  1F1B's; every rank holds up to min(P, M) microbatches (1F1B's first-stage peak) until their W.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 
 
 @dataclass(frozen=True)
 class Action:
-    """Forward or backward of microbatch `micro` on this rank's chunk `chunk` (model stage `stage`)."""
+    """Forward, backward or weight-gradient pass of microbatch `micro` on this rank's chunk `chunk` (model stage `stage`)."""
 
-    op: str  # "F" or "B"
+    op: str  # "F", "B" (the whole backward, or the input's gradient when the schedule has W's) or "W"
     micro: int
     chunk: int = 0
     stage: int = 0
@@ -45,7 +50,8 @@ def _with_comms(rank: int, order: list[tuple[str, int, int]], P: int, V: int) ->
         stage = chunk * P + rank
         prev = (stage - 1) % P if stage > 0 else None  # activations come from the previous stage...
         nxt = (stage + 1) % P if stage < last else None  # ...and gradients from the next one
-        recv, send = (prev, nxt) if op == "F" else (nxt, prev)
+        # a W neither receives nor sends: its input (the output's gradient) came with the B
+        recv, send = (prev, nxt) if op == "F" else (nxt, prev) if op == "B" else (None, None)
         out.append(Action(op, micro, chunk, stage, recv, send))
     return out
 
@@ -108,8 +114,34 @@ def interleaved(P: int, M: int, V: int = 2) -> list[list[Action]]:
     return schedules
 
 
+def zb_h1(P: int, M: int, V: int = 1) -> list[list[Action]]:
+    """Zero-bubble ZB-H1: 1F1B's F and B order, and rank r's weight passes W running r steps behind its B's."""
+    _check_sizes(P, M, V)
+    if V != 1:
+        raise ValueError("pipeline schedule zb-h1: one chunk per rank")
+    schedules = []
+    for r, actions in enumerate(one_f_one_b(P, M)):
+        cooldown = M - min(P - 1 - r, M)  # index of the first B after 1F1B's last forward
+        order, w = [], 0  # w: the next microbatch whose W is due
+        for a in actions:
+            order.append((a.op, a.micro, 0))
+            # rank 0 runs each W right after its B; rank r holds its first r back, and in the
+            # cool-down, where it would wait between B's for the next stage, runs one after each B
+            if a.op == "B" and (a.micro >= r or a.micro >= cooldown):
+                order.append(("W", w, 0))
+                w += 1
+        order += [("W", m, 0) for m in range(w, M)]
+        schedules.append(_with_comms(r, order, P, 1))
+    return schedules
+
+
+def splits_backward(name: str) -> bool:
+    """Whether the named schedule runs each backward as B (input gradient) and W (weight gradient)."""
+    return name == "zb-h1"
+
+
 BUILDERS: dict[str, Callable[..., list[list[Action]]]] = {"gpipe": gpipe, "1f1b": one_f_one_b,
-                                                          "interleaved": interleaved}
+                                                          "interleaved": interleaved, "zb-h1": zb_h1}
 
 
 def build(name: str, P: int, M: int, V: int = 1) -> list[list[Action]]:
@@ -125,6 +157,9 @@ def promised_activations(name: str, P: int, M: int, V: int, rank: int) -> int:
         return M
     if name == "1f1b":
         return min(P - rank, M)
+    if name == "zb-h1":
+        # rank r runs P-1-r forwards, then each step adds one forward and (after r steps) retires one W
+        return min(P, M)
     return min((P - rank - 1) * 2 + (V - 1) * P + 1, M * V)
 
 
@@ -133,7 +168,7 @@ class Report:
     """What check() found: the most activations each rank held, and the simulated times."""
 
     max_held: list[int]
-    makespan: float  # simulated time of the whole step (forward 1, backward `backward_cost`)
+    makespan: float  # simulated time of the whole step (forward 1, backward `backward_cost`, B and W half each)
     busy: list[float]  # simulated compute time per rank
 
     def bubble(self) -> float:
@@ -149,22 +184,29 @@ def check(schedules: list[list[Action]], P: int, M: int, V: int = 1, promise: li
           backward_cost: float = 2.0, cost: Callable[[int, Action], float] | None = None) -> Report:
     """Run the schedule in one process (sends never block); ValueError naming what is wrong.
 
-    Actions take 1 (forward) and `backward_cost` (backward), or cost(rank, action) when given: with
-    measured durations this replays a step as it would run with free, instant messages.
+    Actions take 1 (forward) and `backward_cost` (backward; half of it each for B and W when the
+    schedule splits the backward), or cost(rank, action) when given: with measured durations this
+    replays a step as it would run with free, instant messages. An activation is held from its F
+    to its backward, or to its W when there is one (the weights' gradient needs the saved inputs).
     """
     if len(schedules) != P:
         raise ValueError(f"schedule has {len(schedules)} ranks, expected {P}")
+    split = any(a.op == "W" for actions in schedules for a in actions)
+    ops = "FBW" if split else "FB"
     for r, actions in enumerate(schedules):
-        expected = {(op, m, c) for op in "FB" for m in range(M) for c in range(V)}
+        expected = {(op, m, c) for op in ops for m in range(M) for c in range(V)}
         got = [(a.op, a.micro, a.chunk) for a in actions]
         if sorted(got) != sorted(expected):
-            raise ValueError(f"rank {r}: actions are not each forward and backward exactly once: {list(map(str, actions))}")
-        done_f = set()
+            raise ValueError(f"rank {r}: actions are not each of {', '.join(ops)} exactly once per microbatch: "
+                             f"{list(map(str, actions))}")
+        done: set[tuple[str, int, int]] = set()
         for a in actions:
-            if a.op == "F":
-                done_f.add((a.micro, a.chunk))
-            elif (a.micro, a.chunk) not in done_f:
-                raise ValueError(f"rank {r}: backward {a} before its forward")
+            before = {"F": None, "B": "F", "W": "B"}[a.op]
+            if before is not None and (before, a.micro, a.chunk) not in done:
+                raise ValueError(f"rank {r}: {a} before {before}{a.micro}" + (f".{a.chunk}" if a.chunk else ""))
+            if a.op == "W" and (a.recv_from is not None or a.send_to is not None):
+                raise ValueError(f"rank {r}: weight pass {a} cannot receive or send")
+            done.add((a.op, a.micro, a.chunk))
     # timed simulation: an action starts when its rank is free and its message has arrived
     pos, free_at = [0] * P, [0.0] * P
     sent: dict[tuple[str, int, int, int], float] = {}  # (op, micro, stage it goes to, to rank) -> time sent
@@ -187,7 +229,10 @@ def check(schedules: list[list[Action]], P: int, M: int, V: int = 1, promise: li
                     raise ValueError(f"rank {r}: {a} receives from rank {a.recv_from}, but stage {source_stage} is on rank {source_stage % P}")
                 received.add(key)
                 ready = max(ready, sent[key])
-            took = (1.0 if a.op == "F" else backward_cost) if cost is None else cost(r, a)
+            if cost is not None:
+                took = cost(r, a)
+            else:
+                took = 1.0 if a.op == "F" else backward_cost / 2 if split else backward_cost
             free_at[r] = ready + took
             busy[r] += took
             if a.send_to is not None:
@@ -195,7 +240,8 @@ def check(schedules: list[list[Action]], P: int, M: int, V: int = 1, promise: li
                 if not 0 <= to_stage <= last_stage or to_stage % P != a.send_to:
                     raise ValueError(f"rank {r}: {a} sends to rank {a.send_to}, not stage {to_stage}'s rank")
                 sent[(a.op, a.micro, to_stage, a.send_to)] = free_at[r]
-            held[r] += 1 if a.op == "F" else -1
+            # an activation is freed by the backward pass that last needs it: W when there is one
+            held[r] += 1 if a.op == "F" else -1 if a.op == ("W" if split else "B") else 0
             max_held[r] = max(max_held[r], held[r])
             pos[r] += 1
             progressed = True
