@@ -16,7 +16,9 @@ balanced stages: (P-1)/(M+P-1) for GPipe and 1F1B, (P-1)/(V*M+P-1) for interleav
 (P-1)/(3M+P-1) for zb-h1 (input-gradient B, weight-gradient W, each as long as a forward). Peak activation
 memory per stage is what autograd saved (and the pipeline kept) for backward at most at once;
 `1f1b+recompute` is 1F1B with activation checkpointing (stage inputs kept, stages run again in
-backward): its memory saving and its cost in step time.
+backward): its memory saving and its cost in step time. The `torch-*` rows are the peer,
+torch.distributed.pipelining over gloo on the same model and data (`torch_pipeline.py`); they have
+step times only, and each dmlmpi schedule's step time is compared with its torch counterpart's.
 """
 from __future__ import annotations
 
@@ -32,15 +34,17 @@ from torch import nn
 from dmlmpi.parallel import Pipeline
 from dmlmpi.parallel.schedules import build, check
 
-from .common import format_table, write_json
+from .common import close_gloo, format_table, init_gloo, write_json
+from .torch_pipeline import TORCH_SCHEDULES, run_torch
 
 
 def parse_args(argv: list[str], P: int) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(prog="python -m dmlmpi.bench pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--schedules", default="gpipe,1f1b,interleaved,zb-h1,1f1b+recompute",
-                   help="comma-separated schedules; NAME+recompute adds activation checkpointing")
+    p.add_argument("--schedules", default="gpipe,1f1b,interleaved,zb-h1,1f1b+recompute," + ",".join(TORCH_SCHEDULES),
+                   help="comma-separated schedules; NAME+recompute adds activation checkpointing; torch-gpipe, "
+                        "torch-1f1b, torch-interleaved, torch-zbv are torch.distributed.pipelining's")
     p.add_argument("--micro", default=",".join(str(m * P) for m in (1, 2, 4, 8)), help="comma-separated M values")
     p.add_argument("--micro-size", type=int, default=64, help="rows per microbatch")
     # wide layers: a stage's compute per microbatch grows with width^2, its messages with width, so
@@ -136,16 +140,31 @@ def main(argv: list[str]) -> int:
     P = world.Get_size()
     args = parse_args(argv, P)
     torch.set_num_threads(1)  # ranks share the cores
-    records = [r for s in args.schedules.split(",") for m in map(int, args.micro.split(","))
-               if (r := run_one(s, m, world, args)) is not None]
+    schedules = args.schedules.split(",")
+    dist = init_gloo(world) if any(s in TORCH_SCHEDULES for s in schedules) else None
+    records = [r for s in schedules for m in map(int, args.micro.split(","))
+               if (r := (run_torch(s, m, world, args, make_model) if s in TORCH_SCHEDULES
+                         else run_one(s, m, world, args))) is not None]
+    if dist is not None:
+        close_gloo(dist)
     if world.Get_rank() != 0:
         return 0
+
+    def cell(r: dict[str, Any], key: str, scale: float = 1.0, fmt: str = ".3f") -> str:
+        """A measured figure, or - where the row has none (torch's rows: step times only)."""
+        value = r.get(key)
+        if isinstance(value, list):
+            value = value[0] if key == "peak_activation_bytes" else max(value)
+        return "-" if value is None else format(value * scale, fmt)
+
     rows = [dict(r, rate=f"{r['samples_per_s_median']:.0f}",
                  spread=f"{r['samples_per_s_min']:.0f}-{r['samples_per_s_max']:.0f}",
-                 step=f"{r['step_time_s'] * 1e3:.1f}", bm=f"{r['bubble_measured']:.3f}",
-                 bwait=f"{r['waiting_busiest']:.3f}", bmean=f"{r['idle_mean']:.3f}",
-                 bt=f"{r['bubble_theory']:.3f}", brep=f"{r['bubble_replay']:.3f}", mem0=f"{r['peak_activation_bytes'][0] / 2**20:.2f}",
-                 memmax=f"{max(r['peak_activation_bytes']) / 2**20:.2f}") for r in records]
+                 step=f"{r['step_time_s'] * 1e3:.1f}", bm=cell(r, "bubble_measured"),
+                 bwait=cell(r, "waiting_busiest"), bmean=cell(r, "idle_mean"),
+                 bt=cell(r, "bubble_theory"), brep=cell(r, "bubble_replay"),
+                 mem0=cell(r, "peak_activation_bytes", 2**-20, ".2f"),
+                 memmax="-" if r.get("peak_activation_bytes") is None else f"{max(r['peak_activation_bytes']) / 2**20:.2f}")
+            for r in records]
     print(f"# dmlmpi pipeline benchmark: P={P}, {args.micro_size} rows per microbatch, "
           f"{args.layers_per_stage} x Linear({args.width})+ReLU per stage")
     print(format_table(rows, [("schedule", "schedule", ""), ("M", "M", ""), ("V", "V", ""), ("rate", "samples/s", ""),
@@ -172,6 +191,11 @@ def main(argv: list[str]) -> int:
                   f"(x{r['bubble_measured'] / one['bubble_measured']:.2f}; theory x{r['bubble_theory'] / one['bubble_theory']:.2f}), "
                   f"step time x{r['step_time_s'] / one['step_time_s']:.3f}, stage-0 activations "
                   f"x{r['peak_activation_bytes'][0] / one['peak_activation_bytes'][0]:.2f}")
+        peer = {"gpipe": "torch-gpipe", "1f1b": "torch-1f1b", "interleaved": "torch-interleaved",
+                "zb-h1": "torch-zbv"}.get(s)
+        if (peer, m) in by:
+            print(f"M={m}: {s} step time {r['step_time_s'] * 1e3:.1f} ms = x{r['step_time_s'] / by[(peer, m)]['step_time_s']:.3f} "
+                  f"{peer}'s ({by[(peer, m)]['step_time_s'] * 1e3:.1f} ms)")
         if s == "1f1b" and ("gpipe", m) in by:
             ratio = r["peak_activation_bytes"][0] / by[("gpipe", m)]["peak_activation_bytes"][0]
             print(f"M={m}: 1F1B / GPipe stage-0 activation memory = {ratio:.3f} (about P/M = {P / m:.3f}: "
