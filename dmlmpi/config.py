@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tail", default="drop", choices=list(TAILS),
                    help="an epoch's last incomplete global batch: drop it, keep it smaller, or pad it")
     g.add_argument("--seed", type=int, default=0, help="seed of the weights and of the sample order")
+    g.add_argument("--clip-grad-norm", type=float, default=0.0,
+                   help="dp, pipeline and hybrid modes: scale the gradients so that the whole model's gradient "
+                        "norm (over every pipeline stage) is at most this (0: off)")
+    g.add_argument("--grad-accum", type=int, default=1,
+                   help="dp mode: cut each rank's share of a global batch into N micro-steps whose gradients "
+                        "add up locally; one all-reduce per global batch (less activation memory, same result)")
     g = p.add_argument_group("communication")
     g.add_argument("--algorithm", default="auto", choices=list(ALGORITHMS), help="gradient all-reduce algorithm")
     g.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size in MiB")
@@ -289,6 +295,16 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size:
     if args.sync_bn and args.elastic:
         parser.error("--sync-bn is not supported with --elastic: recovery from a rank that dies inside "
                      "SyncBatchNorm's collectives has not been tested")
+    if args.clip_grad_norm < 0 or args.clip_grad_norm != args.clip_grad_norm:
+        parser.error(f"--clip-grad-norm must be a positive norm, or 0 for off; got {args.clip_grad_norm}")
+    if args.clip_grad_norm and args.mode not in ("dp", "pipeline", "hybrid"):
+        parser.error(f"--clip-grad-norm works with --mode dp, pipeline or hybrid, not {args.mode}"
+                     + (" (--dp-clip clips each client's update)" if args.mode == "fl" else ""))
+    if args.grad_accum < 1:
+        parser.error(f"--grad-accum must be at least 1, got {args.grad_accum}")
+    if args.grad_accum > 1 and args.mode != "dp":
+        parser.error(f"--grad-accum works with --mode dp, not {args.mode}"
+                     + (" (a pipeline accumulates over --microbatches)" if args.mode in ("pipeline", "hybrid") else ""))
     if args.zero and args.elastic:
         parser.error("--zero does not work with --elastic: a dead rank's shard of the optimizer state dies with it")
     if not 0 <= args.momentum < 1:
@@ -299,6 +315,9 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size:
     if args.batch_size < train_ranks:
         parser.error(f"--batch-size {args.batch_size} is smaller than the {train_ranks} training ranks: "
                      f"every rank needs at least one sample per step (use --batch-size >= {train_ranks})")
+    if args.grad_accum > 1 and args.batch_size < train_ranks * args.grad_accum:
+        parser.error(f"--grad-accum {args.grad_accum}: --batch-size {args.batch_size} gives each of the {train_ranks} "
+                     f"ranks fewer samples than micro-steps (use --batch-size >= {train_ranks * args.grad_accum})")
     if args.straggler is not None and args.straggler[0] >= train_ranks:
         parser.error(f"--straggler {args.straggler[0]}:{args.straggler[1]}: rank {args.straggler[0]} does not "
                      f"train (training ranks are 0..{train_ranks - 1})")

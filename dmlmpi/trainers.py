@@ -7,6 +7,7 @@ the last --servers ranks serve (Trainer.serve) while the others run the loop.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from typing import Any, Callable
 
 import numpy as np
@@ -19,7 +20,7 @@ from dmlmpi import comm as dcomm
 from dmlmpi.comm.context import existing_comms
 from dmlmpi.data import Dataset, rank_share
 from dmlmpi.grid import ProcessGrid
-from dmlmpi.parallel import DataParallel, ParameterServer, Pipeline, SyncBatchNorm, ZeroRedundancyOptimizer
+from dmlmpi.parallel import DataParallel, ParameterServer, Pipeline, SyncBatchNorm, ZeroRedundancyOptimizer, clip_grad_norm
 from dmlmpi.telemetry import Timeline
 
 
@@ -90,6 +91,7 @@ class Trainer:
     is_server = False
     data_rank: int | None = None  # this rank's share of each global batch (default: its rank in comm)
     data_size: int | None = None  # over how many shares a global batch is split (default: comm's size)
+    grad_norm: float | None = None  # the whole model's gradient norm at the last step, when clipping
 
     def describe(self) -> str:
         """Anything the mode prints at start (e.g. the pipeline's partition)."""
@@ -169,18 +171,31 @@ class DPTrainer(Trainer):
         else:
             self.optimizer = make_optimizer(args)(self.model.parameters())
         self.schedule = make_schedule(args, total_steps)(self.optimizer)
+        self.clip, self.grad_accum = args.clip_grad_norm, args.grad_accum
 
     def step(self, idx: np.ndarray, batch: int) -> float:
         """Forward, backward (averaging over ranks), optimizer step; returns this rank's share of the mean loss."""
         self.optimizer.zero_grad(set_to_none=False)  # .grad are views into DataParallel's buckets: zero in place
-        share = batch_loss(self.model, self.data, idx, 1.0 / batch, self.device, self.tl)
-        with self.tl.span("backward"):
-            # DataParallel averages over ranks; scaled by the world size the average is the global mean
-            (share * self.comm.Get_size()).backward()
+        # --grad-accum: the share in micro-steps; the summed losses make the same gradient as one step
+        parts = [p for p in np.array_split(idx, self.grad_accum) if len(p)] or [idx]
+        total = 0.0
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            # every micro-step but the last adds its gradient locally; the last one's backward all-reduces
+            with contextlib.nullcontext() if last else self.model.no_sync():
+                share = batch_loss(self.model, self.data, part, 1.0 / batch, self.device, self.tl)
+                with self.tl.span("backward"):
+                    # DataParallel averages over ranks; scaled by the world size the average is the global mean
+                    (share * self.comm.Get_size()).backward()
+            total += share.item()
+        if self.clip:
+            with self.tl.span("clip"):
+                # every rank holds the same averaged gradients: the local norm is the whole model's
+                self.grad_norm = clip_grad_norm(self.model.parameters(), self.clip)
         with self.tl.span("optimizer"):
             self.optimizer.step()
         self.schedule.step()
-        return share.item()
+        return total
 
     def lr(self) -> float:
         """The schedule's current learning rate."""
@@ -387,6 +402,7 @@ class PipelineTrainer(Trainer):
             self.optimizer = make_optimizer(args)(params)
         self.schedule = make_schedule(args, total_steps)(self.optimizer)
         self.peak_activation_bytes = 0
+        self.clip = args.clip_grad_norm
 
     def describe(self) -> str:
         """The partition table (printed at start)."""
@@ -401,6 +417,10 @@ class PipelineTrainer(Trainer):
         scale = len(idx) * self.data_size / batch
         loss = self.pipe.train_step(x, y, lambda out, tg: nn.functional.cross_entropy(out, tg) * scale)
         self.peak_activation_bytes = max(self.peak_activation_bytes, self.pipe.last_activation_bytes)
+        if self.clip:
+            with self.tl.span("clip"):
+                # the stages hold different layers: the norm adds up over the pipeline (replicas agree)
+                self.grad_norm = clip_grad_norm(self.pipe.parameters(), self.clip, comm=self.pp_comm)
         with self.tl.span("optimizer"):
             self.optimizer.step()
         self.schedule.step()

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from dmlmpi.testing import run_mpi
-from trainrun import ROOT, KillableRun, losses, run_train
+from trainrun import ROOT, KillableRun, losses, records, run_train
 
 pytestmark = pytest.mark.launches_mpi  # these tests start mpiexec themselves
 
@@ -56,6 +56,29 @@ def test_same_losses_on_one_and_three_ranks(three_rank_run, tmp_path) -> None:
     assert one.keys() == three.keys()
     for step in one:
         assert three[step] == pytest.approx(one[step], rel=1e-4, abs=1e-6), step
+
+
+def test_clipping_and_accumulation_equal_one_process(three_rank_run, tmp_path) -> None:
+    """--clip-grad-norm with --grad-accum 3 on 2 ranks, and in a 3-stage pipeline: one process's clipped losses and norms."""
+    clip = ["--epochs", "2", "--clip-grad-norm", "0.3"]
+    one = train(1, tmp_path / "one", *clip)
+    assert one.returncode == 0, one.stdout
+    ref = {r["step"]: r for r in records(tmp_path / "one") if "loss" in r}
+    assert sum(r["grad_norm"] > 0.3 for r in ref.values()) >= 5  # clipping is at work...
+    plain = losses(three_rank_run[0])
+    assert any(abs(plain[s] - ref[s]["loss"]) > 1e-3 for s in ref)  # ...and changes the run
+    for ranks, extra in ((2, ["--grad-accum", "3"]), (3, ["--mode", "pipeline", "--microbatches", "4"])):
+        result = train(ranks, tmp_path / str(ranks), *clip, *extra)
+        assert result.returncode == 0, result.stdout
+        got = {r["step"]: r for r in records(tmp_path / str(ranks)) if "loss" in r}
+        assert got.keys() == ref.keys()
+        for step in ref:
+            assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4, abs=1e-6), (extra, step)
+            assert got[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=1e-4), (extra, step)
+    # accumulation communicates once per global batch: one bucket all-reduce per step and rank, not three
+    trace = json.load(open(tmp_path / "2" / "trace.json"))
+    reduces = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e["name"].startswith("allreduce bucket")]
+    assert len(reduces) == 2 * len(ref)
 
 
 def test_sync_bn_same_losses_on_one_and_three_ranks(tmp_path) -> None:

@@ -162,9 +162,16 @@ def test_sample_orders_balance_first_place_and_predecessors(k: int) -> None:
     (["--zero", "--elastic"], "--zero does not work with --elastic"),
     (["--compression", "powersgd", "--mode", "ps", "--servers", "1"], "--compression powersgd works with --mode dp"),
     (["--compression", "powersgd", "--powersgd-rank", "0"], "--powersgd-rank must be at least 1, got 0"),
+    (["--clip-grad-norm", "-1"], "--clip-grad-norm must be a positive norm, or 0 for off; got -1.0"),
+    (["--clip-grad-norm", "nan"], "--clip-grad-norm must be a positive norm"),
+    (["--clip-grad-norm", "1", "--mode", "fl"], "not fl (--dp-clip clips each client's update)"),
+    (["--clip-grad-norm", "1", "--mode", "ps", "--servers", "1"], "--clip-grad-norm works with --mode dp, pipeline or hybrid, not ps"),
+    (["--grad-accum", "0"], "--grad-accum must be at least 1, got 0"),
+    (["--grad-accum", "2", "--mode", "pipeline"], "not pipeline (a pipeline accumulates over --microbatches)"),
+    (["--grad-accum", "20"], "--grad-accum 20: --batch-size 64 gives each of the 4 ranks fewer samples than micro-steps"),
 ])
 def test_sync_bn_zero_and_powersgd_settings_are_checked(argv: list[str], message: str, capsys) -> None:
-    """--sync-bn, --zero and PowerSGD outside what they support: refused before training, saying why."""
+    """--sync-bn, --zero, PowerSGD, clipping and accumulation outside what they support: refused before training, saying why."""
     from dmlmpi import config
 
     with pytest.raises(SystemExit):

@@ -1,8 +1,9 @@
 """Parallel training strategies built on dmlmpi.comm."""
+from .clip import clip_grad_norm
 from .data import DataParallel
 from .pipeline import Pipeline
 from .ps import ParameterServer
 from .syncbn import SyncBatchNorm
 from .zero import ZeroRedundancyOptimizer
 
-__all__ = ["DataParallel", "ParameterServer", "Pipeline", "SyncBatchNorm", "ZeroRedundancyOptimizer"]
+__all__ = ["DataParallel", "clip_grad_norm", "ParameterServer", "Pipeline", "SyncBatchNorm", "ZeroRedundancyOptimizer"]
