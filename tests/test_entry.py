@@ -154,22 +154,28 @@ def test_ps_bench_smoke(tmp_path) -> None:
 
 
 def test_pipeline_bench_smoke(tmp_path) -> None:
-    """`python -m dmlmpi.bench pipeline` on 3 ranks: every schedule, bubble vs theory, activation memory, JSON."""
+    """`python -m dmlmpi.bench pipeline` on 3 ranks: every schedule and torch's, bubble vs theory, activation memory, JSON."""
     path = tmp_path / "pipeline.json"
     result = run_mpi(3, ["-m", "dmlmpi.bench", "pipeline", "--width", "32", "--micro-size", "4", "--micro", "3,6",
                          "--steps", "2", "--json", str(path)], timeout=180, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "bubble" in result.stdout and "1F1B / GPipe stage-0 activation memory" in result.stdout
     records = json.loads(path.read_text())
+    torch_rows = ("torch-gpipe", "torch-1f1b", "torch-interleaved", "torch-zbv")
     assert [(r["schedule"], r["M"]) for r in records] == [
-        (s, m) for s in ("gpipe", "1f1b", "interleaved", "1f1b+recompute") for m in (3, 6)]
+        (s, m) for s in ("gpipe", "1f1b", "interleaved", "zb-h1", "1f1b+recompute", *torch_rows) for m in (3, 6)]
     by = {(r["schedule"], r["M"]): r for r in records}
+    assert "zb-h1 step time" in result.stdout and "torch-zbv's" in result.stdout
+    peers = [r for r in records if r["schedule"] in torch_rows]
+    assert all(r["step_time_s"] > 0 and "bubble_measured" not in r for r in peers)
+    records = [r for r in records if r["schedule"] not in torch_rows]
     for r in records:
         assert r["P"] == 3 and len(r["peak_activation_bytes"]) == 3 and r["samples_per_s_median"] > 0
     # 1F1B's first stage holds P of the M microbatches' activations, GPipe all M (equal microbatches)
     assert by[("1f1b", 6)]["peak_activation_bytes"][0] * 2 == by[("gpipe", 6)]["peak_activation_bytes"][0]
     assert by[("1f1b+recompute", 6)]["peak_activation_bytes"][0] < by[("1f1b", 6)]["peak_activation_bytes"][0]
     assert by[("gpipe", 3)]["bubble_theory"] == pytest.approx(2 / 5)
+    assert by[("zb-h1", 3)]["bubble_theory"] == pytest.approx(2 / 11)
     for r in records:  # waiting on a neighbour is part of the busiest stage's idle time, which is part of the step
         assert 0 <= r["waiting_busiest"] <= r["bubble_measured"] < 1 and r["idle_mean"] < 1
         # the replay runs the same actions with free messages: never a longer step, so never more idle
