@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad-norm", type=float, default=0.0,
                    help="dp, pipeline and hybrid modes: scale the gradients so that the whole model's gradient "
                         "norm (over every pipeline stage) is at most this (0: off)")
+    g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
+                   help="dp, pipeline and hybrid modes: mixed precision, the forward under torch.autocast in "
+                        "bfloat16 or float16 (fp16 with a dynamic loss scale that every stage agrees on)")
+    g.add_argument("--initial-scale-power", type=int, default=16,
+                   help="--amp fp16: the loss scale starts at 2**N (halved at each overflow, doubled after "
+                        "2000 clean steps)")
     g.add_argument("--grad-accum", type=int, default=1,
                    help="dp mode: cut each rank's share of a global batch into N micro-steps whose gradients "
                         "add up locally; one all-reduce per global batch (less activation memory, same result)")
@@ -300,6 +306,10 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size:
     if args.clip_grad_norm and args.mode not in ("dp", "pipeline", "hybrid"):
         parser.error(f"--clip-grad-norm works with --mode dp, pipeline or hybrid, not {args.mode}"
                      + (" (--dp-clip clips each client's update)" if args.mode == "fl" else ""))
+    if args.amp != "none" and args.mode not in ("dp", "pipeline", "hybrid"):
+        parser.error(f"--amp works with --mode dp, pipeline or hybrid, not {args.mode}")
+    if not 0 <= args.initial_scale_power <= 100:
+        parser.error(f"--initial-scale-power must be in 0..100, got {args.initial_scale_power}")
     if args.grad_accum < 1:
         parser.error(f"--grad-accum must be at least 1, got {args.grad_accum}")
     if args.grad_accum > 1 and args.mode != "dp":

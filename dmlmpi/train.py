@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None, signals: S
                     shares = []
                     log.log(dict(step=step, epoch=epoch + 1, loss=loss, lr=trainer.lr(),
                                  samples_per_s=samples_done / elapsed(),
-                                 **({} if trainer.grad_norm is None else {"grad_norm": trainer.grad_norm})))
+                                 **trainer.step_stats()))
                 if sampler.next_batch < len(sampler):  # the epoch's last line comes with its accuracy, below
                     bar.update(sampler.next_batch, loss=loss, samples=args.batch_size)
                 if own:

@@ -21,6 +21,7 @@ from dmlmpi.comm.context import existing_comms
 from dmlmpi.data import Dataset, rank_share
 from dmlmpi.grid import ProcessGrid
 from dmlmpi.parallel import DataParallel, ParameterServer, Pipeline, SyncBatchNorm, ZeroRedundancyOptimizer, clip_grad_norm
+from dmlmpi.parallel.amp import DynamicLossScaler, autocast
 from dmlmpi.telemetry import Timeline
 
 
@@ -92,6 +93,33 @@ class Trainer:
     data_rank: int | None = None  # this rank's share of each global batch (default: its rank in comm)
     data_size: int | None = None  # over how many shares a global batch is split (default: comm's size)
     grad_norm: float | None = None  # the whole model's gradient norm at the last step, when clipping
+    scaler: DynamicLossScaler | None = None  # --amp fp16: the loss scale, shared by every rank of the model
+    clip = 0.0  # --clip-grad-norm (0: off)
+
+    def step_stats(self) -> dict[str, Any]:
+        """Figures of the last step for its log record: the gradient norm when clipping, the loss scale with fp16."""
+        stats: dict[str, Any] = {}
+        if self.grad_norm is not None:
+            stats["grad_norm"] = self.grad_norm
+        if self.scaler is not None:
+            stats.update(loss_scale=self.scaler.scale, skipped_steps=self.scaler.skipped)
+        return stats
+
+    def finish_step(self, params: list[nn.Parameter], clip_comm: MPI.Comm | None) -> None:
+        """After backward: unscale (fp16), clip, and step the optimizer and schedule unless the gradients overflowed."""
+        # fp16: gradients back to their true size; an overflow anywhere skips this step everywhere
+        stepped = self.scaler.unscale_(params) if self.scaler is not None else True
+        self.grad_norm = None
+        if self.clip and stepped:
+            with self.tl.span("clip"):
+                self.grad_norm = clip_grad_norm(params, self.clip, comm=clip_comm)
+        if stepped:
+            with self.tl.span("optimizer"):
+                self.optimizer.step()
+            # a skipped step does not advance the schedule either (DeepSpeed's rule): the rates follow the updates
+            self.schedule.step()
+        if self.scaler is not None:
+            self.scaler.update(stepped)
 
     def describe(self) -> str:
         """Anything the mode prints at start (e.g. the pipeline's partition)."""
@@ -171,7 +199,8 @@ class DPTrainer(Trainer):
         else:
             self.optimizer = make_optimizer(args)(self.model.parameters())
         self.schedule = make_schedule(args, total_steps)(self.optimizer)
-        self.clip, self.grad_accum = args.clip_grad_norm, args.grad_accum
+        self.clip, self.grad_accum, self.amp = args.clip_grad_norm, args.grad_accum, args.amp
+        self.scaler = DynamicLossScaler(2.0 ** args.initial_scale_power) if args.amp == "fp16" else None
 
     def step(self, idx: np.ndarray, batch: int) -> float:
         """Forward, backward (averaging over ranks), optimizer step; returns this rank's share of the mean loss."""
@@ -179,22 +208,19 @@ class DPTrainer(Trainer):
         # --grad-accum: the share in micro-steps; the summed losses make the same gradient as one step
         parts = [p for p in np.array_split(idx, self.grad_accum) if len(p)] or [idx]
         total = 0.0
+        loss_scale = self.scaler.scale if self.scaler is not None else 1.0
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
             # every micro-step but the last adds its gradient locally; the last one's backward all-reduces
             with contextlib.nullcontext() if last else self.model.no_sync():
-                share = batch_loss(self.model, self.data, part, 1.0 / batch, self.device, self.tl)
+                with autocast(self.amp, self.device):
+                    share = batch_loss(self.model, self.data, part, 1.0 / batch, self.device, self.tl)
                 with self.tl.span("backward"):
                     # DataParallel averages over ranks; scaled by the world size the average is the global mean
-                    (share * self.comm.Get_size()).backward()
+                    (share * (self.comm.Get_size() * loss_scale)).backward()
             total += share.item()
-        if self.clip:
-            with self.tl.span("clip"):
-                # every rank holds the same averaged gradients: the local norm is the whole model's
-                self.grad_norm = clip_grad_norm(self.model.parameters(), self.clip)
-        with self.tl.span("optimizer"):
-            self.optimizer.step()
-        self.schedule.step()
+        # every rank holds the same averaged gradients: local norms and overflows are the whole model's
+        self.finish_step(list(self.model.parameters()), clip_comm=None)
         return total
 
     def lr(self) -> float:
@@ -216,7 +242,8 @@ class DPTrainer(Trainer):
     def state(self) -> dict[str, Any]:
         """Model, optimizer and schedule state (what a checkpoint or an elastic recovery carries)."""
         return dict(model=self.model.module.state_dict(), optimizer=self.optimizer.state_dict(),
-                    schedule=self.schedule.state_dict(), comm_state=self.model.comm_state())
+                    schedule=self.schedule.state_dict(), comm_state=self.model.comm_state(),
+                    loss_scaler=None if self.scaler is None else self.scaler.state_dict())
 
     def save(self, run_dir: str, step: int, state: dict[str, Any]) -> None:
         """Rank 0 writes model, optimizer and schedule with `state`."""
@@ -227,6 +254,8 @@ class DPTrainer(Trainer):
         self.model.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
+        if self.scaler is not None and state.get("loss_scaler") is not None:
+            self.scaler.load_state_dict(state["loss_scaler"])
         if not self.model.load_comm_state(state.get("comm_state", {})) and self.comm.Get_rank() == 0:
             print("dmlmpi: PowerSGD's per-rank errors were saved at another world size: they start from zero",
                   flush=True)
@@ -402,7 +431,9 @@ class PipelineTrainer(Trainer):
             self.optimizer = make_optimizer(args)(params)
         self.schedule = make_schedule(args, total_steps)(self.optimizer)
         self.peak_activation_bytes = 0
-        self.clip = args.clip_grad_norm
+        self.clip, self.amp = args.clip_grad_norm, args.amp
+        # fp16: one loss scale for the whole pipeline, its overflow flag all-reduced over the stages
+        self.scaler = DynamicLossScaler(2.0 ** args.initial_scale_power, comm=self.pp_comm) if args.amp == "fp16" else None
 
     def describe(self) -> str:
         """The partition table (printed at start)."""
@@ -414,16 +445,14 @@ class PipelineTrainer(Trainer):
         x = torch.from_numpy(self.data.x_train[idx])
         y = torch.from_numpy(self.data.y_train[idx])
         # mean over this replica's share, scaled so that the dp average is the global batch's mean
-        scale = len(idx) * self.data_size / batch
-        loss = self.pipe.train_step(x, y, lambda out, tg: nn.functional.cross_entropy(out, tg) * scale)
+        # (and by the loss scale with fp16: the activations' gradients stay representable)
+        loss_scale = self.scaler.scale if self.scaler is not None else 1.0
+        scale = len(idx) * self.data_size / batch * loss_scale
+        with autocast(self.amp, self.device):
+            loss = self.pipe.train_step(x, y, lambda out, tg: nn.functional.cross_entropy(out, tg) * scale) / loss_scale
         self.peak_activation_bytes = max(self.peak_activation_bytes, self.pipe.last_activation_bytes)
-        if self.clip:
-            with self.tl.span("clip"):
-                # the stages hold different layers: the norm adds up over the pipeline (replicas agree)
-                self.grad_norm = clip_grad_norm(self.pipe.parameters(), self.clip, comm=self.pp_comm)
-        with self.tl.span("optimizer"):
-            self.optimizer.step()
-        self.schedule.step()
+        # the stages hold different layers: norms and overflows add up over the pipeline (replicas agree)
+        self.finish_step(list(self.pipe.parameters()), clip_comm=self.pp_comm)
         return loss / self.data_size
 
     def logged_loss(self, contributions: list[float]) -> float:
@@ -456,7 +485,8 @@ class PipelineTrainer(Trainer):
                         optimizer=optimizer, pp_rank=self.pp_comm.Get_rank())
         # gather: each stage's state to rank 0
         everyone = self.world.gather(mine, root=0)
-        extra: dict[str, Any] = dict(schedule=self.schedule.state_dict())
+        extra: dict[str, Any] = dict(schedule=self.schedule.state_dict(),
+                                     loss_scaler=None if self.scaler is None else self.scaler.state_dict())
         if everyone is not None:
             stages = sorted((e for e in everyone if e is not None), key=lambda e: e["pp_rank"])
             extra.update(model={_layer_key(k): v for e in stages for k, v in e["layers"].items()},
@@ -472,6 +502,8 @@ class PipelineTrainer(Trainer):
         self.pipe.parts.load_state_dict({k: state["model"][_layer_key(k)] for k in own})
         self.optimizer.load_state_dict(state["optimizers"][self.pp_comm.Get_rank()])
         self.schedule.load_state_dict(state["schedule"])
+        if self.scaler is not None and state.get("loss_scaler") is not None:
+            self.scaler.load_state_dict(state["loss_scaler"])
 
     def lr(self) -> float:
         """The schedule's current learning rate."""

@@ -84,6 +84,25 @@ def test_hybrid_zero_same_losses_and_resume(dp_one_rank, tmp_path) -> None:
         assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-6), step
 
 
+def test_fp16_pipeline_skips_the_steps_one_process_skips_and_resumes(tmp_path) -> None:
+    """--amp fp16 from a loss scale of 2**22: a 3-stage pipeline, stopped at step 11 and resumed, skips the same
+    overflowing steps and logs the same losses as one process accumulating the same 4 microbatches."""
+    amp = ["--amp", "fp16", "--initial-scale-power", "22"]
+    ref = train(1, tmp_path / "ref", *amp, "--grad-accum", "4")
+    assert ref.returncode == 0, ref.stdout
+    first = train(3, tmp_path / "pp", "--mode", "pipeline", *amp, "--max-steps", "11")
+    assert first.returncode == 0, first.stdout
+    second = train(3, tmp_path / "pp", "--mode", "pipeline", *amp, "--resume")
+    assert second.returncode == 0 and "at step 11" in second.stdout, second.stdout
+    want = {r["step"]: r for r in records(tmp_path / "ref") if "loss" in r}
+    got = {r["step"]: r for r in records(tmp_path / "pp") if "loss" in r}
+    assert got.keys() == want.keys() and len(want) == 30
+    assert 0 < want[30]["skipped_steps"] < 30  # overflows happened, and training went on
+    for step in want:
+        assert (got[step]["skipped_steps"], got[step]["loss_scale"]) == (want[step]["skipped_steps"], want[step]["loss_scale"]), step
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--mode", "hybrid", "--dp", "2", "--pp", "2"], "--mode hybrid --dp 2 --pp 2 needs 4 ranks, but the job has 3"),
     (["--mode", "pipeline", "--pipeline-schedule", "interleaved", "--microbatches", "4"],

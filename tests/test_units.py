@@ -167,6 +167,9 @@ def test_sample_orders_balance_first_place_and_predecessors(k: int) -> None:
     (["--clip-grad-norm", "1", "--mode", "fl"], "not fl (--dp-clip clips each client's update)"),
     (["--clip-grad-norm", "1", "--mode", "ps", "--servers", "1"], "--clip-grad-norm works with --mode dp, pipeline or hybrid, not ps"),
     (["--grad-accum", "0"], "--grad-accum must be at least 1, got 0"),
+    (["--amp", "fp16", "--mode", "ps", "--servers", "1"], "--amp works with --mode dp, pipeline or hybrid, not ps"),
+    (["--amp", "fp8"], "invalid choice: 'fp8'"),
+    (["--initial-scale-power", "-1"], "--initial-scale-power must be in 0..100, got -1"),
     (["--grad-accum", "2", "--mode", "pipeline"], "not pipeline (a pipeline accumulates over --microbatches)"),
     (["--grad-accum", "20"], "--grad-accum 20: --batch-size 64 gives each of the 4 ranks fewer samples than micro-steps"),
 ])
