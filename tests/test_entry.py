@@ -77,6 +77,18 @@ def test_dp_bench_compression(compression: str, tmp_path) -> None:
                                                                    "ddp": compression}
 
 
+def test_dp_bench_amp(tmp_path) -> None:
+    """`bench dp --amp bf16`: three more rows under bfloat16 autocast, each against the bf16 local row."""
+    out_json = tmp_path / "dpamp.json"
+    result = run_mpi(2, ["-m", "dmlmpi.bench", "dp", "--models", "cnn", "--amp", "bf16", "--samples", "2",
+                         "--sample-seconds", "0.01", "--json", str(out_json)], timeout=180, cwd=ROOT)
+    assert result.returncode == 0 and "bf16 autocast: local step" in result.stdout, result.stdout
+    records = {r["variant"]: r for r in json.loads(out_json.read_text())}
+    assert {v: r["amp"] for v, r in records.items()} == {
+        "local": "none", "dmlmpi": "none", "ddp": "none", "local-bf16": "bf16", "dmlmpi-bf16": "bf16", "ddp-bf16": "bf16"}
+    assert records["local-bf16"]["comm_overhead"] == 0.0 and records["local"]["comm_overhead"] == 0.0
+
+
 def test_dp_bench_sync_bn(tmp_path, capsys) -> None:
     """`bench dp --sync-bn`: a fourth row, dmlmpi with SyncBatchNorm layers; refused for models without BatchNorm."""
     out_json = tmp_path / "dpsbn.json"

@@ -7,7 +7,8 @@ communication: the floor), `dmlmpi` wraps it in DataParallel, `ddp` in torch
 DistributedDataParallel over gloo; with `--sync-bn`, `dmlmpi-syncbn` also wraps the model's
 BatchNorm layers in dmlmpi's SyncBatchNorm (torch's refuses CPU tensors, so DDP has no such row); with
 `--zero`, `dmlmpi-zero` and `ddp-zero` split the optimizer state over the ranks (dmlmpi's
-ZeroRedundancyOptimizer, and torch's over gloo). Each rank takes a fixed batch per step (weak scaling). Reported:
+ZeroRedundancyOptimizer, and torch's over gloo); with `--amp bf16`, `local-bf16`, `dmlmpi-bf16` and
+`ddp-bf16` run the same three with the forward under bfloat16 autocast (each against `local-bf16`). Each rank takes a fixed batch per step (weak scaling). Reported:
 samples/s over all K ranks (median, min, max of timed samples, each timed as the slowest rank's)
 and how much longer a step is than `local`'s. The three variants of a model take their timed
 samples in turn, so the machine's slow and fast spells fall on all of them alike.
@@ -24,6 +25,7 @@ from torch import nn
 
 from dmlmpi.models import mlp, mnist1d_cnn
 from dmlmpi.parallel import DataParallel, SyncBatchNorm, ZeroRedundancyOptimizer
+from dmlmpi.parallel.amp import autocast
 from dmlmpi.parallel.zero import state_bytes
 
 from .common import balanced_orders, calls_per_sample, close_gloo, format_table, init_gloo, timed_sample, write_json
@@ -31,6 +33,7 @@ from .common import balanced_orders, calls_per_sample, close_gloo, format_table,
 VARIANTS = ("local", "dmlmpi", "ddp")
 SYNC_BN = "dmlmpi-syncbn"  # with --sync-bn: DataParallel over the model with SyncBatchNorm layers
 ZERO = ("dmlmpi-zero", "ddp-zero")  # with --zero: the optimizer state split over the ranks (ZeRO stage 1)
+AMP = "-bf16"  # with --amp bf16: the suffix of the variants whose forward runs under bfloat16 autocast
 OPTIMIZERS = {"sgd": (torch.optim.SGD, dict(lr=0.01)), "adamw": (torch.optim.AdamW, dict(lr=0.001))}
 
 
@@ -71,6 +74,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="every variant's optimizer (adamw keeps two moments per parameter: what --zero splits)")
     p.add_argument("--zero", action="store_true",
                    help=f"add {' and '.join(ZERO)} rows: dmlmpi's and torch's ZeroRedundancyOptimizer")
+    p.add_argument("--amp", default="none", choices=["none", "bf16"],
+                   help=f"bf16: add local{AMP}, dmlmpi{AMP}, ddp{AMP} rows, the forward under bfloat16 autocast "
+                        "(fp16 is left out: this CPU has no fp16 convolution kernels)")
     p.add_argument("--json", help="write one record per (model, ranks, variant) to this path")
     args = p.parse_args(argv)
     for m in args.models.split(","):
@@ -131,14 +137,18 @@ def make_step(name: str, variant: str, sub: MPI.Comm, group: Any,
     """The model as `variant` trains it, one training step of it on this rank's fixed batch, and its optimizer."""
     build, shape = MODELS[name]
     torch.manual_seed(0)
-    model = wrap(variant, build(), sub, group, args)
-    opt = make_optimizer(variant, model, sub, group, args)
+    base = variant.removesuffix(AMP)  # the -bf16 rows are their base variant under autocast
+    model = wrap(base, build(), sub, group, args)
+    opt = make_optimizer(base, model, sub, group, args)
     g = torch.Generator().manual_seed(1 + sub.Get_rank())
     x, y = torch.randn(args.batch, *shape, generator=g), torch.randint(0, 10, (args.batch,), generator=g)
+    amp = "bf16" if variant.endswith(AMP) else None
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
+        with autocast(amp, x.device):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
     return model, step, opt
 
@@ -163,7 +173,8 @@ def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Names
     of on whichever was running then. Every variant takes the same number of steps per sample (the
     median of their calibrations), so what a sample pays once weighs on each alike.
     """
-    extra = ((SYNC_BN,) if args.sync_bn else ()) + (ZERO if args.zero else ())
+    extra = (((SYNC_BN,) if args.sync_bn else ()) + (ZERO if args.zero else ())
+             + (tuple(v + AMP for v in VARIANTS) if args.amp == "bf16" else ()))
     built = {v: make_step(name, v, sub, group, args) for v in VARIANTS + extra}
     steps = int(statistics.median(calibrate(step, sub, args) for _, step, _ in built.values()))
     per_step: dict[str, list[float]] = {v: [] for v in built}
@@ -180,6 +191,7 @@ def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Names
                             samples_per_s_min=min(rates), samples_per_s_max=max(rates),
                             step_time_s_median=statistics.median(per_step[v]),
                             algorithm=args.algorithm if v.startswith("dmlmpi") else "",
+                            amp="bf16" if v.endswith(AMP) else "none",
                             compression=wire_format(v, args.compression), optimizer=args.optimizer,
                             # both ZeROs keep their local optimizer as .optim
                             optimizer_state_bytes=state_bytes(getattr(opt, "optim", opt))))
@@ -195,9 +207,11 @@ def main(argv: list[str]) -> int:
     k = world.Get_size()
     records = [r for name in args.models.split(",") for r in run_model(name, k, world, dist.group.WORLD, args)]
     if world.Get_rank() == 0:
-        floor = {(r["model"], r["ranks"]): r["step_time_s_median"] for r in records if r["variant"] == "local"}
+        # each row against the local row of its own precision
+        floor = {(r["model"], r["ranks"], r["amp"]): r["step_time_s_median"] for r in records
+                 if r["variant"].removesuffix(AMP) == "local"}
         for r in records:
-            r["comm_overhead"] = r["step_time_s_median"] / floor[(r["model"], r["ranks"])] - 1
+            r["comm_overhead"] = r["step_time_s_median"] / floor[(r["model"], r["ranks"], r["amp"])] - 1
         rows = [dict(r, rate=f"{r['samples_per_s_median']:.0f}",
                      spread=f"{r['samples_per_s_min']:.0f}-{r['samples_per_s_max']:.0f}",
                      step=f"{r['step_time_s_median'] * 1e3:.2f}", over=f"{100 * r['comm_overhead']:+.1f}%",
@@ -225,6 +239,13 @@ def main(argv: list[str]) -> int:
                       f"{z['samples_per_s_median'] / t['samples_per_s_median']:.2f}x; dmlmpi-zero step vs dmlmpi "
                       f"{100 * (z['step_time_s_median'] / plain['step_time_s_median'] - 1):+.1f}%, optimizer state "
                       f"{z['optimizer_state_bytes'] / max(1, plain['optimizer_state_bytes']):.2f}x of dmlmpi's")
+            if args.amp == "bf16":
+                lo, lo16 = by[(name, k, "local")], by[(name, k, "local" + AMP)]
+                d16, t16 = by[(name, k, "dmlmpi" + AMP)], by[(name, k, "ddp" + AMP)]
+                print(f"{name}, {k} ranks, bf16 autocast: local step x{lo16['step_time_s_median'] / lo['step_time_s_median']:.2f} "
+                      f"of float32's; dmlmpi{AMP} / ddp{AMP} samples/s = "
+                      f"{d16['samples_per_s_median'] / t16['samples_per_s_median']:.2f}x; communication adds "
+                      f"{100 * d16['comm_overhead']:.1f}% (float32: {100 * by[(name, k, 'dmlmpi')]['comm_overhead']:.1f}%)")
             if args.sync_bn:
                 extra = by[(name, k, SYNC_BN)]["step_time_s_median"] / by[(name, k, "dmlmpi")]["step_time_s_median"] - 1
                 print(f"{name}, {k} ranks: SyncBatchNorm adds {100 * extra:+.1f}% to dmlmpi's step")
