@@ -105,14 +105,18 @@ class Trainer:
             stats.update(loss_scale=self.scaler.scale, skipped_steps=self.scaler.skipped)
         return stats
 
-    def finish_step(self, params: list[nn.Parameter], clip_comm: MPI.Comm | None) -> None:
-        """After backward: unscale (fp16), clip, and step the optimizer and schedule unless the gradients overflowed."""
+    def finish_step(self, params: list[nn.Parameter], clip_comm: MPI.Comm | None,
+                    norm_params: list[nn.Parameter] | None = None) -> None:
+        """After backward: unscale (fp16), clip, and step the optimizer and schedule unless the gradients overflowed.
+
+        `norm_params`: the parameters whose gradients count in the norm (a tied copy counts once, on its owner).
+        """
         # fp16: gradients back to their true size; an overflow anywhere skips this step everywhere
         stepped = self.scaler.unscale_(params) if self.scaler is not None else True
         self.grad_norm = None
         if self.clip and stepped:
             with self.tl.span("clip"):
-                self.grad_norm = clip_grad_norm(params, self.clip, comm=clip_comm)
+                self.grad_norm = clip_grad_norm(params, self.clip, comm=clip_comm, counted=norm_params)
         if stepped:
             with self.tl.span("optimizer"):
                 self.optimizer.step()
@@ -452,7 +456,7 @@ class PipelineTrainer(Trainer):
             loss = self.pipe.train_step(x, y, lambda out, tg: nn.functional.cross_entropy(out, tg) * scale) / loss_scale
         self.peak_activation_bytes = max(self.peak_activation_bytes, self.pipe.last_activation_bytes)
         # the stages hold different layers: norms and overflows add up over the pipeline (replicas agree)
-        self.finish_step(list(self.pipe.parameters()), clip_comm=self.pp_comm)
+        self.finish_step(list(self.pipe.parameters()), clip_comm=self.pp_comm, norm_params=self.pipe.owned_parameters())
         return loss / self.data_size
 
     def logged_loss(self, contributions: list[float]) -> float:

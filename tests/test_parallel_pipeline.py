@@ -7,7 +7,7 @@ from mpi4py import MPI
 from torch import nn
 
 from dmlmpi.grid import ProcessGrid
-from dmlmpi.parallel import Pipeline
+from dmlmpi.parallel import Pipeline, clip_grad_norm
 
 pytestmark = pytest.mark.mpi
 
@@ -223,6 +223,65 @@ def test_zero_bubble_sends_input_gradients_before_weight_gradients() -> None:
     comm.Free()
 
 
+class TiedHead(nn.Module):
+    """An output layer that reuses the first layer's weight, transposed (tied input and output embeddings)."""
+
+    def __init__(self, first: nn.Linear) -> None:
+        super().__init__()
+        self.first = first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits over the first layer's inputs."""
+        return x @ self.first.weight
+
+
+def tied_model() -> nn.Sequential:
+    """Linear(12, 16), 4 x (Tanh, Linear(16, 16)), Tanh, and a head tied to the first layer: 12 logits."""
+    torch.manual_seed(0)
+    first = nn.Linear(12, 16)
+    layers: list[nn.Module] = [first]
+    for _ in range(4):
+        layers += [nn.Tanh(), nn.Linear(16, 16)]
+    return nn.Sequential(*layers, nn.Tanh(), TiedHead(first))
+
+
+TIED = [("1f1b", 1), ("zb-h1", 1), ("interleaved", 2)]
+
+
+@pytest.mark.parametrize("schedule,chunks", TIED, ids=[s for s, _ in TIED])
+def test_tied_weights_across_stages_equal_single_process(schedule: str, chunks: int) -> None:
+    """A weight used by the first and the last stage: its copies get the summed gradient and stay equal through
+    3 Adam steps, which end where one process ends; a clipped norm counts it once."""
+    comm = sub_world()
+    if comm is None:
+        return
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(3 * BATCH, 12, generator=g), torch.randint(0, 12, (3 * BATCH,), generator=g)
+    ref = tied_model()
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.01)
+    pp = Pipeline(tied_model(), comm, microbatches=2 * P, schedule=schedule, chunks=chunks, partition_by="uniform")
+    # the first stage's rank and the last stage's share the first layer (the head holds it whole: weight and
+    # bias); on one rank there is nothing to share
+    assert len(pp.tied) == (2 if P > 1 and comm.Get_rank() in (0, (pp.stages - 1) % P) else 0)
+    opt = torch.optim.Adam(pp.parameters(), lr=0.01)
+    for s in range(3):
+        xb, yb = x[s * BATCH:(s + 1) * BATCH], y[s * BATCH:(s + 1) * BATCH]
+        ref_opt.zero_grad()
+        loss = nn.functional.cross_entropy(ref(xb), yb)
+        loss.backward()
+        ref_norm = nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        ref_opt.step()
+        opt.zero_grad()
+        assert pp.train_step(xb, yb, nn.functional.cross_entropy) == pytest.approx(loss.item(), rel=1e-5)
+        norm = clip_grad_norm(pp.parameters(), 0.5, comm=comm, counted=pp.owned_parameters())
+        assert norm == pytest.approx(float(ref_norm), rel=1e-5)
+        opt.step()
+    for p, q in layer_pairs(pp, ref):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=4e-5)
+    pp.close()
+    comm.Free()
+
+
 def test_recompute_holds_fewer_activation_bytes() -> None:
     """Activation checkpointing keeps only stage inputs: less held than storing every activation."""
     comm = sub_world()
@@ -254,6 +313,28 @@ def test_hybrid_grid_equals_single_process(schedule: str) -> None:
     _, reference = reference_grads()
     for mine, ref in my_grads(pp, reference):
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=4e-5)
+    pp.close()
+    grid.free()
+
+
+def test_tied_weights_in_a_hybrid_grid_equal_single_process() -> None:
+    """dp x pp with two chunks per rank: the tied gradient, averaged over replicas and summed over its holders,
+    is the whole batch's (with pp = 1 both uses are chunks of one rank: averaged once, after both)."""
+    if SIZE % 2:
+        pytest.skip("needs an even world")
+    pp_size = SIZE // 2
+    grid = ProcessGrid(WORLD, dp=2, pp=pp_size)
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(BATCH, 12, generator=g), torch.randint(0, 12, (BATCH,), generator=g)
+    ref = tied_model()
+    nn.functional.cross_entropy(ref(x), y).backward()
+    half = torch.tensor_split(torch.arange(BATCH), 2)[grid.rank("dp")]
+    pp = Pipeline(tied_model(), grid.comm("pp"), microbatches=2 * pp_size, schedule="interleaved", chunks=2,
+                  partition_by="uniform", dp_comm=grid.comm("dp"))
+    share = len(half) * 2 / BATCH
+    pp.train_step(x[half], y[half], lambda out, tg: nn.functional.cross_entropy(out, tg) * share)
+    for p, q in layer_pairs(pp, ref):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=4e-5)
     pp.close()
     grid.free()
 

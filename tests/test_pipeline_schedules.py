@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from dmlmpi.grid import coords_of
-from dmlmpi.parallel.partition import balanced_cuts, describe, partition
+from dmlmpi.parallel.partition import balanced_cuts, describe, partition, shared_parameters
 from dmlmpi.parallel.schedules import Action, build, check, promised_activations
 
 
@@ -150,6 +150,19 @@ def test_partition_methods() -> None:
         partition(model, 2, "time")
     text = describe(model, [(0, 2), (2, 5)], costs, "time")
     assert "stage 0: layers 0-1 [0:Linear, 1:ReLU]  params 500" in text and "stage 1" in text
+
+
+def test_shared_parameters_are_found_by_identity() -> None:
+    """A parameter used in two stages is reported with both; one used twice within a stage is not."""
+    torch.manual_seed(0)
+    first = nn.Linear(3, 3)
+    model = nn.Sequential(first, nn.ReLU(), nn.Linear(3, 3), nn.Sequential(first), nn.Linear(3, 3))
+    model[4].weight = model[2].weight  # tied inside the last stage of the split below
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    shared = shared_parameters(model, [(0, 2), (2, 4), (4, 5)])
+    assert shared == [(index[id(first.weight)], (0, 1)), (index[id(first.bias)], (0, 1)),
+                      (index[id(model[2].weight)], (1, 2))]
+    assert shared_parameters(model, [(0, 5)]) == []
 
 
 def test_grid_coordinates() -> None:

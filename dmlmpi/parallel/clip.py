@@ -27,18 +27,22 @@ def local_norm_power(grads: list[torch.Tensor], norm_type: float) -> float:
 
 
 def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float, comm: MPI.Comm | None = None,
-                   norm_type: float = 2.0, error_if_nonfinite: bool = False) -> float:
+                   norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                   counted: Iterable[torch.nn.Parameter] | None = None) -> float:
     """Scale the gradients so that the norm of all of them over `comm`'s ranks is at most max_norm; returns that norm.
 
     `comm`: the ranks that hold *different* parameters (a pipeline's stages); None: this process
     holds the whole model. Collective over comm; every rank gets the same norm and scale.
+    `counted`: the parameters whose gradients make up the norm, when not all of them (a weight tied
+    across stages counts once, on one rank); every gradient is scaled.
     """
     if max_norm <= 0 or math.isnan(max_norm):
         raise ValueError(f"clip_grad_norm: max_norm must be positive, got {max_norm}")
     if norm_type <= 0:
         raise ValueError(f"clip_grad_norm: norm_type must be positive, got {norm_type}")
     grads = [p.grad for p in parameters if p.grad is not None]
-    mine = local_norm_power(grads, norm_type)
+    norm_grads = grads if counted is None else [p.grad for p in counted if p.grad is not None]
+    mine = local_norm_power(norm_grads, norm_type)
     if comm is not None and comm.Get_size() > 1:
         # all-reduce: each stage's sum of |g|^p (or its largest |g|) into the whole model's
         mine = float(dcomm.allreduce(np.array([mine]), op="max" if math.isinf(norm_type) else "sum", comm=comm)[0])

@@ -93,6 +93,17 @@ def partition(module: nn.Sequential, parts: int, method: str | Sequence[int] = "
     return balanced_cuts(costs, parts), costs
 
 
+def shared_parameters(module: nn.Sequential, bounds: Sequence[tuple[int, int]]) -> list[tuple[int, tuple[int, ...]]]:
+    """Parameters that layers of several stages use (tied weights): (index in module.parameters(), the stages)."""
+    index = {id(p): i for i, p in enumerate(module.parameters())}  # parameters() lists each object once
+    stages_of: dict[int, set[int]] = {}
+    for stage, (a, b) in enumerate(bounds):
+        for layer in range(a, b):
+            for p in module[layer].parameters():
+                stages_of.setdefault(index[id(p)], set()).add(stage)
+    return [(i, tuple(sorted(st))) for i, st in sorted(stages_of.items()) if len(st) > 1]
+
+
 def describe(module: nn.Sequential, bounds: list[tuple[int, int]], costs: list[float], method: str) -> str:
     """A table of the partition: stage, its layers, parameters, estimated cost."""
     unit = "s" if method == "time" else ""

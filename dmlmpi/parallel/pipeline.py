@@ -15,7 +15,9 @@ two actions: B computes and sends the input's gradient, W later the weights' (`s
 After `train_step` every parameter's .grad holds (adds) the gradient of the mean loss over the whole
 batch, and every rank gets that loss. With `dp_comm` (a hybrid grid) each chunk's gradients are
 then averaged over the data-parallel replicas, starting as soon as the chunk's last backward is
-done (overlapping the rest of the cool-down).
+done (overlapping the rest of the cool-down). A parameter that layers on several ranks use (tied
+input and output embeddings: DeepSpeed's TiedLayerSpec) starts equal on all of them and has its
+gradients summed over them after each step, so the copies take the same updates.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from dmlmpi.comm.fusion import allreduce_fused, broadcast_fused
 from dmlmpi.telemetry import maybe_span
 
 from .data import CommThread, Future
-from .partition import describe, partition
+from .partition import describe, partition, shared_parameters
 from . import splitgrad
 from .schedules import Action, build, promised_activations, splits_backward
 
@@ -124,6 +126,7 @@ class Pipeline(nn.Module):
         self.parts = nn.ModuleList(module[a:b] for a, b in (self.bounds[c * self.P + self.rank] for c in range(chunks)))
         self.layer_indices = [list(range(*self.bounds[c * self.P + self.rank])) for c in range(chunks)]
         self.comm = world.Dup()  # private channel for activations and gradients
+        self._tie(module)
         self.dp_comm = dp_comm
         self._dp_thread = CommThread() if dp_comm is not None and dp_comm.Get_size() > 1 else None
         if self._dp_thread is not None:
@@ -140,6 +143,51 @@ class Pipeline(nn.Module):
         self.last_compute_s = self.last_wait_s = self.last_step_s = 0.0
         self.last_action_s: dict[tuple[str, int, int], float] = {}  # (op, micro, chunk) -> its compute seconds
         self._waited = 0.0
+
+    # -- tied parameters ---------------------------------------------------------------------
+    def _tie(self, module: nn.Sequential) -> None:
+        """Find the parameters that stages on other ranks share with this one; one communicator per such group."""
+        params = list(module.parameters())
+        # a parameter two of this rank's chunks use gets its gradient from both: averaged over the
+        # replicas only after the last of them (a chunk's early average would race the other's backward)
+        seen: dict[int, int] = {}
+        for part in self.parts:
+            for p in set(part.parameters()):
+                seen[id(p)] = seen.get(id(p), 0) + 1
+        self._multi_chunk = {i for i, n in seen.items() if n > 1}
+        # (parameter, communicator of the ranks holding it) for the tied parameters this rank holds
+        self.tied: list[tuple[nn.Parameter, MPI.Comm]] = []
+        self.tied_copies: set[int] = set()  # ids of tied parameters another rank owns (counted there in norms)
+        for index, stages in shared_parameters(module, self.bounds):
+            ranks = sorted({s % self.P for s in stages})
+            if len(ranks) == 1:
+                continue  # all on one rank: one object, autograd already adds the uses up
+            # split: the ranks holding this parameter (every rank takes part in the split, most with UNDEFINED)
+            sub = self.comm.Split(0 if self.rank in ranks else MPI.UNDEFINED, self.rank)
+            if sub == MPI.COMM_NULL:
+                continue
+            p = params[index]
+            # broadcast: the copies start as the lowest stage's (the same seed makes them so; this makes sure)
+            broadcast_fused([p.detach()], root=0, comm=sub)
+            self.tied.append((p, sub))
+            if self.rank != ranks[0]:
+                self.tied_copies.add(id(p))
+
+    def owned_parameters(self) -> list[nn.Parameter]:
+        """This rank's parameters, a tied one only on the lowest rank holding it (for norms over the pipeline)."""
+        return [p for p in self.parameters() if id(p) not in self.tied_copies]
+
+    def _sum_tied(self) -> None:
+        """Add up a tied parameter's gradients over the ranks holding it, so that every copy takes the same step."""
+        if self._dp_thread is not None and self._multi_chunk:
+            # all-reduce: the gradients of parameters several chunks use, averaged over the replicas now
+            allreduce_fused([p.grad for p in self.parameters() if id(p) in self._multi_chunk and p.grad is not None],
+                            op="avg", comm=self.dp_comm, inplace=True)
+        for p, sub in self.tied:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            # all-reduce: each holder's share of the tied parameter's gradient, summed
+            allreduce_fused([p.grad], op="sum", comm=sub, inplace=True)
 
     # -- messages --------------------------------------------------------------------------
     def _tag(self, op: str, micro: int, stage: int) -> int:
@@ -380,6 +428,7 @@ class Pipeline(nn.Module):
         p2p.wait_all(pending)
         for f in futures:
             f.result()
+        self._sum_tied()  # after the replicas' averages: each holder's average, summed over the holders
         self.last_activation_bytes = saved.peak
         self.last_compute_s, self.last_wait_s, self.last_step_s = compute, self._waited, time.perf_counter() - start
         # broadcast: the loss from the rank holding the last stage to every rank of the pipeline
@@ -395,7 +444,7 @@ class Pipeline(nn.Module):
 
     def _average_job(self, chunk: int) -> Callable[[], None]:
         """Average one chunk's gradients over the data-parallel replicas (run on the comm thread)."""
-        grads = [p.grad for p in self.parts[chunk].parameters() if p.grad is not None]
+        grads = [p.grad for p in self.parts[chunk].parameters() if p.grad is not None and id(p) not in self._multi_chunk]
 
         def job() -> None:
             with maybe_span(self.timeline, f"dp allreduce chunk {chunk}", "comm"):
@@ -431,4 +480,6 @@ class Pipeline(nn.Module):
         """Stop the data-parallel thread and free the private communicator."""
         if self._dp_thread is not None:
             self._dp_thread.close()
+        for _, sub in self.tied:
+            sub.Free()
         self.comm.Free()
