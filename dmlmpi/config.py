@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("communication")
     g.add_argument("--algorithm", default="auto", choices=list(ALGORITHMS), help="gradient all-reduce algorithm")
     g.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size in MiB")
+    g.add_argument("--reduction", default="mean", choices=["mean", "adasum"],
+                   help="dp mode: how the ranks' gradients combine: their mean, or Adasum (Horovod's op=Adasum: "
+                        "orthogonal gradients add, parallel ones average; needs a power-of-two rank count)")
     g.add_argument("--sync-bn", action="store_true",
                    help="dp mode: BatchNorm layers normalize over the global batch, all ranks' samples "
                         "(dmlmpi SyncBatchNorm), not each rank's share; needs a model with BatchNorm (cnn-bn)")
@@ -310,6 +313,16 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size:
         parser.error(f"--amp works with --mode dp, pipeline or hybrid, not {args.mode}")
     if not 0 <= args.initial_scale_power <= 100:
         parser.error(f"--initial-scale-power must be in 0..100, got {args.initial_scale_power}")
+    if args.reduction == "adasum":
+        if args.mode != "dp":
+            parser.error(f"--reduction adasum works with --mode dp, not {args.mode}")
+        if world_size & (world_size - 1):
+            parser.error(f"--reduction adasum needs a power-of-two number of ranks (it combines them in a binary "
+                         f"tree), but the job has {world_size}")
+        if args.compression != "none":
+            parser.error(f"--reduction adasum combines whole gradients: not with --compression {args.compression}")
+        if args.elastic:
+            parser.error("--reduction adasum does not work with --elastic (a shrunk world is rarely a power of two)")
     if args.grad_accum < 1:
         parser.error(f"--grad-accum must be at least 1, got {args.grad_accum}")
     if args.grad_accum > 1 and args.mode != "dp":

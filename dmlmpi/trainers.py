@@ -193,7 +193,7 @@ class DPTrainer(Trainer):
             model = SyncBatchNorm.convert_sync_batchnorm(model, comm=world)
         self.model = DataParallel(model, world, bucket_mb=args.bucket_mb, algorithm=args.algorithm,
                                   compression=args.compression, timeline=tl, powersgd_rank=args.powersgd_rank,
-                                  powersgd_warmup=args.powersgd_warmup,
+                                  powersgd_warmup=args.powersgd_warmup, reduction=args.reduction,
                                   # an elastic recovery closes this on a communicator that lost a rank:
                                   # shared buckets would need a collective free there
                                   shared_buckets=not args.elastic)

@@ -89,6 +89,15 @@ def test_dp_bench_amp(tmp_path) -> None:
     assert records["local-bf16"]["comm_overhead"] == 0.0 and records["local"]["comm_overhead"] == 0.0
 
 
+def test_dp_bench_adasum(tmp_path) -> None:
+    """`bench dp --reduction adasum`: a dmlmpi-adasum row beside the others."""
+    out_json = tmp_path / "dpada.json"
+    result = run_mpi(2, ["-m", "dmlmpi.bench", "dp", "--models", "cnn", "--reduction", "adasum", "--samples", "2",
+                         "--sample-seconds", "0.01", "--json", str(out_json)], timeout=180, cwd=ROOT)
+    assert result.returncode == 0 and "Adasum adds" in result.stdout, result.stdout
+    assert {r["variant"] for r in json.loads(out_json.read_text())} == {"local", "dmlmpi", "ddp", "dmlmpi-adasum"}
+
+
 def test_dp_bench_sync_bn(tmp_path, capsys) -> None:
     """`bench dp --sync-bn`: a fourth row, dmlmpi with SyncBatchNorm layers; refused for models without BatchNorm."""
     out_json = tmp_path / "dpsbn.json"

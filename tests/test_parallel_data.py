@@ -136,6 +136,46 @@ def test_compression_close_to_full_precision(compression: str) -> None:
     full.close(), half.close()
 
 
+@pytest.mark.parametrize("bucket_mb", [0.001, 25.0])
+def test_adasum_matches_the_tree_of_the_ranks_gradients(bucket_mb: float) -> None:
+    """reduction="adasum": each .grad is the one-process Adasum tree of the ranks' own mean gradients, per parameter
+    (whatever the buckets); with two steps of SGD the parameters follow; on other rank counts a clear error."""
+    from dmlmpi.comm.adasum import is_power_of_two, reference
+
+    if not is_power_of_two(SIZE):
+        with pytest.raises(ValueError, match="power-of-two number of ranks"):
+            DataParallel(make_model(), WORLD, reduction="adasum")
+        return
+    x, y = data()
+    shares = [rank_share(np.arange(len(x)), r, SIZE) for r in range(SIZE)]
+    ref = make_model()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    model = DataParallel(make_model(), WORLD, bucket_mb=bucket_mb, reduction="adasum")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        # every rank's own mean gradient, computed here for all of them, combined by the tree
+        per_rank = []
+        for share in shares:
+            ref.zero_grad()
+            nn.functional.cross_entropy(ref(x[share]), y[share]).backward()
+            per_rank.append([p.grad.double().numpy().ravel().copy() for p in ref.parameters()])
+        want = [reference([g[i] for g in per_rank], [len(per_rank[0][i])]) for i in range(len(per_rank[0]))]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[shares[RANK]]), y[shares[RANK]]).backward()
+        for p, w in zip(model.parameters(), want):
+            np.testing.assert_allclose(p.grad.double().numpy().ravel(), w, rtol=1e-4, atol=1e-6)
+        opt.step()
+        with torch.no_grad():
+            for p, w in zip(ref.parameters(), want):
+                p -= 0.1 * torch.from_numpy(w).reshape(p.shape).float()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="join: not supported with reduction='adasum'"):
+        with model.join():
+            pass
+    model.close()
+
+
 def test_bad_settings_are_refused() -> None:
     """Clear errors for bad options, before any communication."""
     with pytest.raises(ValueError, match="compression"):
@@ -144,6 +184,10 @@ def test_bad_settings_are_refused() -> None:
         DataParallel(make_model(), algorithm="tree")
     with pytest.raises(ValueError, match="bucket_mb"):
         DataParallel(make_model(), bucket_mb=0)
+    with pytest.raises(ValueError, match="reduction must be mean or adasum"):
+        DataParallel(make_model(), reduction="median")
+    with pytest.raises(ValueError, match="does not work with compression='fp16'"):
+        DataParallel(make_model(), reduction="adasum", compression="fp16")
 
 
 @pytest.mark.skipif(SIZE < 2, reason="needs two ranks")

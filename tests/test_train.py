@@ -81,6 +81,18 @@ def test_clipping_and_accumulation_equal_one_process(three_rank_run, tmp_path) -
     assert len(reduces) == 2 * len(ref)
 
 
+def test_adasum_reduction_trains(tmp_path) -> None:
+    """--reduction adasum reaches DataParallel: on 2 ranks it trains, and its steps differ from the mean's."""
+    runs = {}
+    for red in ("mean", "adasum"):
+        result = train(2, tmp_path / red, "--epochs", "2", "--reduction", red)
+        assert result.returncode == 0, result.stdout
+        runs[red] = losses(tmp_path / red)
+    assert runs["adasum"][1] == pytest.approx(runs["mean"][1], rel=1e-6)  # the same first forward
+    assert any(abs(runs["adasum"][s] - runs["mean"][s]) > 1e-3 for s in runs["mean"])
+    assert runs["adasum"][30] < 0.9 * runs["adasum"][1]
+
+
 def test_sync_bn_same_losses_on_one_and_three_ranks(tmp_path) -> None:
     """With BatchNorm layers, --sync-bn makes 3 ranks train what one process trains on the same global batch."""
     runs = {}

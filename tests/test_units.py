@@ -167,6 +167,9 @@ def test_sample_orders_balance_first_place_and_predecessors(k: int) -> None:
     (["--clip-grad-norm", "1", "--mode", "fl"], "not fl (--dp-clip clips each client's update)"),
     (["--clip-grad-norm", "1", "--mode", "ps", "--servers", "1"], "--clip-grad-norm works with --mode dp, pipeline or hybrid, not ps"),
     (["--grad-accum", "0"], "--grad-accum must be at least 1, got 0"),
+    (["--reduction", "adasum", "--mode", "pipeline"], "--reduction adasum works with --mode dp, not pipeline"),
+    (["--reduction", "adasum", "--compression", "fp16"], "--reduction adasum combines whole gradients: not with --compression fp16"),
+    (["--reduction", "adasum", "--elastic"], "--reduction adasum does not work with --elastic"),
     (["--amp", "fp16", "--mode", "ps", "--servers", "1"], "--amp works with --mode dp, pipeline or hybrid, not ps"),
     (["--amp", "fp8"], "invalid choice: 'fp8'"),
     (["--initial-scale-power", "-1"], "--initial-scale-power must be in 0..100, got -1"),
@@ -180,3 +183,13 @@ def test_sync_bn_zero_and_powersgd_settings_are_checked(argv: list[str], message
     with pytest.raises(SystemExit):
         config.parse(argv, 4)
     assert message in capsys.readouterr().err
+
+
+def test_adasum_needs_a_power_of_two(capsys) -> None:
+    """--reduction adasum on 3 ranks is refused before training; 4 is accepted."""
+    from dmlmpi import config
+
+    with pytest.raises(SystemExit):
+        config.parse(["--reduction", "adasum"], 3)
+    assert "needs a power-of-two number of ranks (it combines them in a binary tree), but the job has 3" in capsys.readouterr().err
+    assert config.parse(["--reduction", "adasum"], 4).reduction == "adasum"

@@ -8,7 +8,8 @@ DistributedDataParallel over gloo; with `--sync-bn`, `dmlmpi-syncbn` also wraps 
 BatchNorm layers in dmlmpi's SyncBatchNorm (torch's refuses CPU tensors, so DDP has no such row); with
 `--zero`, `dmlmpi-zero` and `ddp-zero` split the optimizer state over the ranks (dmlmpi's
 ZeroRedundancyOptimizer, and torch's over gloo); with `--amp bf16`, `local-bf16`, `dmlmpi-bf16` and
-`ddp-bf16` run the same three with the forward under bfloat16 autocast (each against `local-bf16`). Each rank takes a fixed batch per step (weak scaling). Reported:
+`ddp-bf16` run the same three with the forward under bfloat16 autocast (each against `local-bf16`); with
+`--reduction adasum`, `dmlmpi-adasum` combines the gradients by Adasum (power-of-two ranks). Each rank takes a fixed batch per step (weak scaling). Reported:
 samples/s over all K ranks (median, min, max of timed samples, each timed as the slowest rank's)
 and how much longer a step is than `local`'s. The three variants of a model take their timed
 samples in turn, so the machine's slow and fast spells fall on all of them alike.
@@ -33,6 +34,7 @@ from .common import balanced_orders, calls_per_sample, close_gloo, format_table,
 VARIANTS = ("local", "dmlmpi", "ddp")
 SYNC_BN = "dmlmpi-syncbn"  # with --sync-bn: DataParallel over the model with SyncBatchNorm layers
 ZERO = ("dmlmpi-zero", "ddp-zero")  # with --zero: the optimizer state split over the ranks (ZeRO stage 1)
+ADASUM = "dmlmpi-adasum"  # with --reduction adasum: DataParallel(reduction="adasum")
 AMP = "-bf16"  # with --amp bf16: the suffix of the variants whose forward runs under bfloat16 autocast
 OPTIMIZERS = {"sgd": (torch.optim.SGD, dict(lr=0.01)), "adamw": (torch.optim.AdamW, dict(lr=0.001))}
 
@@ -77,6 +79,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--amp", default="none", choices=["none", "bf16"],
                    help=f"bf16: add local{AMP}, dmlmpi{AMP}, ddp{AMP} rows, the forward under bfloat16 autocast "
                         "(fp16 is left out: this CPU has no fp16 convolution kernels)")
+    p.add_argument("--reduction", default="mean", choices=["mean", "adasum"],
+                   help=f"adasum: add a {ADASUM} row, DataParallel(reduction='adasum') (power-of-two ranks)")
     p.add_argument("--json", help="write one record per (model, ranks, variant) to this path")
     args = p.parse_args(argv)
     for m in args.models.split(","):
@@ -99,6 +103,8 @@ def wrap(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, args: argpar
         # powersgd: the first step whole, like DDP's hook with start_powerSGD_iter=2 (its least with error feedback)
         return DataParallel(model, comm=sub, algorithm=args.algorithm, bucket_mb=args.bucket_mb, compression=wire,
                             powersgd_rank=args.powersgd_rank, powersgd_warmup=1)
+    if variant == ADASUM:
+        return DataParallel(model, comm=sub, algorithm=args.algorithm, bucket_mb=args.bucket_mb, reduction="adasum")
     if variant == SYNC_BN:
         return DataParallel(SyncBatchNorm.convert_sync_batchnorm(model, comm=sub), comm=sub,
                             algorithm=args.algorithm, bucket_mb=args.bucket_mb, compression=wire)
@@ -120,7 +126,7 @@ def wrap(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, args: argpar
 
 def wire_format(variant: str, compression: str) -> str:
     """The gradient wire format a variant uses for --compression (DDP's bf16 hook needs NCCL: none on gloo)."""
-    if variant == "local" or (variant.startswith("ddp") and compression == "bf16"):
+    if variant in ("local", ADASUM) or (variant.startswith("ddp") and compression == "bf16"):
         return "none"
     return compression
 
@@ -174,7 +180,8 @@ def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Names
     median of their calibrations), so what a sample pays once weighs on each alike.
     """
     extra = (((SYNC_BN,) if args.sync_bn else ()) + (ZERO if args.zero else ())
-             + (tuple(v + AMP for v in VARIANTS) if args.amp == "bf16" else ()))
+             + (tuple(v + AMP for v in VARIANTS) if args.amp == "bf16" else ())
+             + ((ADASUM,) if args.reduction == "adasum" else ()))
     built = {v: make_step(name, v, sub, group, args) for v in VARIANTS + extra}
     steps = int(statistics.median(calibrate(step, sub, args) for _, step, _ in built.values()))
     per_step: dict[str, list[float]] = {v: [] for v in built}
@@ -205,6 +212,11 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)  # ranks share the cores
     dist = init_gloo(world)
     k = world.Get_size()
+    if args.reduction == "adasum" and k & (k - 1):
+        if world.Get_rank() == 0:
+            print(f"bench dp: --reduction adasum needs a power-of-two number of ranks, got {k}", flush=True)
+        close_gloo(dist)
+        return 2
     records = [r for name in args.models.split(",") for r in run_model(name, k, world, dist.group.WORLD, args)]
     if world.Get_rank() == 0:
         # each row against the local row of its own precision
@@ -246,6 +258,10 @@ def main(argv: list[str]) -> int:
                       f"of float32's; dmlmpi{AMP} / ddp{AMP} samples/s = "
                       f"{d16['samples_per_s_median'] / t16['samples_per_s_median']:.2f}x; communication adds "
                       f"{100 * d16['comm_overhead']:.1f}% (float32: {100 * by[(name, k, 'dmlmpi')]['comm_overhead']:.1f}%)")
+            if args.reduction == "adasum":
+                extra = by[(name, k, ADASUM)]["step_time_s_median"] / by[(name, k, "dmlmpi")]["step_time_s_median"] - 1
+                print(f"{name}, {k} ranks: Adasum adds {100 * extra:+.1f}% to dmlmpi's step "
+                      f"(communication {100 * by[(name, k, ADASUM)]['comm_overhead']:+.1f}% over local)")
             if args.sync_bn:
                 extra = by[(name, k, SYNC_BN)]["step_time_s_median"] / by[(name, k, "dmlmpi")]["step_time_s_median"] - 1
                 print(f"{name}, {k} ranks: SyncBatchNorm adds {100 * extra:+.1f}% to dmlmpi's step")

@@ -3,11 +3,12 @@
     from dmlmpi import comm
     y = comm.allreduce(x, op="sum", algorithm="auto")   # same kind, device and shape as x
 """
+from .adasum import adasum_allreduce
 from .buffers import cuda_aware
 from .collectives import (ALGORITHMS, allgather, allreduce, broadcast, choose_algorithm, free_shared, on_one_node,
                           reduce_scatter, shared_empty)
 from .guard import CollectiveMismatchError
 from .ops import OPS
 
-__all__ = ["ALGORITHMS", "OPS", "CollectiveMismatchError", "allgather", "allreduce", "broadcast",
+__all__ = ["ALGORITHMS", "OPS", "CollectiveMismatchError", "adasum_allreduce", "allgather", "allreduce", "broadcast",
            "choose_algorithm", "cuda_aware", "free_shared", "on_one_node", "reduce_scatter", "shared_empty"]

@@ -13,7 +13,9 @@ while backward goes on computing earlier layers. Buckets are launched strictly i
 collectives in the same order even when some parameters get no gradient on some ranks. When
 backward ends, the launched buckets are awaited and those still waiting (a parameter without a
 gradient counts as zeros) are reduced in the training thread, in order; the averages are then
-already in `.grad`.
+already in `.grad`. With reduction="adasum" (Horovod's op=hvd.Adasum, power-of-two rank counts)
+each bucket is combined by dmlmpi.comm.adasum_allreduce instead of summed, every parameter with
+its own dot products and norms, and no 1/n scaling: .grad holds the Adasum of the ranks' gradients.
 """
 from __future__ import annotations
 
@@ -184,16 +186,26 @@ class DataParallel(nn.Module):
     def __init__(self, module: nn.Module, comm: MPI.Comm | None = None, bucket_mb: float = 25.0,
                  algorithm: str = "auto", compression: str | None = None, broadcast_buffers: bool = True,
                  timeline: Any = None, shared_buckets: bool = True, powersgd_rank: int = 1,
-                 powersgd_warmup: int = 0) -> None:
+                 powersgd_warmup: int = 0, reduction: str = "mean") -> None:
         super().__init__()
         if compression not in COMPRESSION:
             raise ValueError(f"DataParallel: compression must be one of none, fp16, bf16, powersgd; got {compression!r}")
+        if reduction not in ("mean", "adasum"):
+            raise ValueError(f"DataParallel: reduction must be mean or adasum, got {reduction!r}")
         if algorithm not in dcomm.ALGORITHMS:
             raise ValueError(f"DataParallel: unknown algorithm {algorithm!r}; choose from {', '.join(dcomm.ALGORITHMS)}")
         if bucket_mb <= 0:
             raise ValueError(f"DataParallel: bucket_mb must be positive, got {bucket_mb}")
         self.module = module
         self.comm = MPI.COMM_WORLD if comm is None else comm
+        # Adasum (Horovod's op=Adasum): ranks' gradients combined per tensor by dmlmpi.comm.adasum_allreduce
+        self._adasum = reduction == "adasum"
+        if self._adasum and compression not in (None, "none"):
+            raise ValueError("DataParallel: reduction='adasum' combines whole gradients; it does not work with "
+                             f"compression={compression!r}")
+        if self._adasum and not dcomm.adasum.is_power_of_two(self.comm.Get_size()):
+            raise ValueError(f"DataParallel: reduction='adasum' needs a power-of-two number of ranks (a binary "
+                             f"tree), got {self.comm.Get_size()}")
         self.algorithm = algorithm
         self.broadcast_buffers = broadcast_buffers
         # the buffers forward() refreshes from rank 0, listed once (as DDP does): walking the module
@@ -209,7 +221,7 @@ class DataParallel(nn.Module):
         self._join: Join | None = None  # set inside join(): uneven inputs across ranks
         # DDP's pre-division: each rank's gradient is scaled by 1/n as it enters its bucket (no extra
         # pass over the data) and the buckets are summed, so .grad ends with the average
-        self._scale = 1.0 / self.comm.Get_size()
+        self._scale = 1.0 if self._adasum else 1.0 / self.comm.Get_size()  # Adasum takes whole gradients
         # CPU ranks of one node keep their buckets in shared memory, where the "shm" all-reduce sums
         # them without messages (shared_buckets=False keeps them private: freeing a window is
         # collective, which a communicator that lost a rank cannot do)
@@ -313,6 +325,9 @@ class DataParallel(nn.Module):
                             {"bytes": bucket.buffer.numel() * bucket.buffer.element_size()}):
                 if self._powersgd is not None:  # matrices as factors (their guarded all-reduces)
                     return self._powersgd.reduce(bucket.index, bucket.slots, bucket.buffer, self.algorithm)
+                if self._adasum:  # each parameter's gradient combined with its own dot products and norms
+                    return dcomm.adasum_allreduce(bucket.buffer, [p.numel() for p in bucket.params], comm=self.comm,
+                                                  inplace=True, guard=False)
                 # no per-call guard: the bucket layout was checked across ranks at construction and
                 # buckets are reduced in one fixed order, so ranks cannot disagree on these calls
                 return dcomm.allreduce(bucket.buffer, op="sum", algorithm=self.algorithm, comm=self.comm,
@@ -416,6 +431,9 @@ class DataParallel(nn.Module):
         collective, and each rank's shard is its own to update); with any other it keeps those
         ranks' parameters and optimizer state current.
         """
+        if self._adasum:
+            raise ValueError("DataParallel.join: not supported with reduction='adasum' (its divisor options "
+                             "have no meaning there)")
         if any(isinstance(m, SyncBatchNorm) for m in self.module.modules()):
             raise ValueError("DataParallel.join: the model has SyncBatchNorm layers, whose collectives a rank "
                              "without inputs cannot take part in; use BatchNorm, or even inputs")
@@ -427,7 +445,7 @@ class DataParallel(nn.Module):
             self._shadow()  # only after a normal exit: an exception ends the job instead
         finally:
             self._join = None
-            self._scale = 1.0 / self.comm.Get_size()
+            self._scale = 1.0 if self._adasum else 1.0 / self.comm.Get_size()  # Adasum takes whole gradients
 
     def _slot_names(self) -> dict[tuple[int, int], str]:
         """(bucket, slot) -> the parameter's name: how compression state is keyed inside, and in checkpoints."""
