@@ -37,9 +37,9 @@ from dmlmpi.comm.dtypes import BY_CODE
 from dmlmpi.comm.fusion import allreduce_fused, broadcast_fused
 from dmlmpi.telemetry import maybe_span
 
+from . import splitgrad
 from .data import CommThread, Future
 from .partition import describe, partition, shared_parameters
-from . import splitgrad
 from .schedules import Action, build, promised_activations, splits_backward
 
 # tensors whose numpy view MPI takes as it is (bfloat16 has none: it goes through the buffer handling)
