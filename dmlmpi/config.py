@@ -151,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dp-clip", type=float, default=0.0, help="DP-FedAvg: L2 clip of each client update (0: off)")
     g.add_argument("--dp-noise", type=float, default=0.0, help="DP-FedAvg: noise multiplier z")
     g.add_argument("--dp-delta", type=float, default=1e-5, help="DP-FedAvg: delta of the reported (epsilon, delta)")
+    g.add_argument("--dp-adaptive", action="store_true",
+                   help="DP-FedAvg with adaptive clipping (Andrew et al. 2021): --dp-clip is the first clip, then it "
+                        "follows --dp-target-quantile of the update norms, estimated from a noisy count")
+    g.add_argument("--dp-target-quantile", type=float, default=0.5,
+                   help="adaptive clipping: the fraction of client updates the clip should leave unclipped")
+    g.add_argument("--dp-clip-lr", type=float, default=0.2, help="adaptive clipping: eta of C <- C exp(-eta (b - target))")
+    g.add_argument("--dp-count-noise", type=float, default=None,
+                   help="adaptive clipping: std of the noise on the unclipped count (default: clients per round / 20 "
+                        "when --dp-noise is set)")
     g.add_argument("--eval-every", type=int, default=1, help="evaluate the global model every N rounds")
     g = p.add_argument_group("fault tolerance")
     g.add_argument("--elastic", action="store_true",

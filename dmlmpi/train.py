@@ -439,7 +439,8 @@ def describe_mode(args: argparse.Namespace, size: int) -> str:
         return (f"federated simulation on {size} ranks: {groups} client group(s) of {args.ranks_per_client} "
                 f"rank(s){edges}, server on rank 0; {args.strategy}, fraction {args.fraction} of {args.clients} "
                 f"clients, {args.rounds} rounds" + (", secure aggregation" if args.secagg else "")
-                + (f", DP clip {args.dp_clip} noise {args.dp_noise}" if args.dp_clip else ""))
+                + (f", DP clip {args.dp_clip}{' (adaptive)' if args.dp_adaptive else ''} noise {args.dp_noise}"
+                   if args.dp_clip else ""))
     return f"data parallel on {size} ranks"
 
 

@@ -190,3 +190,22 @@ def test_functions_reject_bad_arguments() -> None:
         P.private_mean(np.ones(3), 3, 1.0, 0.0, rng)
     with pytest.raises(ValueError, match="rounds"):
         P.PrivacyAccountant(1.0, 10, 5, 1e-5).step(-1)
+
+
+def test_adaptive_clipping_splits_the_noise_and_moves_the_clip() -> None:
+    """z_update from Andrew et al.'s Theorem 1; the clip shrinks when more than the target go unclipped, grows otherwise."""
+    # z = 1, sigma_b = 2: z_update^-2 = 1 - 1/16, so z_update = 1 / sqrt(15/16)
+    assert P.update_noise_multiplier(1.0, 2.0) == pytest.approx((15 / 16) ** -0.5)
+    assert P.update_noise_multiplier(0.0, 0.0) == 0.0
+    with pytest.raises(ValueError, match="must exceed half the noise multiplier"):
+        P.update_noise_multiplier(1.0, 0.5)
+    rng = np.random.default_rng(0)
+    # no count noise: all 10 unclipped -> fraction 1, C * exp(-0.2 * (1 - 0.5)); none -> C * exp(0.2 * 0.5)
+    assert P.adapt_clip(1.0, 10, 10, 0.5, 0.2, 0.0, rng) == (pytest.approx(math.exp(-0.1)), 1.0)
+    assert P.adapt_clip(1.0, 0, 10, 0.5, 0.2, 0.0, rng)[0] == pytest.approx(math.exp(0.1))
+    # with count noise the fraction is the seeded draw's
+    noisy, fraction = P.adapt_clip(1.0, 5, 10, 0.5, 0.2, 1.0, np.random.default_rng(7))
+    assert fraction == pytest.approx((5 + np.random.default_rng(7).normal(0.0, 1.0)) / 10)
+    assert noisy == pytest.approx(math.exp(-0.2 * (fraction - 0.5)))
+    with pytest.raises(ValueError, match="target quantile"):
+        P.adapt_clip(1.0, 5, 10, 1.5, 0.2, 0.0, rng)

@@ -63,8 +63,14 @@ def reference(cfg: FLConfig) -> list[np.ndarray]:
     strategy = cfg.make_strategy()
     controls: dict[int, np.ndarray] = {}
     history = []
+    clip = cfg.dp_clip
+    clips = []  # the clip of each round (adaptive clipping moves it)
     for r in range(1, cfg.rounds + 1):
         results = []
+        unclipped = 0
+        if cfg.dp_adaptive:
+            clip = float(np.float32(clip))  # as it travels down to the clients
+        clips.append(clip)
         server_c = np.zeros_like(weights) if getattr(strategy, "control", None) is None else strategy.control
         for c in rounds.sample_clients(cfg.seed, r, cfg.clients, cfg.fraction):
             c = int(c)
@@ -100,7 +106,8 @@ def reference(cfg: FLConfig) -> list[np.ndarray]:
                     opt.step()
             delta = flat(model) - weights
             if cfg.dp_clip:
-                delta, _ = privacy.clip_update(delta, cfg.dp_clip)
+                delta, norm = privacy.clip_update(delta, clip)
+                unclipped += norm <= clip
             control_delta = None
             if cfg.strategy == "scaffold":
                 new_c = c_i - server_c - delta / (steps * cfg.client_lr)
@@ -111,12 +118,17 @@ def reference(cfg: FLConfig) -> list[np.ndarray]:
             if cfg.dp_clip:
                 sampled = rounds.sample_size(cfg.clients, cfg.fraction)
                 noise = rounds.rng(cfg.seed, rounds.NOISE, r)
-                mean = privacy.private_mean(np.sum([x.update for x in results], axis=0), sampled, cfg.dp_noise,
-                                            cfg.dp_clip, noise)
+                sigma_b = cfg.count_noise(sampled)
+                z = privacy.update_noise_multiplier(cfg.dp_noise, sigma_b) if cfg.dp_adaptive else cfg.dp_noise
+                mean = privacy.private_mean(np.sum([x.update for x in results], axis=0), sampled, z, clip, noise)
                 weights = strategy.apply_mean(weights, mean, len(results))
+                if cfg.dp_adaptive:
+                    clip, _ = privacy.adapt_clip(clip, unclipped, sampled, cfg.dp_target_quantile, cfg.dp_clip_lr,
+                                                 sigma_b, rounds.rng(cfg.seed, rounds.COUNT_NOISE, r))
             else:
                 weights = strategy.aggregate(weights, results)
         history.append(np.asarray(weights, dtype=np.float32).copy())
+    reference.clips = clips  # type: ignore[attr-defined]  # the last call's clips, for the adaptive test
     return history
 
 
@@ -200,6 +212,35 @@ def test_differential_privacy_clips_adds_seeded_noise_and_accounts() -> None:
         assert records[0]["epsilon"] < records[-1]["epsilon"]
 
 
+def test_adaptive_clipping_follows_the_quantile_and_matches_single_process() -> None:
+    """--dp-adaptive: the clip moves by the noisy unclipped count, the update noise takes z_update; the weights, the
+    clips and epsilon match the one-process reference round by round; a resumed run continues the clip."""
+    cfg = replace(BASE, rounds=4, dp_clip=0.02, dp_noise=1.0, dp_adaptive=True, dp_count_noise=1.0, dp_clip_lr=0.5)
+    _, history, records = simulate(cfg)
+    ref = reference(cfg)
+    assert_same(history, ref)
+    if RANK == 0:
+        got = [rec["dp_clip"] for rec in records]
+        np.testing.assert_allclose(got, reference.clips, rtol=1e-6)
+        # every update is longer than 0.02: the clip grows each round, by about exp(0.5 * 0.5)
+        assert all(b > a for a, b in zip(got, got[1:]))
+        assert all(abs(rec["unclipped_fraction"]) < 1 for rec in records)
+        acct = privacy.PrivacyAccountant(1.0, cfg.clients, rounds.sample_size(cfg.clients, cfg.fraction), cfg.dp_delta)
+        acct.step(len(records))
+        assert records[-1]["epsilon"] == pytest.approx(acct.epsilon(), rel=1e-9)  # z, not z_update, is accounted
+    # stopped after 2 rounds and resumed: the clip comes back with the checkpoint
+    first = Simulation(make_model(), dataset(), cfg, WORLD)
+    for _ in range(2):
+        first.step()
+    state = WORLD.bcast(first.state(), root=0)
+    second = Simulation(make_model(), dataset(), cfg, WORLD)
+    second.load_state(state)
+    for _ in range(2):
+        second.step()
+    final = WORLD.bcast(second.weights if second.is_server else None, root=0)
+    np.testing.assert_allclose(final, history[-1], rtol=1e-6, atol=1e-7)
+
+
 def test_secure_aggregation_equals_plain_up_to_quantization() -> None:
     for dropout in (0.0, 0.25):
         plain = replace(BASE, rounds=2, dropout=dropout, strategy="fedavg")
@@ -238,6 +279,10 @@ def test_checkpoint_state_resumes_exactly() -> None:
     (dict(strategy="krum", dp_clip=1.0), "differential privacy"),
     (dict(strategy="scaffold", dp_clip=1.0), "SCAFFOLD"),
     (dict(dp_noise=1.0), "--dp-noise needs --dp-clip"),
+    (dict(dp_adaptive=True), "--dp-adaptive needs --dp-clip"),
+    (dict(dp_adaptive=True, dp_clip=1.0, dp_target_quantile=1.0), "--dp-target-quantile must be in (0, 1)"),
+    (dict(dp_adaptive=True, dp_clip=1.0, dp_clip_lr=0.0), "--dp-clip-lr must be positive"),
+    (dict(dp_adaptive=True, dp_clip=1.0, dp_noise=1.0), "must exceed half the noise multiplier"),
     (dict(client_data="zipf"), "--client-data 'zipf'"),
     (dict(clients=300), "--clients 300 is more than the 240 training samples"),
 ])

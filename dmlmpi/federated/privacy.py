@@ -26,6 +26,16 @@ z / 2. ``sampling="poisson"`` instead accounts for Poisson sampling (each client
 q = m / K; the denominator stays m, the expected count) under ADD_OR_REMOVE_ONE, where the
 sensitivity is C and the event takes z as is; that is the analysis of the paper.
 
+Adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy 2021, "Differentially Private Learning with
+Adaptive Clipping"; Flower's DifferentialPrivacyServerSideAdaptiveClipping): the clip C follows a
+target quantile gamma of the clients' update norms. Each client also reports b_i = 1 if its norm
+was at most C; the server estimates the fraction b = (sum b_i + N(0, sigma_b^2)) / m and moves
+C <- C exp(-eta (b - gamma)) (``adapt_clip``): too many unclipped updates shrink C, too few grow
+it. The count is a second Gaussian query on the same clients, so the update's noise multiplier
+becomes z_update = (z^-2 - (2 sigma_b)^-2)^(-1/2) (``update_noise_multiplier``, the paper's
+Theorem 1): the two queries together cost exactly what one Gaussian mechanism with multiplier z
+costs, and the accountant goes on composing z.
+
 The simulation draws the noise from a seeded ``numpy.random.Generator`` so runs are reproducible; a
 deployment would draw it from a cryptographically secure source (and guard against floating-point
 attacks on the Gaussian sampler).
@@ -93,6 +103,30 @@ def private_mean(clipped_sum: np.ndarray, denominator: int, noise_multiplier: fl
     if std == 0:
         return mean
     return mean + rng.normal(0.0, std, size=mean.shape)
+
+
+def update_noise_multiplier(noise_multiplier: float, count_noise: float) -> float:
+    """z_update = (z^-2 - (2 sigma_b)^-2)^(-1/2): the update's noise multiplier when the clipped count takes sigma_b."""
+    _check_noise(noise_multiplier)
+    if noise_multiplier == 0:
+        return 0.0
+    if not (math.isfinite(count_noise) and 2 * count_noise > noise_multiplier):
+        raise ValueError(f"adaptive clipping: the count noise (sigma_b = {count_noise}) must exceed half the noise "
+                         f"multiplier ({noise_multiplier} / 2): the count's share of the privacy budget leaves "
+                         f"nothing for the update otherwise")
+    return (noise_multiplier ** -2 - (2 * count_noise) ** -2) ** -0.5
+
+
+def adapt_clip(clip: float, unclipped: float, denominator: int, target_quantile: float, lr: float,
+               count_noise: float, rng: np.random.Generator) -> tuple[float, float]:
+    """(the next clip, the noisy fraction of unclipped updates): C exp(-lr (b - target)), b = (count + N(0, sigma_b^2)) / m."""
+    _check_clip(clip)
+    _check_denominator(denominator)
+    if not 0 < target_quantile < 1:
+        raise ValueError(f"target quantile must be in (0, 1), got {target_quantile}")
+    noise = rng.normal(0.0, count_noise) if count_noise > 0 else 0.0
+    fraction = (unclipped + noise) / denominator
+    return clip * math.exp(-lr * (fraction - target_quantile)), fraction
 
 
 def _replace_one_scale() -> float:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 # Streams of the seeded generators, so that sampling, dropouts and speeds never share random numbers.
-SAMPLE, DROPOUT, SPEED, JITTER, SHUFFLE, NOISE = range(6)
+SAMPLE, DROPOUT, SPEED, JITTER, SHUFFLE, NOISE, COUNT_NOISE = range(7)
 
 
 def rng(seed: int, *keys: int) -> np.random.Generator:

@@ -78,6 +78,10 @@ class FLConfig:
     dp_clip: float = 0.0  # L2 clip of each client update (DP-FedAvg); 0: no differential privacy
     dp_noise: float = 0.0  # noise multiplier z: std of the noise on the sum is z * dp_clip
     dp_delta: float = 1e-5
+    dp_adaptive: bool = False  # adaptive clipping: --dp-clip is the first clip, then it follows a quantile
+    dp_target_quantile: float = 0.5  # the fraction of clients whose update the clip should leave whole
+    dp_clip_lr: float = 0.2  # eta of the clip's geometric update
+    dp_count_noise: float | None = None  # sigma_b of the unclipped count; None: clients per round / 20
     seed: int = 0
     eval_every: int = 1
 
@@ -124,9 +128,25 @@ class FLConfig:
             raise ValueError("--dp-clip with --strategy scaffold: DP-FedAvg does not cover SCAFFOLD's control variates")
         if self.dp_noise and not self.dp_clip:
             raise ValueError("--dp-noise needs --dp-clip (the noise is calibrated to the clipping norm)")
+        if self.dp_adaptive:
+            if not self.dp_clip:
+                raise ValueError("--dp-adaptive needs --dp-clip (the first round's clip)")
+            if not 0 < self.dp_target_quantile < 1:
+                raise ValueError(f"--dp-target-quantile must be in (0, 1), got {self.dp_target_quantile}")
+            if self.dp_clip_lr <= 0:
+                raise ValueError(f"--dp-clip-lr must be positive, got {self.dp_clip_lr}")
+            if self.count_noise(sampled) < 0:
+                raise ValueError(f"--dp-count-noise must not be negative, got {self.dp_count_noise}")
+            privacy.update_noise_multiplier(self.dp_noise, self.count_noise(sampled))  # ValueError when too small
         if self.secagg and sampled < 2:
             raise ValueError(f"--secagg needs at least 2 clients per round, got {sampled}")
         return rounds.check_layout(world_size, self.ranks_per_client, self.edges)
+
+    def count_noise(self, sampled: int) -> float:
+        """sigma_b of adaptive clipping's count: as given, else sampled / 20 (the paper's choice), 0 without noise."""
+        if self.dp_count_noise is not None:
+            return self.dp_count_noise
+        return sampled / 20 if self.dp_noise else 0.0
 
     def make_strategy(self) -> Strategy:
         """The server's aggregation strategy with this config's parameters."""
@@ -187,14 +207,16 @@ class Simulation:
                                     cfg.client_momentum, cfg.mu if cfg.strategy == "fedprox" else 0.0)
         self.size = self.trainer.size
         self.scaffold = cfg.strategy == "scaffold"
-        # what the server sends down: weights, then (SCAFFOLD) the server control variate
-        self.down = torch.zeros(self.size * (2 if self.scaffold else 1))
+        # what the server sends down: weights, then (SCAFFOLD) the server control variate, then
+        # (adaptive clipping) this round's clip
+        self.down = torch.zeros(self.size * (2 if self.scaffold else 1) + (1 if cfg.dp_adaptive else 0))
         self.down[:self.size] = self.trainer.flat
         # every rank starts from the server's initial weights
         dcomm.broadcast(self.down, root=SERVER, comm=self.world, inplace=True)
         self.strategy = cfg.make_strategy() if rank == SERVER else None
         self.weights = self.down[:self.size].numpy().copy()
         self.client_state: dict[int, torch.Tensor] = {}  # SCAFFOLD control variates of the clients hosted here
+        self.clip = cfg.dp_clip  # the clip of client updates (adaptive: the server moves it every round)
         self.accountant = None
         if cfg.dp_clip and rank == SERVER:
             self.accountant = privacy.PrivacyAccountant(cfg.dp_noise, cfg.clients, self.sampled_per_round,
@@ -229,12 +251,16 @@ class Simulation:
         if self.is_server:
             self.down[:self.size] = torch.from_numpy(self.weights)
             if self.scaffold and self.strategy.control is not None:
-                self.down[self.size:] = torch.from_numpy(self.strategy.control.astype(np.float32))
+                self.down[self.size:2 * self.size] = torch.from_numpy(self.strategy.control.astype(np.float32))
+            if cfg.dp_adaptive:
+                self.down[-1] = self.clip
         with maybe_span(self.tl, "broadcast weights", "comm"):
-            # 1. the global model (and SCAFFOLD's server control) from the server to every rank
+            # 1. the global model (and SCAFFOLD's server control, the adaptive clip) from the server to every rank
             dcomm.broadcast(self.down, root=SERVER, comm=self.world, inplace=True)
+        if cfg.dp_adaptive:
+            self.clip = float(self.down[-1])  # float32 on the way: the server uses the same rounded value
         global_w = self.down[:self.size]
-        server_control = self.down[self.size:] if self.scaffold else None
+        server_control = self.down[self.size:2 * self.size] if self.scaffold else None
         sampled = rounds.sample_clients(cfg.seed, r, cfg.clients, cfg.fraction)
         # clients whose home rank died are dropped before the round starts (also from secure aggregation)
         alive = np.array([c for c in sampled if int(c) not in self.lost], dtype=sampled.dtype)
@@ -290,7 +316,8 @@ class Simulation:
             res = self.trainer.train(client, self.parts[client], global_w, r, cfg.seed, cfg.local_epochs,
                                      cfg.local_batch, control, server_control)
         if cfg.dp_clip:
-            res.delta, _ = privacy.clip_update(res.delta, cfg.dp_clip)
+            res.delta, norm = privacy.clip_update(res.delta, self.clip)
+            acc.unclipped += int(norm <= self.clip)  # adaptive clipping's count (b_i)
         weight = res.examples if weighting == "examples" else 1
         if secure is not None and self.is_leader:
             acc.clipped += secure.add(client, res, weight)
@@ -300,7 +327,7 @@ class Simulation:
                        each: list | None, start: float, secure: SecureRound | None, lost: int) -> dict[str, Any]:
         """4. Aggregate, evaluate and describe the round (server only); `lost` sampled clients had a dead home rank."""
         cfg = self.cfg
-        weight, count, loss_sum, examples, dropped, late, clipped = totals
+        weight, count, loss_sum, examples, dropped, late, clipped, unclipped = totals
         count = int(count)
         record: dict[str, Any] = dict(round=r, sampled=len(sampled), participants=count, dropped=int(dropped) + lost,
                                       late=int(late), train_loss=loss_sum / examples if examples else None)
@@ -313,11 +340,19 @@ class Simulation:
             skipped = "fewer than 2 clients left for secure aggregation"
         elif secure is not None and sums is None:
             skipped = secure.failure
+        if cfg.dp_clip:
+            record["dp_clip"] = self.clip  # the clip this round's updates were cut to
         if skipped is None:
             with maybe_span(self.tl, "server update", "compute"):
                 self.weights = self._aggregate(weight, count, sums, each)
                 if self.accountant is not None:
                     self.accountant.step()
+                if cfg.dp_adaptive:
+                    # the clip follows the target quantile of the update norms, from the noisy count
+                    new_clip, record["unclipped_fraction"] = privacy.adapt_clip(
+                        self.clip, unclipped, self.sampled_per_round, cfg.dp_target_quantile, cfg.dp_clip_lr,
+                        cfg.count_noise(self.sampled_per_round), rounds.rng(cfg.seed, rounds.COUNT_NOISE, r))
+                    self.clip = float(np.float32(new_clip))
         record["skipped"] = skipped is not None
         if skipped is not None:
             record["skip_reason"] = skipped
@@ -344,7 +379,10 @@ class Simulation:
         if cfg.dp_clip:
             # DP-FedAvg: fixed denominator (clients sampled) and Gaussian noise on the average
             noise_rng = rounds.rng(cfg.seed, rounds.NOISE, self.round)
-            mean = privacy.private_mean(sums[:size], self.sampled_per_round, cfg.dp_noise, cfg.dp_clip, noise_rng)
+            # adaptive clipping: the count took its share of the noise budget, the update gets the rest
+            z = (privacy.update_noise_multiplier(cfg.dp_noise, cfg.count_noise(self.sampled_per_round))
+                 if cfg.dp_adaptive else cfg.dp_noise)
+            mean = privacy.private_mean(sums[:size], self.sampled_per_round, z, self.clip, noise_rng)
             return self.strategy.apply_mean(self.weights, mean, count)
         return self.strategy.aggregate_sums(self.weights, Sums(sums[:size], weight, count, control))
 
@@ -409,7 +447,7 @@ class Simulation:
 
     def server_state(self, completed: int, client_state: dict[int, Any]) -> dict[str, Any]:
         """The server's own state after `completed` rounds (no communication), with the given client states."""
-        return dict(round=completed, weights=self.weights.copy(), strategy=self.strategy.state_dict(),
+        return dict(round=completed, weights=self.weights.copy(), strategy=self.strategy.state_dict(), clip=self.clip,
                     client_state=client_state, lost=sorted(self.lost),
                     accountant=None if self.accountant is None else self.accountant.state_dict(),
                     config=asdict(self.cfg))
@@ -418,6 +456,7 @@ class Simulation:
         """Continue from state() (given on every rank)."""
         self.round = int(state["round"])
         self.weights = np.asarray(state["weights"], dtype=np.float32).copy()
+        self.clip = float(state.get("clip", self.cfg.dp_clip))
         if len(self.weights) != self.size:
             raise ValueError(f"checkpoint holds {len(self.weights)} weights, the model has {self.size}")
         if self.strategy is not None:
@@ -437,7 +476,7 @@ class _Accumulator:
         self.size, self.scaffold, self.keep_each = size, scaffold, keep_each
         self.update = np.zeros(size * (2 if scaffold else 1))
         self.weight = self.count = self.loss = self.examples = 0.0
-        self.dropped = self.late = self.clipped = 0
+        self.dropped = self.late = self.clipped = self.unclipped = 0
         self.each: list[tuple[int, np.ndarray, int]] = []
 
     def add(self, client: int, res: LocalResult, weight: float) -> None:
@@ -453,9 +492,9 @@ class _Accumulator:
         self.examples += res.examples
 
     def stats(self) -> np.ndarray:
-        """Weight, count, loss sum, examples, dropped, late, clipped as one vector (summed over ranks)."""
-        return np.array([self.weight, self.count, self.loss, self.examples, self.dropped, self.late, self.clipped],
-                        dtype=np.float64)
+        """Weight, count, loss sum, examples, dropped, late, clipped, unclipped as one vector (summed over ranks)."""
+        return np.array([self.weight, self.count, self.loss, self.examples, self.dropped, self.late, self.clipped,
+                         self.unclipped], dtype=np.float64)
 
     def sums(self) -> np.ndarray:
         """The weighted delta sum (then SCAFFOLD's weighted control-delta sum)."""
