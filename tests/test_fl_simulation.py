@@ -143,6 +143,19 @@ def simulate(cfg: FLConfig) -> tuple[Simulation, list[np.ndarray], list[dict]]:
     return sim, history, records
 
 
+def resumed(cfg: FLConfig, stop: int) -> np.ndarray:
+    """The final weights of a run stopped after `stop` rounds and resumed from its state in a new Simulation."""
+    first = Simulation(make_model(), dataset(), cfg, WORLD)
+    for _ in range(stop):
+        first.step()
+    state = WORLD.bcast(first.state(), root=0)
+    second = Simulation(make_model(), dataset(), cfg, WORLD)
+    second.load_state(state)
+    for _ in range(cfg.rounds - stop):
+        second.step()
+    return WORLD.bcast(second.weights if second.is_server else None, root=0)
+
+
 def assert_same(history: list[np.ndarray], ref: list[np.ndarray], rtol: float = 1e-5, atol: float = 2e-6) -> None:
     """Round by round, the simulation's weights equal the reference's."""
     for r, (got, want) in enumerate(zip(history, ref), start=1):
@@ -229,16 +242,7 @@ def test_adaptive_clipping_follows_the_quantile_and_matches_single_process() -> 
         acct.step(len(records))
         assert records[-1]["epsilon"] == pytest.approx(acct.epsilon(), rel=1e-9)  # z, not z_update, is accounted
     # stopped after 2 rounds and resumed: the clip comes back with the checkpoint
-    first = Simulation(make_model(), dataset(), cfg, WORLD)
-    for _ in range(2):
-        first.step()
-    state = WORLD.bcast(first.state(), root=0)
-    second = Simulation(make_model(), dataset(), cfg, WORLD)
-    second.load_state(state)
-    for _ in range(2):
-        second.step()
-    final = WORLD.bcast(second.weights if second.is_server else None, root=0)
-    np.testing.assert_allclose(final, history[-1], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(resumed(cfg, 2), history[-1], rtol=1e-6, atol=1e-7)
 
 
 def test_secure_aggregation_equals_plain_up_to_quantization() -> None:
@@ -257,16 +261,7 @@ def test_secure_aggregation_equals_plain_up_to_quantization() -> None:
 def test_checkpoint_state_resumes_exactly() -> None:
     cfg = replace(BASE, strategy="scaffold", rounds=4)
     _, straight, _ = simulate(cfg)
-    first = Simulation(make_model(), dataset(), cfg, WORLD)
-    for _ in range(2):
-        first.step()
-    state = WORLD.bcast(first.state(), root=0)
-    second = Simulation(make_model(), dataset(), cfg, WORLD)
-    second.load_state(state)
-    for _ in range(2):
-        second.step()
-    final = WORLD.bcast(second.weights if second.is_server else None, root=0)
-    np.testing.assert_allclose(final, straight[-1], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(resumed(cfg, 2), straight[-1], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("changes, message", [
