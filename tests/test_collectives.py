@@ -255,6 +255,22 @@ def test_allgather(algorithm: str) -> None:
     assert comm.allgather(np.zeros(0), algorithm=algorithm).shape == (0,)
 
 
+@pytest.mark.parametrize("algorithm", ["ring", "mpi", "auto"])
+def test_allgather_inplace(algorithm: str) -> None:
+    """Block r of every rank's buffer goes to all ranks, written in place; other blocks' old values are overwritten."""
+    x = np.full(3 * SIZE, -1.0)
+    x[3 * RANK:3 * RANK + 3] = RANK + np.arange(3) / 10
+    assert comm.allgather_inplace(x, algorithm=algorithm) is x
+    np.testing.assert_array_equal(x, (np.repeat(np.arange(SIZE), 3) + np.tile(np.arange(3) / 10, SIZE)))
+    t = torch.full((SIZE, 2), -1.0, dtype=torch.bfloat16)
+    t[RANK] = float(RANK)
+    assert comm.allgather_inplace(t, algorithm=algorithm) is t
+    assert t[:, 0].tolist() == [float(r) for r in range(SIZE)] and t[:, 1].tolist() == t[:, 0].tolist()
+    if SIZE > 1:
+        with pytest.raises(ValueError, match="do not make"):
+            comm.allgather_inplace(np.zeros(SIZE + 1), algorithm=algorithm)
+
+
 def test_broadcast() -> None:
     """Root's values everywhere, out of place and in place, from every root."""
     for root in range(SIZE):

@@ -492,6 +492,28 @@ def allgather(x: Any, algorithm: str = "auto", comm: MPI.Comm | None = None, gua
     return to_result(flat, out, (n * shape[0],) + shape[1:])
 
 
+def allgather_inplace(x: Any, algorithm: str = "auto", comm: MPI.Comm | None = None, guard: bool | None = None) -> Any:
+    """x holds n equal blocks along its flat length: rank r's block r goes to every rank, written into x itself.
+
+    The all-gather of ZeRO's parameter shards: no output buffer, no copy back.
+    """
+    ctx, dtype, _, _ = _begin(x, comm, guard, "allgather", None, algorithm)
+    n = ctx.size
+    length = _numel(x)
+    if length % n:
+        raise ValueError(f"dmlmpi.comm.allgather_inplace: {length} elements do not make {n} equal blocks")
+    flat = to_flat(x, copy=False)
+    data, m = flat.data, length // n
+    chosen = auto_algorithm(ctx, length * dtype.storage.itemsize) if algorithm == "auto" else algorithm
+    if n > 1 and chosen == "ring":
+        # ring: each block passes around the ranks into its place (n-1 steps)
+        ring.allgather_inplace(data, ctx.comm, [(i * m, (i + 1) * m) for i in range(n)])
+    elif n > 1:
+        # native: MPI_Allgather with this rank's block already in place
+        ctx.comm.Allgather(MPI.IN_PLACE, data)
+    return write_back(flat, x)
+
+
 def broadcast(x: Any, root: int = 0, comm: MPI.Comm | None = None, inplace: bool = False,
               guard: bool | None = None) -> Any:
     """Every rank gets root's `x` (same kind and device); with inplace=True, written into x."""

@@ -127,8 +127,9 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
                 grad[at:at + hi - lo].copy_(g.reshape(-1)[lo:hi])
         self._sync_hyperparameters()
         self.optim.step()
-        # every rank's updated shard, in rank order, into the flat vector the parameters view
-        self._flat.copy_(dcomm.allgather(self._shard.detach(), comm=self.comm))
+        # all-gather: every rank's updated shard, in rank order, into the flat vector the parameters
+        # view, in place (this rank's shard is already there: the local optimizer updated it)
+        dcomm.allgather_inplace(self._flat, comm=self.comm)
         return loss
 
     def local_state_bytes(self) -> int:
