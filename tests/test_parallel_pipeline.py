@@ -282,6 +282,29 @@ def test_tied_weights_across_stages_equal_single_process(schedule: str, chunks: 
     comm.Free()
 
 
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+def test_bf16_autocast_pipeline_close_to_single_process(schedule: str) -> None:
+    """Under bfloat16 autocast the stages pass bf16 activations and gradients (the general buffer path):
+    gradients stay float32 and match one process's autocast gradients to bf16 precision."""
+    comm = sub_world()
+    if comm is None:
+        return
+    ref = make_model()
+    x, y = data()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nn.functional.cross_entropy(ref(x), y)
+    loss.backward()
+    pp = Pipeline(make_model(), comm, microbatches=P, schedule=schedule)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = pp.train_step(x, y, nn.functional.cross_entropy)
+    assert got == pytest.approx(loss.item(), rel=2e-2)
+    for p, q in layer_pairs(pp, ref):
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, q.grad, rtol=5e-2, atol=5e-3)
+    pp.close()
+    comm.Free()
+
+
 def test_recompute_holds_fewer_activation_bytes() -> None:
     """Activation checkpointing keeps only stage inputs: less held than storing every activation."""
     comm = sub_world()
