@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import yaml
 
 from dmlmpi.comm import ALGORITHMS
+from dmlmpi.comm.adasum import is_power_of_two
 from dmlmpi.data import DATASETS, TAILS
 from dmlmpi.models import WITH_BATCHNORM
 
@@ -325,7 +326,7 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size:
     if args.reduction == "adasum":
         if args.mode != "dp":
             parser.error(f"--reduction adasum works with --mode dp, not {args.mode}")
-        if world_size & (world_size - 1):
+        if not is_power_of_two(world_size):
             parser.error(f"--reduction adasum needs a power-of-two number of ranks (it combines them in a binary "
                          f"tree), but the job has {world_size}")
         if args.compression != "none":

@@ -24,6 +24,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
+from dmlmpi.comm.adasum import is_power_of_two
 from dmlmpi.models import mlp, mnist1d_cnn
 from dmlmpi.parallel import DataParallel, SyncBatchNorm, ZeroRedundancyOptimizer
 from dmlmpi.parallel.amp import autocast
@@ -212,7 +213,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)  # ranks share the cores
     dist = init_gloo(world)
     k = world.Get_size()
-    if args.reduction == "adasum" and k & (k - 1):
+    if args.reduction == "adasum" and not is_power_of_two(k):
         if world.Get_rank() == 0:
             print(f"bench dp: --reduction adasum needs a power-of-two number of ranks, got {k}", flush=True)
         close_gloo(dist)

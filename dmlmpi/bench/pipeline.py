@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from mpi4py import MPI
@@ -150,20 +150,21 @@ def main(argv: list[str]) -> int:
     if world.Get_rank() != 0:
         return 0
 
-    def cell(r: dict[str, Any], key: str, scale: float = 1.0, fmt: str = ".3f") -> str:
+    def cell(value: float | None, fmt: str = ".3f") -> str:
         """A measured figure, or - where the row has none (torch's rows: step times only)."""
-        value = r.get(key)
-        if isinstance(value, list):
-            value = value[0] if key == "peak_activation_bytes" else max(value)
-        return "-" if value is None else format(value * scale, fmt)
+        return "-" if value is None else format(value, fmt)
+
+    def mib(r: dict[str, Any], pick: Callable[[list[int]], int]) -> str:
+        """One of the per-rank activation peaks, in MiB (- for torch's rows)."""
+        peaks = r.get("peak_activation_bytes")
+        return cell(None if peaks is None else pick(peaks) / 2**20, ".2f")
 
     rows = [dict(r, rate=f"{r['samples_per_s_median']:.0f}",
                  spread=f"{r['samples_per_s_min']:.0f}-{r['samples_per_s_max']:.0f}",
-                 step=f"{r['step_time_s'] * 1e3:.1f}", bm=cell(r, "bubble_measured"),
-                 bwait=cell(r, "waiting_busiest"), bmean=cell(r, "idle_mean"),
-                 bt=cell(r, "bubble_theory"), brep=cell(r, "bubble_replay"),
-                 mem0=cell(r, "peak_activation_bytes", 2**-20, ".2f"),
-                 memmax="-" if r.get("peak_activation_bytes") is None else f"{max(r['peak_activation_bytes']) / 2**20:.2f}")
+                 step=f"{r['step_time_s'] * 1e3:.1f}", bm=cell(r.get("bubble_measured")),
+                 bwait=cell(r.get("waiting_busiest")), bmean=cell(r.get("idle_mean")),
+                 bt=cell(r.get("bubble_theory")), brep=cell(r.get("bubble_replay")),
+                 mem0=mib(r, lambda peaks: peaks[0]), memmax=mib(r, max))
             for r in records]
     print(f"# dmlmpi pipeline benchmark: P={P}, {args.micro_size} rows per microbatch, "
           f"{args.layers_per_stage} x Linear({args.width})+ReLU per stage")

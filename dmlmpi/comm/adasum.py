@@ -111,7 +111,7 @@ def _group_sum(sums: np.ndarray, comm: MPI.Comm, rank: int, group: int) -> np.nd
     return sums
 
 
-def _working_copy(x: Any, inplace: bool) -> tuple[np.ndarray, bool]:
+def _working_copy(x: Any) -> tuple[np.ndarray, bool]:
     """A flat host float32/float64 array to work in, and whether it is x's own memory (nothing to copy back)."""
     if isinstance(x, np.ndarray):
         host = x
@@ -121,10 +121,9 @@ def _working_copy(x: Any, inplace: bool) -> tuple[np.ndarray, bool]:
         host = x.detach().numpy() if x.dtype in (torch.float32, torch.float64) else None
     else:
         host = None
-    if inplace and host is not None and host.flags.c_contiguous and host.dtype in (np.float32, np.float64):
-        return host.reshape(-1), True
     if host is not None and host.dtype in (np.float32, np.float64):
-        return np.array(host, copy=True).reshape(-1), False
+        # x's own memory when contiguous; a strided one (a clone keeps the strides) is copied
+        return (host.reshape(-1), True) if host.flags.c_contiguous else (np.array(host, copy=True).reshape(-1), False)
     # 16-bit floats (as float32: exact) and device memory: a host copy
     if hasattr(x, "detach"):
         import torch
@@ -174,7 +173,7 @@ def adasum_allreduce(x: Any, sizes: Sequence[int] | None = None, comm: MPI.Comm 
     out = x if inplace else (x.clone() if hasattr(x, "clone") else x.copy())
     if n == 1:
         return out
-    work, own = _working_copy(out, inplace=True)
+    work, own = _working_copy(out)
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     scratch = np.empty(length - length // 2, dtype=work.dtype)  # the partner's half, the largest piece received
     lo, hi, d = 0, length, 1

@@ -474,6 +474,21 @@ def _native_reduce_scatter(flat: Flat, comm: MPI.Comm, op: str, dtype: DType,
     return narrow
 
 
+def _gather_blocks(data: Any, ctx: Context, dtype: DType, algorithm: str) -> None:
+    """`data` holds n equal blocks, this rank's in its place: every rank's block into every rank's data."""
+    n = ctx.size
+    if n == 1:
+        return
+    m = len(data) // n
+    chosen = auto_algorithm(ctx, len(data) * dtype.storage.itemsize) if algorithm == "auto" else algorithm
+    if chosen == "ring":
+        # ring: each block passes around the ranks into its place (n-1 steps)
+        ring.allgather_inplace(data, ctx.comm, [(i * m, (i + 1) * m) for i in range(n)])
+    else:
+        # native: MPI_Allgather with this rank's block already in place
+        ctx.comm.Allgather(MPI.IN_PLACE, data)
+
+
 def allgather(x: Any, algorithm: str = "auto", comm: MPI.Comm | None = None, guard: bool | None = None) -> Any:
     """Concatenate every rank's `x` (same shape on all ranks) along dimension 0, in rank order."""
     ctx, dtype, _, _ = _begin(x, comm, guard, "allgather", None, algorithm)
@@ -482,13 +497,8 @@ def allgather(x: Any, algorithm: str = "auto", comm: MPI.Comm | None = None, gua
     flat = to_flat(x, copy=False)
     m = len(flat.data)
     out = ring.empty_like(n * m, flat.data)
-    chosen = auto_algorithm(ctx, n * m * dtype.storage.itemsize) if algorithm == "auto" else algorithm
-    if chosen == "ring" or n == 1:
-        # place our block, then pass blocks around the ring (n-1 steps)
-        out[r * m:(r + 1) * m] = flat.data
-        ring.allgather_inplace(out, ctx.comm, [(i * m, (i + 1) * m) for i in range(n)])
-    else:
-        ctx.comm.Allgather(flat.data, out)
+    out[r * m:(r + 1) * m] = flat.data  # our block in its place; the others come from their ranks
+    _gather_blocks(out, ctx, dtype, algorithm)
     return to_result(flat, out, (n * shape[0],) + shape[1:])
 
 
@@ -498,19 +508,11 @@ def allgather_inplace(x: Any, algorithm: str = "auto", comm: MPI.Comm | None = N
     The all-gather of ZeRO's parameter shards: no output buffer, no copy back.
     """
     ctx, dtype, _, _ = _begin(x, comm, guard, "allgather", None, algorithm)
-    n = ctx.size
     length = _numel(x)
-    if length % n:
-        raise ValueError(f"dmlmpi.comm.allgather_inplace: {length} elements do not make {n} equal blocks")
+    if length % ctx.size:
+        raise ValueError(f"dmlmpi.comm.allgather_inplace: {length} elements do not make {ctx.size} equal blocks")
     flat = to_flat(x, copy=False)
-    data, m = flat.data, length // n
-    chosen = auto_algorithm(ctx, length * dtype.storage.itemsize) if algorithm == "auto" else algorithm
-    if n > 1 and chosen == "ring":
-        # ring: each block passes around the ranks into its place (n-1 steps)
-        ring.allgather_inplace(data, ctx.comm, [(i * m, (i + 1) * m) for i in range(n)])
-    elif n > 1:
-        # native: MPI_Allgather with this rank's block already in place
-        ctx.comm.Allgather(MPI.IN_PLACE, data)
+    _gather_blocks(flat.data, ctx, dtype, algorithm)
     return write_back(flat, x)
 
 

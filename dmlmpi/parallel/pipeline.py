@@ -40,7 +40,7 @@ from dmlmpi.telemetry import maybe_span
 from . import splitgrad
 from .data import CommThread, Future
 from .partition import describe, partition, shared_parameters
-from .schedules import Action, build, promised_activations, splits_backward
+from .schedules import Action, build, promised_activations
 
 # tensors whose numpy view MPI takes as it is (bfloat16 has none: it goes through the buffer handling)
 _HOST_DTYPES = frozenset({torch.float16, torch.float32, torch.float64, torch.int32, torch.int64, torch.uint8, torch.int8})
@@ -114,9 +114,9 @@ class Pipeline(nn.Module):
         world = MPI.COMM_WORLD if comm is None else comm
         self.P, self.rank, self.M, self.V = world.Get_size(), world.Get_rank(), microbatches, chunks
         self.schedule_name, self.checkpoint, self.timeline = schedule, checkpoint, timeline
-        self.split = splits_backward(schedule)  # B and W apart: the weights' gradient comes later
         schedules = build(schedule, self.P, microbatches, chunks)  # ValueError for sizes it cannot run
         self.actions: list[Action] = schedules[self.rank]
+        self.split = any(a.op == "W" for a in self.actions)  # B and W apart: the weights' gradient comes later
         self.promise = promised_activations(schedule, self.P, microbatches, chunks, self.rank)
         self.stages = self.P * chunks
         method = partition_by if isinstance(partition_by, str) else "explicit"

@@ -135,11 +135,6 @@ def zb_h1(P: int, M: int, V: int = 1) -> list[list[Action]]:
     return schedules
 
 
-def splits_backward(name: str) -> bool:
-    """Whether the named schedule runs each backward as B (input gradient) and W (weight gradient)."""
-    return name == "zb-h1"
-
-
 BUILDERS: dict[str, Callable[..., list[list[Action]]]] = {"gpipe": gpipe, "1f1b": one_f_one_b,
                                                           "interleaved": interleaved, "zb-h1": zb_h1}
 
