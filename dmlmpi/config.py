@@ -74,9 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sync-bn", action="store_true",
                    help="dp mode: BatchNorm layers normalize over the global batch, all ranks' samples "
                         "(dmlmpi SyncBatchNorm), not each rank's share; needs a model with BatchNorm (cnn-bn)")
-    g.add_argument("--zero", action="store_true",
-                   help="dp and hybrid modes: split the optimizer state over the data-parallel ranks (ZeRO "
-                        "stage 1): each keeps and updates 1/n of it, then the parameters are all-gathered")
+    g.add_argument("--zero", type=zero_stage, nargs="?", const=1, default=0, metavar="STAGE",
+                   help="ZeRO: split over the data-parallel ranks the optimizer state (--zero or --zero 1: stage 1, "
+                        "dp and hybrid modes; each rank keeps and updates 1/n of it, then the parameters are "
+                        "all-gathered) and also the gradients (--zero 2: stage 2, dp mode; each bucket of "
+                        "gradients is reduce-scattered to the ranks that update it, no rank keeps all of them)")
     g.add_argument("--compression", default="none", choices=["none", "fp16", "bf16", "powersgd"],
                    help="dp mode: send gradients as 16-bit floats, or gradient matrices as low-rank factors with "
                         "error feedback (PowerSGD)")
@@ -215,6 +217,14 @@ def pipeline_ranks(args: argparse.Namespace, world_size: int) -> int:
     return world_size if args.mode == "pipeline" else args.pp
 
 
+def zero_stage(text: str) -> int:
+    """--zero's value: a ZeRO stage 0, 1 or 2 (YAML's true and false mean 1 and 0)."""
+    value = {"true": "1", "false": "0"}.get(text.strip().lower(), text)
+    if value not in ("0", "1", "2"):
+        raise argparse.ArgumentTypeError(f"a ZeRO stage is 0, 1 or 2, got {text!r}")
+    return int(value)
+
+
 def _yaml_tokens(parser: argparse.ArgumentParser, path: str) -> list[str]:
     """A YAML file of options as command-line tokens (so argparse converts and checks them)."""
     try:
@@ -301,6 +311,13 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size:
                      f"--model {args.model} has none")
     if args.zero and args.mode not in ("dp", "hybrid"):
         parser.error(f"--zero works with --mode dp or hybrid (split along dp), not {args.mode}")
+    if args.zero == 2:
+        if args.mode != "dp":
+            parser.error(f"--zero 2 works with --mode dp, not {args.mode} (--zero 1 splits a hybrid grid's "
+                         "optimizer state along dp)")
+        if args.compression != "none" or args.reduction != "mean":
+            parser.error("--zero 2 reduce-scatters full-precision gradients: not with --compression "
+                         f"{args.compression} or --reduction {args.reduction}")
     if args.compression == "powersgd":
         if args.mode != "dp":
             parser.error(f"--compression powersgd works with --mode dp, not {args.mode}")

@@ -20,7 +20,8 @@ from dmlmpi import comm as dcomm
 from dmlmpi.comm.context import existing_comms
 from dmlmpi.data import Dataset, rank_share
 from dmlmpi.grid import ProcessGrid
-from dmlmpi.parallel import DataParallel, ParameterServer, Pipeline, SyncBatchNorm, ZeroRedundancyOptimizer, clip_grad_norm
+from dmlmpi.parallel import (DataParallel, ParameterServer, Pipeline, ShardedDataParallel, SyncBatchNorm,
+                             ZeroRedundancyOptimizer, clip_grad_norm)
 from dmlmpi.parallel.amp import DynamicLossScaler, autocast
 from dmlmpi.telemetry import Timeline
 
@@ -191,20 +192,29 @@ class DPTrainer(Trainer):
         self.comm, self.data, self.device, self.tl = world, data, device, tl
         if args.sync_bn:  # BatchNorm statistics over every rank's samples, on this trainer's communicator
             model = SyncBatchNorm.convert_sync_batchnorm(model, comm=world)
-        self.model = DataParallel(model, world, bucket_mb=args.bucket_mb, algorithm=args.algorithm,
-                                  compression=args.compression, timeline=tl, powersgd_rank=args.powersgd_rank,
-                                  powersgd_warmup=args.powersgd_warmup, reduction=args.reduction,
-                                  # an elastic recovery closes this on a communicator that lost a rank:
-                                  # shared buckets would need a collective free there
-                                  shared_buckets=not args.elastic)
-        if args.zero:  # each rank keeps and updates 1/n of the optimizer state (ZeRO stage 1)
+        self.zero2 = args.zero == 2
+        if self.zero2:  # gradients reduce-scattered to the rank that updates them (ZeRO stage 2)
+            cls, settings = optimizer_spec(args)
+            self.model = ShardedDataParallel(model, cls, world, bucket_mb=args.bucket_mb, algorithm=args.algorithm,
+                                             timeline=tl, **settings)
+            self.optimizer = self.model.optimizer
+        else:
+            self.model = DataParallel(model, world, bucket_mb=args.bucket_mb, algorithm=args.algorithm,
+                                      compression=args.compression, timeline=tl, powersgd_rank=args.powersgd_rank,
+                                      powersgd_warmup=args.powersgd_warmup, reduction=args.reduction,
+                                      # an elastic recovery closes this on a communicator that lost a rank:
+                                      # shared buckets would need a collective free there
+                                      shared_buckets=not args.elastic)
+        if args.zero == 1:  # each rank keeps and updates 1/n of the optimizer state (ZeRO stage 1)
             cls, settings = optimizer_spec(args)
             self.optimizer = ZeroRedundancyOptimizer(self.model.parameters(), cls, comm=world, **settings)
-        else:
+        elif not args.zero:
             self.optimizer = make_optimizer(args)(self.model.parameters())
         self.schedule = make_schedule(args, total_steps)(self.optimizer)
         self.clip, self.grad_accum, self.amp = args.clip_grad_norm, args.grad_accum, args.amp
-        self.scaler = DynamicLossScaler(2.0 ** args.initial_scale_power) if args.amp == "fp16" else None
+        # fp16 with ZeRO-2: each rank unscales only its shard, so an overflow is all-reduced over the ranks
+        self.scaler = (DynamicLossScaler(2.0 ** args.initial_scale_power, comm=world if self.zero2 else None)
+                       if args.amp == "fp16" else None)
 
     def step(self, idx: np.ndarray, batch: int) -> float:
         """Forward, backward (averaging over ranks), optimizer step; returns this rank's share of the mean loss."""
@@ -223,8 +233,10 @@ class DPTrainer(Trainer):
                     # DataParallel averages over ranks; scaled by the world size the average is the global mean
                     (share * (self.comm.Get_size() * loss_scale)).backward()
             total += share.item()
-        # every rank holds the same averaged gradients: local norms and overflows are the whole model's
-        self.finish_step(list(self.model.parameters()), clip_comm=None)
+        if self.zero2:  # each rank holds the averaged gradient of its shard: norms add up over the ranks
+            self.finish_step(self.optimizer.shard_parameters(), clip_comm=self.comm)
+        else:  # every rank holds the same averaged gradients: local norms and overflows are the whole model's
+            self.finish_step(list(self.model.parameters()), clip_comm=None)
         return total
 
     def lr(self) -> float:

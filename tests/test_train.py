@@ -137,6 +137,29 @@ def test_zero_trains_the_same_and_resumes_on_another_world_size(three_rank_run, 
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-4, abs=1e-6), step
 
 
+def test_zero2_equals_one_process_and_resumes_into_stage_1(tmp_path) -> None:
+    """--zero 2 with small buckets, clipping and accumulation on 3 ranks, stopped at step 11 and resumed with
+    --zero 1 on 2 ranks: one process's losses and gradient norms; the gradients went by reduce-scatter."""
+    clip = ["--epochs", "2", "--clip-grad-norm", "0.3"]
+    one = train(1, tmp_path / "one", *clip)
+    assert one.returncode == 0, one.stdout
+    ref = {r["step"]: r for r in records(tmp_path / "one") if "loss" in r}
+    first = train(3, tmp_path / "z", *clip, "--zero", "2", "--bucket-mb", "0.01", "--grad-accum", "3",
+                  "--max-steps", "11")
+    assert first.returncode == 0, first.stdout
+    trace = json.load(open(tmp_path / "z" / "trace.json"))
+    names = {e["name"] for e in trace["traceEvents"] if e.get("ph") == "X" and e["cat"] == "comm"}
+    assert any(n.startswith("reduce_scatter bucket 2") for n in names)  # three buckets or more
+    assert not any(n.startswith("allreduce bucket") for n in names)
+    second = train(2, tmp_path / "z", *clip, "--zero", "1", "--resume")
+    assert second.returncode == 0 and "at step 11" in second.stdout, second.stdout
+    got = {r["step"]: r for r in records(tmp_path / "z") if "loss" in r}
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4, abs=1e-6), step
+        assert got[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=1e-4), step
+
+
 def test_powersgd_resumes_exactly(tmp_path) -> None:
     """--compression powersgd stopped mid-epoch and resumed: the factors' warm starts and every rank's error
     feedback come back from the checkpoint, so later losses equal an uninterrupted run's."""

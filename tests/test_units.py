@@ -160,6 +160,9 @@ def test_sample_orders_balance_first_place_and_predecessors(k: int) -> None:
     (["--zero", "--mode", "ps", "--servers", "1"], "--zero works with --mode dp or hybrid (split along dp), not ps"),
     (["--zero", "--mode", "pipeline"], "--zero works with --mode dp or hybrid (split along dp), not pipeline"),
     (["--zero", "--elastic"], "--zero does not work with --elastic"),
+    (["--zero", "3"], "a ZeRO stage is 0, 1 or 2, got '3'"),
+    (["--zero", "2", "--mode", "hybrid", "--pp", "2"], "--zero 2 works with --mode dp, not hybrid"),
+    (["--zero", "2", "--compression", "bf16"], "--zero 2 reduce-scatters full-precision gradients: not with --compression bf16"),
     (["--compression", "powersgd", "--mode", "ps", "--servers", "1"], "--compression powersgd works with --mode dp"),
     (["--compression", "powersgd", "--powersgd-rank", "0"], "--powersgd-rank must be at least 1, got 0"),
     (["--clip-grad-norm", "-1"], "--clip-grad-norm must be a positive norm, or 0 for off; got -1.0"),
@@ -183,6 +186,18 @@ def test_sync_bn_zero_and_powersgd_settings_are_checked(argv: list[str], message
     with pytest.raises(SystemExit):
         config.parse(argv, 4)
     assert message in capsys.readouterr().err
+
+
+def test_zero_stage_values(tmp_path) -> None:
+    """--zero alone is stage 1, --zero 2 stage 2, and YAML's true/false mean 1/0."""
+    from dmlmpi import config
+
+    assert config.parse([], 4).zero == 0 and config.parse(["--zero"], 4).zero == 1
+    assert config.parse(["--zero", "2"], 4).zero == 2
+    for text, stage in (("true", 1), ("false", 0), ("2", 2)):
+        cfg = tmp_path / f"{text}.yaml"
+        cfg.write_text(f"zero: {text}\n")
+        assert config.parse(["--config", str(cfg)], 4).zero == stage
 
 
 def test_adasum_needs_a_power_of_two(capsys) -> None:

@@ -6,9 +6,11 @@
 from .adasum import adasum_allreduce
 from .buffers import cuda_aware
 from .collectives import (ALGORITHMS, allgather, allgather_inplace, allreduce, broadcast, choose_algorithm,
-                          free_shared, on_one_node, reduce_scatter, shared_empty)
+                          free_shared, on_one_node, reduce_scatter, reduce_scatter_inplace,
+                          shared_empty)
 from .guard import CollectiveMismatchError
 from .ops import OPS
 
 __all__ = ["ALGORITHMS", "OPS", "CollectiveMismatchError", "adasum_allreduce", "allgather", "allgather_inplace", "allreduce", "broadcast",
-           "choose_algorithm", "cuda_aware", "free_shared", "on_one_node", "reduce_scatter", "shared_empty"]
+           "choose_algorithm", "cuda_aware", "free_shared", "on_one_node", "reduce_scatter",
+           "reduce_scatter_inplace", "shared_empty"]

@@ -459,6 +459,37 @@ def reduce_scatter(x: Any, op: str = "sum", algorithm: str = "auto", comm: MPI.C
     return to_result(flat, mine, (rows[r][1] - rows[r][0],) + shape[1:])
 
 
+def reduce_scatter_inplace(x: Any, op: str = "sum", algorithm: str = "auto", comm: MPI.Comm | None = None,
+                           guard: bool | None = None) -> Any:
+    """x holds n equal blocks along its flat length: afterwards block r of rank r's x holds their reduction; returns it.
+
+    The reduce-scatter of ZeRO stage 2's gradient buckets: no copy of the input, and a view of x
+    as the result (the other blocks of x are left with partial sums).
+    """
+    ctx, dtype, _, _ = _begin(x, comm, guard, "reduce_scatter", op, algorithm)
+    n, r = ctx.size, ctx.rank
+    length = _numel(x)
+    if length % n:
+        raise ValueError(f"dmlmpi.comm.reduce_scatter_inplace: {length} elements do not make {n} equal blocks")
+    flat = to_flat(x, copy=False)
+    m = length // n
+    bounds = [(i * m, (i + 1) * m) for i in range(n)]
+    chosen = auto_algorithm(ctx, length * dtype.storage.itemsize, not dtype.mpi_native) if algorithm == "auto" else algorithm
+    if n > 1 and (chosen == "ring" or not dtype.mpi_native):
+        # ring: n-1 neighbour steps, each adding one arriving block into ours (16-bit floats added by torch)
+        ring.reduce_scatter_inplace(flat.data, ctx.comm, op, dtype, bounds, scratch=ctx.scratch,
+                                    segment=ctx.ring_segment_bytes // dtype.storage.itemsize)
+    elif n > 1:
+        # native: MPI_Reduce_scatter_block into a block-sized buffer, then into block r's place
+        out = flat.data[:m].copy() if hasattr(flat.data, "copy") else flat.data[:m].clone()
+        ctx.comm.Reduce_scatter_block(flat.data, out, op=MPI_OPS[op])
+        flat.data[r * m:(r + 1) * m] = out
+    if op == "avg":
+        divide_in_place(flat.data[r * m:(r + 1) * m], n, dtype)
+    write_back(flat, x)
+    return x.reshape(-1)[r * m:(r + 1) * m]
+
+
 def _native_reduce_scatter(flat: Flat, comm: MPI.Comm, op: str, dtype: DType,
                            bounds: list[tuple[int, int]]) -> Any:
     """MPI_Reduce_scatter with per-rank counts; 16-bit floats go through float32."""

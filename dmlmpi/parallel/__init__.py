@@ -3,7 +3,8 @@ from .clip import clip_grad_norm
 from .data import DataParallel
 from .pipeline import Pipeline
 from .ps import ParameterServer
+from .sharded import ShardedDataParallel
 from .syncbn import SyncBatchNorm
 from .zero import ZeroRedundancyOptimizer
 
-__all__ = ["DataParallel", "clip_grad_norm", "ParameterServer", "Pipeline", "SyncBatchNorm", "ZeroRedundancyOptimizer"]
+__all__ = ["DataParallel", "clip_grad_norm", "ParameterServer", "Pipeline", "ShardedDataParallel", "SyncBatchNorm", "ZeroRedundancyOptimizer"]

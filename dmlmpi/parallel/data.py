@@ -180,6 +180,29 @@ def check_round(active: int, syncing: int, world: int, throw: bool, joined: bool
                            + "; throw_on_early_termination=True stops every rank here")
 
 
+def check_same_layout(module: nn.Module, comm: MPI.Comm, layout: list[list[Any]], who: str) -> None:
+    """Every rank must have the same buckets and state: checked once at construction, so steps can skip the per-call guard.
+
+    (The broadcasts of parameters and buffers move raw bytes: equal byte counts with other
+    shapes would pass their guard and scramble the values.)
+    """
+    state = [(name, tuple(t.shape), str(t.dtype).replace("torch.", ""))
+             for name, t in list(module.named_parameters()) + list(module.named_buffers())]
+    # one gather of every rank's layout (pickled; construction time only)
+    state_key = "parameters and buffers"
+    layouts = comm.allgather({state_key: state, "buckets": layout})
+    differ = [r for r, other in enumerate(layouts) if other != layouts[0]]
+    if differ:
+        r = differ[0]
+        what = state_key if layouts[r][state_key] != layouts[0][state_key] else "buckets"
+        ours, theirs = layouts[0][what], layouts[r][what]
+        i = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        first, other = (ours[i] if i < len(ours) else "none"), (theirs[i] if i < len(theirs) else "none")
+        raise ValueError(f"{who}: the model differs across ranks: rank(s) {differ} have other parameter "
+                         f"or buffer shapes or dtypes than rank 0; first difference, {what} entry {i}: "
+                         f"rank 0 {first}, rank {r} {other}")
+
+
 class DataParallel(nn.Module):
     """Wrap `module` so that backward averages its gradients over the ranks of `comm`."""
 
@@ -249,28 +272,6 @@ class DataParallel(nn.Module):
         # from root as raw bytes, in a few buckets: one guarded broadcast each, not one per tensor
         broadcast_fused(list(self.module.parameters()) + list(self.module.buffers()), root=root, comm=self.comm)
 
-    def _check_same_layout(self, layout: list[list[Any]]) -> None:
-        """Every rank must have the same buckets and state: checked once here, so steps can skip the per-call guard.
-
-        (The broadcasts of parameters and buffers move raw bytes: equal byte counts with other
-        shapes would pass their guard and scramble the values.)
-        """
-        state = [(name, tuple(t.shape), str(t.dtype).replace("torch.", ""))
-                 for name, t in list(self.module.named_parameters()) + list(self.module.named_buffers())]
-        # one gather of every rank's layout (pickled; construction time only)
-        state_key = "parameters and buffers"
-        layouts = self.comm.allgather({state_key: state, "buckets": layout})
-        differ = [r for r, other in enumerate(layouts) if other != layouts[0]]
-        if differ:
-            r = differ[0]
-            what = state_key if layouts[r][state_key] != layouts[0][state_key] else "buckets"
-            ours, theirs = layouts[0][what], layouts[r][what]
-            i = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-            first, other = (ours[i] if i < len(ours) else "none"), (theirs[i] if i < len(theirs) else "none")
-            raise ValueError(f"DataParallel: the model differs across ranks: rank(s) {differ} have other parameter "
-                             f"or buffer shapes or dtypes than rank 0; first difference, {what} entry {i}: "
-                             f"rank 0 {first}, rank {r} {other}")
-
     def _on_cpu(self, module: nn.Module) -> bool:
         """Whether every parameter is in host memory, on every rank (one small all-reduce)."""
         mine = all(p.device.type == "cpu" for p in module.parameters())
@@ -283,7 +284,8 @@ class DataParallel(nn.Module):
         plan = plan_buckets([p.numel() * d.itemsize for p, d in zip(params, dtypes)],
                             [(p.device, d) for p, d in zip(params, dtypes)], bucket_bytes)
         # checked before any bucket is made: making shared ones is collective, once per bucket
-        self._check_same_layout([[tuple(params[i].shape) for i in idx] + [str(dtypes[idx[0]])] for idx in plan])
+        check_same_layout(self.module, self.comm,
+                          [[tuple(params[i].shape) for i in idx] + [str(dtypes[idx[0]])] for idx in plan], "DataParallel")
         shared = self.comm if self._shared else None
         buckets = [Bucket([params[i] for i in idx], dtypes[idx[0]], shared, b) for b, idx in enumerate(plan)]
         where = {p: (b, i) for b, bucket in enumerate(buckets) for i, p in enumerate(bucket.params)}

@@ -34,10 +34,31 @@ def shard_bounds(total: int, n: int, rank: int) -> tuple[int, int]:
     return rank * size, (rank + 1) * size
 
 
-def overlaps(sizes: list[int], start: int, stop: int) -> list[tuple[int, int, int, int]]:
-    """For each tensor (laid end to end) that meets [start, stop): (index, from, to within it, offset in the shard)."""
+def block_layout(sizes: list[int], groups: list[list[int]], n: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """Each tensor's offset in the flat vector, and each block's range: the groups end to end, each padded to n equal pieces."""
+    if sorted(i for g in groups for i in g) != list(range(len(sizes))):
+        raise ValueError(f"block_layout: the groups {groups} must hold each of the {len(sizes)} tensors once")
+    offsets, blocks, at = [0] * len(sizes), [], 0
+    for group in groups:
+        start = at
+        for i in group:
+            offsets[i] = at
+            at += sizes[i]
+        at = start + shard_bounds(at - start, n, n - 1)[1]  # padded: n pieces of one length
+        blocks.append((start, at))
+    return offsets, blocks
+
+
+def overlaps(sizes: list[int], start: int, stop: int,
+             offsets: list[int] | None = None) -> list[tuple[int, int, int, int]]:
+    """For each tensor that meets [start, stop): (index, from, to within it, offset in the range).
+
+    The tensors lie at `offsets` in the flat vector (default: end to end).
+    """
     out, offset = [], 0
     for i, n in enumerate(sizes):
+        if offsets is not None:
+            offset = offsets[i]
         lo, hi = max(start, offset), min(stop, offset + n)
         if lo < hi:
             out.append((i, lo - offset, hi - offset, lo - start))
@@ -52,10 +73,18 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 class ZeroRedundancyOptimizer(torch.optim.Optimizer):
-    """`optimizer_class` over 1/n of the parameters on each rank of `comm`; `step()` all-gathers the rest."""
+    """`optimizer_class` over 1/n of the parameters on each rank of `comm`; `step()` all-gathers the rest.
+
+    groups: the parameters (indices into `params`) in blocks, each laid out in its own stretch of
+    the flat vector and cut into n pieces of its own (ZeRO stage 2 cuts each gradient bucket
+    this way, so that every bucket's reduce-scatter is balanced); default one block of all, in order.
+    shard_gradients: True (stage 2) when the caller reduces the gradients straight into
+    shard_grads(); step() then reads those instead of the parameters' .grad.
+    """
 
     def __init__(self, params: Iterable[nn.Parameter], optimizer_class: Callable[..., torch.optim.Optimizer],
-                 comm: MPI.Comm | None = None, **defaults: Any) -> None:
+                 comm: MPI.Comm | None = None, *, groups: list[list[int]] | None = None,
+                 shard_gradients: bool = False, **defaults: Any) -> None:
         params = [p for p in params if p.requires_grad]
         if not params:
             raise ValueError("ZeroRedundancyOptimizer: no parameters that require gradients")
@@ -67,22 +96,22 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         n, rank = self.comm.Get_size(), self.comm.Get_rank()
         self._params = params
         self._sizes = [p.numel() for p in params]
-        total = sum(self._sizes)
-        start, stop = shard_bounds(total, n, rank)
-        # every parameter becomes a view into one flat vector (padded to n equal shards), so that
-        # the all-gather writes the model in place and model.load_state_dict() reaches the shards
-        self._flat = torch.zeros(shard_bounds(total, n, n - 1)[1], dtype=params[0].dtype, device=params[0].device)
-        offset = 0
-        for p, size in zip(params, self._sizes):
+        self._total = sum(self._sizes)
+        self._offsets, self._blocks = block_layout(self._sizes, groups or [list(range(len(params)))], n)
+        # every parameter becomes a view into one flat vector (each block padded to n equal pieces),
+        # so that the all-gathers write the model in place and model.load_state_dict() reaches the shards
+        self._flat = torch.zeros(self._blocks[-1][1], dtype=params[0].dtype, device=params[0].device)
+        for p, offset, size in zip(params, self._offsets, self._sizes):
             self._flat[offset:offset + size].copy_(p.detach().reshape(-1))
             p.data = self._flat[offset:offset + size].view_as(p)
-            offset += size
-        self._total, self._start, self._stop = total, start, stop
-        self._pieces = overlaps(self._sizes, start, stop)
-        # this rank's shard, as the one parameter its local optimizer knows
-        self._shard = nn.Parameter(self._flat[start:stop])
-        self._shard.grad = torch.zeros_like(self._shard)
-        self.optim = optimizer_class([self._shard], **defaults)
+        # this rank's piece of each block, each one parameter of the local optimizer
+        self._pieces = [(a + rank * ((b - a) // n), a + (rank + 1) * ((b - a) // n)) for a, b in self._blocks]
+        self._shards = [nn.Parameter(self._flat[a:b]) for a, b in self._pieces]
+        for shard in self._shards:
+            shard.grad = torch.zeros_like(shard)
+        self._within = [overlaps(self._sizes, a, b, self._offsets) for a, b in self._pieces]
+        self.shard_gradients = shard_gradients
+        self.optim = optimizer_class(self._shards, **defaults)
         # the parameters as schedulers see them, with the local optimizer's full defaults (betas,
         # momentum: OneCycleLR cycles them); step() passes any change on to the local optimizer
         super().__init__(params, dict(self.optim.defaults))
@@ -101,15 +130,25 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
                                       "make a new one over all of them")
         super().add_param_group(param_group)
 
+    def shard_parameters(self) -> list[nn.Parameter]:
+        """This rank's pieces of the flat vector, as the local optimizer's parameters (their .grad: the shard gradients)."""
+        return list(self._shards)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the parameters' gradients and, when the caller reduces into them, the shard gradients."""
+        super().zero_grad(set_to_none)
+        if self.shard_gradients:
+            for shard in self._shards:
+                shard.grad.zero_()  # kept allocated: the reduce-scatters add into them
+
     def _check_in_place(self) -> None:
         """The parameters must still be views of the flat vector: model.to(), .double() and the like replace them."""
-        base, offset = self._flat.data_ptr(), 0
-        for i, (p, size) in enumerate(zip(self._params, self._sizes)):
+        base = self._flat.data_ptr()
+        for i, (p, offset) in enumerate(zip(self._params, self._offsets)):
             if p.data_ptr() != base + offset * self._flat.element_size():
                 raise RuntimeError(f"ZeroRedundancyOptimizer: parameter {i} (shape {tuple(p.shape)}) no longer lives "
                                    "in the optimizer's flat vector (moved or converted after the optimizer was "
                                    "made); make the optimizer after moving the model")
-            offset += size
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -119,55 +158,80 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad = self._shard.grad
-        grad.zero_()  # padding and parameters without a gradient contribute zeros
-        for i, lo, hi, at in self._pieces:
-            g = self._params[i].grad
-            if g is not None:
-                grad[at:at + hi - lo].copy_(g.reshape(-1)[lo:hi])
+        if not self.shard_gradients:
+            for shard, pieces in zip(self._shards, self._within):
+                grad = shard.grad
+                grad.zero_()  # padding and parameters without a gradient contribute zeros
+                for i, lo, hi, at in pieces:
+                    g = self._params[i].grad
+                    if g is not None:
+                        grad[at:at + hi - lo].copy_(g.reshape(-1)[lo:hi])
         self._sync_hyperparameters()
         self.optim.step()
-        # all-gather: every rank's updated shard, in rank order, into the flat vector the parameters
-        # view, in place (this rank's shard is already there: the local optimizer updated it)
-        dcomm.allgather_inplace(self._flat, comm=self.comm)
+        # all-gather, block by block: every rank's updated piece, in rank order, into the flat vector
+        # the parameters view, in place (this rank's piece is already there: the local optimizer updated it)
+        for a, b in self._blocks:
+            dcomm.allgather_inplace(self._flat[a:b], comm=self.comm)
         return loss
 
     def local_state_bytes(self) -> int:
         """Bytes of optimizer state held on this rank (tensors only)."""
         return state_bytes(self.optim)
 
+    def _to_params_order(self, flat: torch.Tensor) -> torch.Tensor:
+        """A per-element vector in the flat layout as the parameters end to end in their given order (no padding)."""
+        return torch.cat([flat[o:o + n] for o, n in zip(self._offsets, self._sizes)])
+
+    def _from_params_order(self, whole: torch.Tensor) -> torch.Tensor:
+        """The inverse of _to_params_order: padding becomes zeros."""
+        flat = torch.zeros(len(self._flat), dtype=whole.dtype)
+        at = 0
+        for o, n in zip(self._offsets, self._sizes):
+            flat[o:o + n] = whole[at:at + n]
+            at += n
+        return flat
+
     def state_dict(self) -> dict[str, Any]:
-        """The whole optimizer state, gathered from every rank (collective): any world size can load it."""
+        """The whole optimizer state, gathered from every rank (collective): any world size or layout can load it.
+
+        Per-element state is saved as one vector over the parameters end to end in their given
+        order, whatever the blocks: a stage-2 run's state loads into stage 1 and back.
+        """
         # copies: the live step counter is a tensor that later steps increment in place
-        mine = {key: (value.detach().cpu().clone() if torch.is_tensor(value) else value)
-                for key, value in self.optim.state.get(self._shard, {}).items()}
-        shards = self.comm.allgather(mine)  # pickled: checkpoint time only
+        mine = [{key: (value.detach().cpu().clone() if torch.is_tensor(value) else value)
+                 for key, value in self.optim.state.get(shard, {}).items()} for shard in self._shards]
+        ranks = self.comm.allgather(mine)  # pickled: checkpoint time only
+        n = self.comm.Get_size()
         state: dict[str, Any] = {}
-        for key, value in shards[0].items():
-            if torch.is_tensor(value) and value.dim() == 1 and value.numel() == self._stop - self._start:
-                # per-element state (momentum, Adam's moments): the shards end to end, padding dropped
-                state[key] = torch.cat([s[key] for s in shards])[:self._total]
+        for key, value in ranks[0][0].items():
+            if torch.is_tensor(value) and value.dim() == 1 and value.numel() == len(self._shards[0]):
+                # per-element state (momentum, Adam's moments): every rank's pieces into place, padding dropped
+                flat = torch.zeros(len(self._flat), dtype=value.dtype)
+                for b, (a, c) in enumerate(self._blocks):
+                    m = (c - a) // n
+                    for q in range(n):
+                        flat[a + q * m:a + (q + 1) * m] = ranks[q][b][key]
+                state[key] = self._to_params_order(flat)
             else:
-                state[key] = value  # per-shard scalars such as Adam's step count: the same on every rank
+                state[key] = value  # per-piece scalars such as Adam's step count: the same everywhere
         groups = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
-        return {"zero_state": state, "param_groups": groups, "world_size": self.comm.Get_size()}
+        return {"zero_state": state, "param_groups": groups, "world_size": n}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Take this rank's part of a state from state_dict() (saved at any world size)."""
+        """Take this rank's pieces of a state from state_dict() (saved at any world size or layout)."""
         full = state_dict["zero_state"]
-        mine: dict[str, Any] = {}
+        mine: list[dict[str, Any]] = [{} for _ in self._shards]
         for key, value in full.items():
             if torch.is_tensor(value) and value.dim() == 1 and value.numel() == self._total:
-                shard = torch.zeros(self._stop - self._start, dtype=value.dtype)
-                piece = value[self._start:min(self._stop, self._total)]
-                shard[:len(piece)] = piece
-                mine[key] = shard.to(self._shard.device)
+                flat = self._from_params_order(value)
+                for j, (a, b) in enumerate(self._pieces):
+                    mine[j][key] = flat[a:b].clone().to(self._flat.device)
             else:
-                mine[key] = value.clone() if torch.is_tensor(value) else value  # not the caller's tensor
+                for j in range(len(self._shards)):
+                    mine[j][key] = value.clone() if torch.is_tensor(value) else value  # not the caller's tensor
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update(saved)
         self._sync_hyperparameters()
         local = self.optim.state_dict()
-        local["state"] = {0: mine} if mine else {}
+        local["state"] = {j: m for j, m in enumerate(mine) if m}
         self.optim.load_state_dict(local)
-
