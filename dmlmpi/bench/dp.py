@@ -7,7 +7,9 @@ communication: the floor), `dmlmpi` wraps it in DataParallel, `ddp` in torch
 DistributedDataParallel over gloo; with `--sync-bn`, `dmlmpi-syncbn` also wraps the model's
 BatchNorm layers in dmlmpi's SyncBatchNorm (torch's refuses CPU tensors, so DDP has no such row); with
 `--zero`, `dmlmpi-zero` and `ddp-zero` split the optimizer state over the ranks (dmlmpi's
-ZeroRedundancyOptimizer, and torch's over gloo); with `--amp bf16`, `local-bf16`, `dmlmpi-bf16` and
+ZeroRedundancyOptimizer, and torch's over gloo); with `--zero 2` also `dmlmpi-zero2` and `fsdp-zero2`
+(ZeRO stage 2: dmlmpi's ShardedDataParallel, and torch FSDP2's fully_shard per layer with
+reshard_after_forward=False, over gloo); with `--amp bf16`, `local-bf16`, `dmlmpi-bf16` and
 `ddp-bf16` run the same three with the forward under bfloat16 autocast (each against `local-bf16`); with
 `--reduction adasum`, `dmlmpi-adasum` combines the gradients by Adasum (power-of-two ranks). Each rank takes a fixed batch per step (weak scaling). Reported:
 samples/s over all K ranks (median, min, max of timed samples, each timed as the slowest rank's)
@@ -26,7 +28,7 @@ from torch import nn
 
 from dmlmpi.comm.adasum import is_power_of_two
 from dmlmpi.models import mlp, mnist1d_cnn
-from dmlmpi.parallel import DataParallel, SyncBatchNorm, ZeroRedundancyOptimizer
+from dmlmpi.parallel import DataParallel, ShardedDataParallel, SyncBatchNorm, ZeroRedundancyOptimizer
 from dmlmpi.parallel.amp import autocast
 from dmlmpi.parallel.zero import state_bytes
 
@@ -35,6 +37,7 @@ from .common import balanced_orders, calls_per_sample, close_gloo, format_table,
 VARIANTS = ("local", "dmlmpi", "ddp")
 SYNC_BN = "dmlmpi-syncbn"  # with --sync-bn: DataParallel over the model with SyncBatchNorm layers
 ZERO = ("dmlmpi-zero", "ddp-zero")  # with --zero: the optimizer state split over the ranks (ZeRO stage 1)
+ZERO2 = ("dmlmpi-zero2", "fsdp-zero2")  # with --zero 2: the gradients split too (ZeRO stage 2)
 ADASUM = "dmlmpi-adasum"  # with --reduction adasum: DataParallel(reduction="adasum")
 AMP = "-bf16"  # with --amp bf16: the suffix of the variants whose forward runs under bfloat16 autocast
 OPTIMIZERS = {"sgd": (torch.optim.SGD, dict(lr=0.01)), "adamw": (torch.optim.AdamW, dict(lr=0.001))}
@@ -75,8 +78,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"add a {SYNC_BN} row: dmlmpi with SyncBatchNorm layers (models with BatchNorm only: bn-cnn)")
     p.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZERS),
                    help="every variant's optimizer (adamw keeps two moments per parameter: what --zero splits)")
-    p.add_argument("--zero", action="store_true",
-                   help=f"add {' and '.join(ZERO)} rows: dmlmpi's and torch's ZeroRedundancyOptimizer")
+    p.add_argument("--zero", type=int, nargs="?", const=1, default=0, choices=[0, 1, 2],
+                   help=f"add {' and '.join(ZERO)} rows: dmlmpi's and torch's ZeroRedundancyOptimizer; --zero 2 "
+                        f"also {' and '.join(ZERO2)}: dmlmpi's ShardedDataParallel and torch's FSDP2")
     p.add_argument("--amp", default="none", choices=["none", "bf16"],
                    help=f"bf16: add local{AMP}, dmlmpi{AMP}, ddp{AMP} rows, the forward under bfloat16 autocast "
                         "(fp16 is left out: this CPU has no fp16 convolution kernels)")
@@ -84,6 +88,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"adasum: add a {ADASUM} row, DataParallel(reduction='adasum') (power-of-two ranks)")
     p.add_argument("--json", help="write one record per (model, ranks, variant) to this path")
     args = p.parse_args(argv)
+    if args.zero == 2 and args.compression != "none":
+        p.error(f"--zero 2: ShardedDataParallel sends full-precision gradients; not with --compression {args.compression}")
     for m in args.models.split(","):
         if m not in MODELS:
             p.error(f"unknown model {m!r}; choose from {','.join(MODELS)}")
@@ -104,6 +110,12 @@ def wrap(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, args: argpar
         # powersgd: the first step whole, like DDP's hook with start_powerSGD_iter=2 (its least with error feedback)
         return DataParallel(model, comm=sub, algorithm=args.algorithm, bucket_mb=args.bucket_mb, compression=wire,
                             powersgd_rank=args.powersgd_rank, powersgd_warmup=1)
+    if variant == "dmlmpi-zero2":  # its optimizer comes with it (make_optimizer takes it)
+        cls, settings = OPTIMIZERS[args.optimizer]
+        return ShardedDataParallel(model, cls, comm=sub, algorithm=args.algorithm, bucket_mb=args.bucket_mb,
+                                   **settings)
+    if variant == "fsdp-zero2":
+        return fsdp_zero2(model, sub)
     if variant == ADASUM:
         return DataParallel(model, comm=sub, algorithm=args.algorithm, bucket_mb=args.bucket_mb, reduction="adasum")
     if variant == SYNC_BN:
@@ -123,6 +135,31 @@ def wrap(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, args: argpar
             ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
         return ddp
     return model
+
+
+def fsdp_zero2(model: nn.Module, sub: MPI.Comm) -> nn.Module:
+    """torch's ZeRO stage 2: FSDP2 over each layer with parameters, and the root, kept whole from forward to backward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (sub.Get_size(),))
+    for layer in model.modules():
+        if layer is not model and any(True for _ in layer.parameters(recurse=False)):
+            fully_shard(layer, mesh=mesh, reshard_after_forward=False)  # one reduce-scatter per layer
+    return fully_shard(model, mesh=mesh, reshard_after_forward=False)
+
+
+def grad_bytes(model: nn.Module, opt: Any) -> int:
+    """Bytes of gradient this rank keeps between steps: its shards' (ZeRO-2), its local part of DTensors (FSDP), or all."""
+    if isinstance(model, ShardedDataParallel):
+        return model.gradient_bytes()["shard"]
+    total = 0  # (DataParallel's .grad are views of its buckets: counted once)
+    for p in model.parameters():
+        g = p.grad
+        if g is not None:
+            g = g.to_local() if hasattr(g, "to_local") else g
+            total += g.numel() * g.element_size()
+    return total
 
 
 def wire_format(variant: str, compression: str) -> str:
@@ -165,6 +202,8 @@ def make_optimizer(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, ar
     cls, settings = OPTIMIZERS[args.optimizer]
     if variant == "dmlmpi-zero":
         return ZeroRedundancyOptimizer(model.parameters(), cls, comm=sub, **settings)
+    if variant == "dmlmpi-zero2":
+        return model.optimizer
     if variant == "ddp-zero":
         from torch.distributed.optim import ZeroRedundancyOptimizer as TorchZero
 
@@ -180,7 +219,7 @@ def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Names
     of on whichever was running then. Every variant takes the same number of steps per sample (the
     median of their calibrations), so what a sample pays once weighs on each alike.
     """
-    extra = (((SYNC_BN,) if args.sync_bn else ()) + (ZERO if args.zero else ())
+    extra = (((SYNC_BN,) if args.sync_bn else ()) + (ZERO if args.zero else ()) + (ZERO2 if args.zero == 2 else ())
              + (tuple(v + AMP for v in VARIANTS) if args.amp == "bf16" else ())
              + ((ADASUM,) if args.reduction == "adasum" else ()))
     built = {v: make_step(name, v, sub, group, args) for v in VARIANTS + extra}
@@ -191,6 +230,7 @@ def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Names
             per_step[v].append(timed_sample(built[v][1], steps, sub))
     records = []
     for v, (model, _, opt) in built.items():
+        kept = grad_bytes(model, opt)
         if v.startswith("dmlmpi"):
             model.close()
         rates = [k * args.batch / t for t in per_step[v]]
@@ -202,7 +242,7 @@ def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Names
                             amp="bf16" if v.endswith(AMP) else "none",
                             compression=wire_format(v, args.compression), optimizer=args.optimizer,
                             # both ZeROs keep their local optimizer as .optim
-                            optimizer_state_bytes=state_bytes(getattr(opt, "optim", opt))))
+                            optimizer_state_bytes=state_bytes(getattr(opt, "optim", opt)), grad_bytes=kept))
     return records
 
 
@@ -228,14 +268,14 @@ def main(argv: list[str]) -> int:
         rows = [dict(r, rate=f"{r['samples_per_s_median']:.0f}",
                      spread=f"{r['samples_per_s_min']:.0f}-{r['samples_per_s_max']:.0f}",
                      step=f"{r['step_time_s_median'] * 1e3:.2f}", over=f"{100 * r['comm_overhead']:+.1f}%",
-                     state=f"{r['optimizer_state_bytes'] / 1024:.0f}")
+                     state=f"{r['optimizer_state_bytes'] / 1024:.0f}", grads=f"{r['grad_bytes'] / 1024:.0f}")
                 for r in records]
         print(f"# dmlmpi data-parallel benchmark: {args.batch} samples per rank per step, torch threads 1, "
               f"gradient compression {args.compression}, optimizer {args.optimizer}")
         print(format_table(rows, [("model", "model", ""), ("params", "params", ""), ("ranks", "ranks", ""),
                                   ("variant", "variant", ""), ("rate", "samples/s", ""), ("spread", "min-max", ""),
                                   ("step", "step(ms)", ""), ("over", "vs local", ""),
-                                  ("state", "opt state KiB (rank 0)", "")]))
+                                  ("state", "opt state KiB (rank 0)", ""), ("grads", "grads kept KiB", "")]))
         print("\n# targets (medians of this run)")
         by = {(r["model"], r["ranks"], r["variant"]): r for r in records}
         if k in (2, 4) and ("mlp", k, "dmlmpi") in by:
@@ -252,6 +292,12 @@ def main(argv: list[str]) -> int:
                       f"{z['samples_per_s_median'] / t['samples_per_s_median']:.2f}x; dmlmpi-zero step vs dmlmpi "
                       f"{100 * (z['step_time_s_median'] / plain['step_time_s_median'] - 1):+.1f}%, optimizer state "
                       f"{z['optimizer_state_bytes'] / max(1, plain['optimizer_state_bytes']):.2f}x of dmlmpi's")
+            if args.zero == 2:
+                z2, f2, z1 = by[(name, k, "dmlmpi-zero2")], by[(name, k, "fsdp-zero2")], by[(name, k, "dmlmpi-zero")]
+                print(f"{name}, {k} ranks: dmlmpi-zero2 / fsdp-zero2 samples/s = "
+                      f"{z2['samples_per_s_median'] / f2['samples_per_s_median']:.2f}x; dmlmpi-zero2 step vs "
+                      f"dmlmpi-zero {100 * (z2['step_time_s_median'] / z1['step_time_s_median'] - 1):+.1f}%, "
+                      f"gradients kept {z2['grad_bytes'] / max(1, z1['grad_bytes']):.2f}x of dmlmpi-zero's")
             if args.amp == "bf16":
                 lo, lo16 = by[(name, k, "local")], by[(name, k, "local" + AMP)]
                 d16, t16 = by[(name, k, "dmlmpi" + AMP)], by[(name, k, "ddp" + AMP)]

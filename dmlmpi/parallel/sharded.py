@@ -16,9 +16,9 @@ all-reduce's other half.
 
 Each bucket (parameters in reverse order, as backward reaches them) is its own block of the
 optimizer's flat vector, cut into n equal pieces, so every reduce-scatter is balanced.
-At most max_in_flight (2) staging buffers are alive at once while
-backward runs; a parameter that gets no gradient holds back the buckets after its own (all ranks
-reduce in one order) until backward ends, and their buffers stay alive until then.
+Staging buffers come from a pool of at most max_in_flight (2) buffers of the longest bucket's
+size, kept from step to step (DeepSpeed keeps fixed reduce buffers too); a parameter that gets no gradient holds back the buckets after its own (all ranks
+reduce in one order) until backward ends, and the pool grows to hold them.
 After backward the parameters' .grad are None: clip and unscale the shard gradients
 (optimizer.shard_parameters()) with a norm or overflow flag reduced over the ranks.
 """
@@ -44,24 +44,22 @@ class GradBucket:
 
     def __init__(self, index: int, params: list[nn.Parameter], offsets: list[int], length: int) -> None:
         self.index, self.params, self.offsets, self.length = index, params, offsets, length
-        self.staging: torch.Tensor | None = None  # allocated by the first gradient, freed once reduced
+        self.staging: torch.Tensor | None = None  # lent from the pool by its first gradient, given back once reduced
+        self.pooled: torch.Tensor | None = None  # the whole pool buffer staging is the start of
         self.arrived = [False] * len(params)
         self.pending = len(params)
         self.future: Future | None = None
 
-    def buffer(self) -> torch.Tensor:
-        """The staging buffer, made on first use (its padding zeroed: it joins the sum)."""
-        if self.staging is None:
-            p = self.params[0]
-            self.staging = torch.empty(self.length, dtype=p.dtype, device=p.device)
-            end = self.offsets[-1] + self.params[-1].numel()
-            self.staging[end:].zero_()
-        return self.staging
+    def start(self, buffer: torch.Tensor) -> None:
+        """Fill the first `length` elements of a pool buffer from now on (its padding zeroed: it joins the sum)."""
+        self.pooled, self.staging = buffer, buffer[:self.length]
+        end = self.offsets[-1] + self.params[-1].numel()
+        self.staging[end:].zero_()
 
     def take(self, i: int, scale: float) -> None:
         """Parameter i's .grad times `scale` into its slot (zeros if it has none); then free the .grad."""
         p, at = self.params[i], self.offsets[i]
-        slot = self.buffer()[at:at + p.numel()].view_as(p)
+        slot = self.staging[at:at + p.numel()].view_as(p)
         if p.grad is None:
             slot.zero_()
         else:
@@ -71,7 +69,7 @@ class GradBucket:
         self.pending -= 1
 
     def reset(self) -> None:
-        """Ready for the next backward pass (the staging buffer is already freed)."""
+        """Ready for the next backward pass (the staging buffer is already given back)."""
         self.arrived = [False] * len(self.params)
         self.pending = len(self.params)
         self.future = None
@@ -121,7 +119,9 @@ class ShardedDataParallel(nn.Module):
         # staging buffers alive at once, at most (more wait for the oldest launched reduce-scatter):
         # what bounds the gradient memory besides the shard, as DeepSpeed's fixed reduce buckets do
         self.max_in_flight = max_in_flight
-        self._peak_staging = 0  # bytes of staging buffers alive at once, at most (for gradient_bytes())
+        self._longest = max(b.length for b in self._buckets)
+        self._spare: list[torch.Tensor] = []  # pool buffers not lent to a bucket now
+        self._pool_bytes = 0  # all pool buffers, lent or not (for gradient_bytes())
         self._thread = CommThread()
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
         self._closed = False
@@ -137,30 +137,35 @@ class ShardedDataParallel(nn.Module):
             self._backward_queued = True
         b, i = self._where[p]
         bucket = self._buckets[b]
-        self._make_room(bucket)
+        self._stage(bucket)
         bucket.take(i, self._scale)
-        for ready in self._buckets:  # in bucket order on every rank: an incomplete bucket holds the later ones
+        # in bucket order on every rank: an incomplete bucket holds the later ones; the last one is
+        # reduced by _finish, in this thread (backward is over by then: nothing left to overlap)
+        for ready in self._buckets[:-1]:
             if ready.future is None:
                 if ready.pending > 0:
                     return
                 ready.future = self._thread.submit(self._reduce_job(ready))
 
-    def _make_room(self, bucket: GradBucket) -> None:
-        """Before `bucket` makes its staging buffer: wait for launched buckets while max_in_flight are alive."""
+    def _stage(self, bucket: GradBucket) -> None:
+        """Lend `bucket` a pool buffer, first waiting for launched buckets while max_in_flight hold one."""
         if bucket.staging is not None:
             return
         for other in self._buckets:
             if sum(b.staging is not None for b in self._buckets) < self.max_in_flight:
                 break
             if other.future is not None and other.staging is not None:
-                other.future.result()  # its job frees its buffer before it returns
-        alive = sum(b.length * b.params[0].element_size() for b in self._buckets if b.staging is not None)
-        self._peak_staging = max(self._peak_staging, alive + bucket.length * bucket.params[0].element_size())
+                other.future.result()  # its job gives its buffer back before it returns
+        if not self._spare:  # the pool grows only while buffers are all lent (kept: no allocation per step)
+            p = bucket.params[0]
+            self._spare.append(torch.empty(self._longest, dtype=p.dtype, device=p.device))
+            self._pool_bytes += self._longest * p.element_size()
+        bucket.start(self._spare.pop())
 
     def _reduce_job(self, bucket: GradBucket) -> Callable[[], None]:
         """The communication thread's job: reduce-scatter one bucket, add this rank's piece to its shard's gradient."""
         def job() -> None:
-            staging = bucket.buffer()
+            staging = bucket.staging
             with maybe_span(self.timeline, f"reduce_scatter bucket {bucket.index}", "comm",
                             {"bytes": staging.numel() * staging.element_size()}):
                 # reduce-scatter: piece r of every rank's (pre-scaled) bucket summed on rank r; no
@@ -168,7 +173,8 @@ class ShardedDataParallel(nn.Module):
                 mine = dcomm.reduce_scatter_inplace(staging, op="sum", algorithm=self.algorithm, comm=self.comm,
                                                     guard=False)
             self.optimizer._shards[bucket.index].grad.add_(mine)  # accumulates until zero_grad()
-            bucket.staging = None
+            self._spare.append(bucket.pooled)
+            bucket.staging = bucket.pooled = None
         return job
 
     def _finish(self) -> None:
@@ -179,7 +185,7 @@ class ShardedDataParallel(nn.Module):
                 bucket.future.result()  # re-raises a communication error here, in the training thread
                 continue
             # not launched: a parameter got no gradient in this pass; it adds what .grad holds (zeros if nothing)
-            self._make_room(bucket)
+            self._stage(bucket)
             for i in range(len(bucket.params)):
                 if not bucket.arrived[i]:
                     bucket.take(i, self._scale)
@@ -206,10 +212,10 @@ class ShardedDataParallel(nn.Module):
             self._sync = True
 
     def gradient_bytes(self) -> dict[str, int]:
-        """Gradient memory on this rank: the shard's, the peak of staging buckets alive at once, and any .grad now held."""
+        """Gradient memory on this rank: the shard's, the staging pool's, and any .grad now held."""
         shard = sum(s.grad.numel() * s.grad.element_size() for s in self.optimizer.shard_parameters())
         held = sum(p.grad.numel() * p.grad.element_size() for p in self.module.parameters() if p.grad is not None)
-        return {"shard": shard, "peak_staging": self._peak_staging, "param_grads": held}
+        return {"shard": shard, "staging": self._pool_bytes, "param_grads": held}
 
     def comm_state(self) -> dict[str, Any]:
         """Nothing carries from step to step besides the optimizer (no gradient compression here)."""

@@ -67,9 +67,10 @@ def overlaps(sizes: list[int], start: int, stop: int,
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the state tensors an optimizer holds."""
-    return sum(t.numel() * t.element_size() for state in optimizer.state.values()
-               for t in state.values() if torch.is_tensor(t))
+    """Bytes of the state tensors an optimizer holds on this rank (a DTensor's local part: torch FSDP's state)."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for state in optimizer.state.values()
+             for t in state.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in local)
 
 
 class ZeroRedundancyOptimizer(torch.optim.Optimizer):
