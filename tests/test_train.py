@@ -160,6 +160,22 @@ def test_zero2_equals_one_process_and_resumes_into_stage_1(tmp_path) -> None:
         assert got[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=1e-4), step
 
 
+def test_zero2_fp16_skips_the_steps_plain_dp_skips(tmp_path) -> None:
+    """--amp fp16 from 2^30 with --zero 2: each rank sees only its shard of the gradient, yet every rank skips the
+    steps plain data parallelism skips (the overflow flag is all-reduced), and the losses are the same."""
+    fp16 = ["--epochs", "2", "--amp", "fp16", "--initial-scale-power", "30", "--bucket-mb", "0.01"]
+    runs = {}
+    for stage in ("0", "2"):
+        result = train(3, tmp_path / stage, *fp16, "--zero", stage, timeout=120)
+        assert result.returncode == 0, result.stdout
+        runs[stage] = {r["step"]: r for r in records(tmp_path / stage) if "loss" in r}
+    plain, sharded = runs["0"], runs["2"]
+    assert plain[30]["skipped_steps"] >= 5  # overflows happen...
+    for step in plain:
+        assert sharded[step]["skipped_steps"] == plain[step]["skipped_steps"], step
+        assert sharded[step]["loss"] == pytest.approx(plain[step]["loss"], rel=1e-4, abs=1e-6), step
+
+
 def test_powersgd_resumes_exactly(tmp_path) -> None:
     """--compression powersgd stopped mid-epoch and resumed: the factors' warm starts and every rank's error
     feedback come back from the checkpoint, so later losses equal an uninterrupted run's."""
