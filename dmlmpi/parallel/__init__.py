@@ -1,10 +1,11 @@
 """Parallel training strategies built on dmlmpi.comm."""
 from .clip import clip_grad_norm
 from .data import DataParallel
+from .fsdp import FullyShardedDataParallel
 from .pipeline import Pipeline
 from .ps import ParameterServer
 from .sharded import ShardedDataParallel
 from .syncbn import SyncBatchNorm
 from .zero import ZeroRedundancyOptimizer
 
-__all__ = ["DataParallel", "clip_grad_norm", "ParameterServer", "Pipeline", "ShardedDataParallel", "SyncBatchNorm", "ZeroRedundancyOptimizer"]
+__all__ = ["DataParallel", "FullyShardedDataParallel", "clip_grad_norm", "ParameterServer", "Pipeline", "ShardedDataParallel", "SyncBatchNorm", "ZeroRedundancyOptimizer"]

@@ -1,0 +1,204 @@
+"""FullyShardedDataParallel (ZeRO stage 3): parameters split over the ranks too; training equals one process."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from dmlmpi.data import rank_share
+from dmlmpi.parallel import FullyShardedDataParallel, ShardedDataParallel, ZeroRedundancyOptimizer, clip_grad_norm
+
+pytestmark = pytest.mark.mpi
+
+WORLD = MPI.COMM_WORLD
+RANK, SIZE = WORLD.Get_rank(), WORLD.Get_size()
+BATCH = 13  # uneven over 2, 3, 4 and 8 ranks
+
+
+class Net(nn.Module):
+    """Own parameters (a scale), a frozen layer, a nested block, a layer used twice, and an unused head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.9))
+        self.frozen = nn.Linear(40, 40)
+        self.frozen.requires_grad_(False)
+        self.block = nn.Sequential(nn.Linear(40, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh())
+        self.twice = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 10)
+        self.unused = nn.Linear(3, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """frozen, block, `twice` two times, head; times `scale`."""
+        h = self.block(self.frozen(x))
+        h = torch.tanh(self.twice(torch.tanh(self.twice(h))))
+        return self.head(h) * self.scale
+
+
+def make_model(seed: int = 0) -> Net:
+    """The model with seed-given weights."""
+    torch.manual_seed(seed)
+    return Net()
+
+
+def data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random global data on every rank."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 40, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def batch(s: int) -> torch.Tensor:
+    """Global batch s."""
+    return torch.arange(s * BATCH, (s + 1) * BATCH) % 64
+
+
+def reference(steps: int, clip: float = 0.0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """One process, AdamW on whole batches; a parameter without a gradient counts as zeros."""
+    model = make_model()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01, weight_decay=0.1)
+    x, y = data()
+    for s in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[batch(s)]), y[batch(s)]).backward()
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if clip:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+    return model, opt
+
+
+def sharded(steps: int, first: int = 0, micro: int = 1, clip: float = 0.0,
+            state: dict[str, Any] | None = None) -> FullyShardedDataParallel:
+    """ZeRO-3 over the world on global batches first..steps-1, each in `micro` backward passes."""
+    model = FullyShardedDataParallel(make_model(seed=0 if RANK == 0 else RANK + 5), torch.optim.AdamW, lr=0.01,
+                                     weight_decay=0.1)
+    if state is not None:
+        model.load_full_state_dict(state["model"])
+        model.optimizer.load_state_dict(state["optimizer"])
+    x, y = data()
+    for s in range(first, steps):
+        model.optimizer.zero_grad()
+        mine = rank_share(batch(s).numpy(), RANK, SIZE)
+        for part in np.array_split(mine, micro):
+            (nn.functional.cross_entropy(model(x[part]), y[part], reduction="sum") * SIZE / BATCH).backward()
+        if clip:
+            clip_grad_norm(model.optimizer.param_groups[0]["params"], clip, comm=WORLD)
+        model.optimizer.step()
+    return model
+
+
+def assert_same(state: dict[str, torch.Tensor], want: nn.Module) -> None:
+    """Every entry of a whole state_dict equal to the reference's within float tolerance."""
+    ref = want.state_dict()
+    assert state.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(state[name], ref[name], rtol=1e-5, atol=2e-6, msg=name)
+
+
+def test_matches_single_process() -> None:
+    """N ranks with ZeRO-3 equal one process with AdamW after 5 steps (own, frozen, nested, reused, unused parameters)."""
+    want, _ = reference(5)
+    model = sharded(5)
+    assert len(model.units) == 6  # scale (the root's own), block's two Linears, twice, head, unused
+    assert_same(model.full_state_dict(), want)
+    model.close()
+
+
+def test_parameters_and_gradients_live_only_in_the_shards() -> None:
+    """Between steps a rank keeps 1/N of the trainable parameters and gradients; the parameters are whole in forward."""
+    model = sharded(1)
+    trainable = sum(p.numel() for p in make_model().parameters() if p.requires_grad)
+    padded = sum(u.length for u in model.units)
+    assert padded - trainable < SIZE * len(model.units)
+    assert model.parameter_bytes() == 4 * padded // SIZE and model.gradient_bytes() == 4 * padded // SIZE
+    assert all(not u.gathered for u in model.units)
+    assert all(p.untyped_storage().nbytes() == 0 for u in model.units for p in u.params)
+    seen = []
+    hook = model.module.head.register_forward_pre_hook(
+        lambda m, a: seen.append(m.weight.untyped_storage().nbytes()))
+    x, _ = data()
+    with torch.no_grad():
+        model(x[:2])
+    hook.remove()
+    assert seen and seen[0] > 0  # whole while it runs
+    assert all(not u.gathered for u in model.units)  # freed again after
+    model.close()
+
+
+def test_shard_gradients_put_together_equal_one_process() -> None:
+    """After one backward, every rank's shard gradients end to end (padding dropped) are one process's gradient."""
+    model = FullyShardedDataParallel(make_model(), torch.optim.SGD, lr=0.1)
+    x, y = data()
+    mine = rank_share(batch(0).numpy(), RANK, SIZE)
+    (nn.functional.cross_entropy(model(x[mine]), y[mine], reduction="sum") * SIZE / BATCH).backward()
+    pieces = WORLD.allgather([u.shard.grad.numpy().copy() for u in model.units])
+    got = torch.cat([torch.cat([torch.from_numpy(r[u.index]) for r in pieces])[:u.used] for u in model.units])
+    ref = make_model()
+    nn.functional.cross_entropy(ref(x[batch(0)]), y[batch(0)]).backward()
+    want = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
+                      for p in ref.parameters() if p.requires_grad])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    model.close()
+
+
+def test_accumulation_and_clipping_match_one_process() -> None:
+    """Three backward passes per step (the shard gradients add up) with clipping over the shards equal one process."""
+    want, _ = reference(4, clip=0.05)
+    model = sharded(4, micro=3, clip=0.05)
+    assert_same(model.full_state_dict(), want)
+    model.close()
+
+
+def test_checkpoints_interchange_with_stages_1_and_2() -> None:
+    """The optimizer's state equals one process's; a ZeRO-3 state resumes exactly, and loads into ZeRO-2 and back."""
+    want, _ = reference(5)
+    model = sharded(3)
+    state = dict(model=model.full_state_dict(), optimizer=model.optimizer.state_dict())
+    model.close()
+    _, ref3 = reference(3)
+    moments = ref3.state_dict()["state"]
+    for key in ("exp_avg", "exp_avg_sq"):
+        whole = torch.cat([moments[i][key].reshape(-1) for i in sorted(moments)])
+        torch.testing.assert_close(state["optimizer"]["zero_state"][key], whole, rtol=1e-5, atol=1e-7)
+    resumed = sharded(5, first=3, state=state)
+    assert_same(resumed.full_state_dict(), want)
+    resumed.close()
+    # into stage 2 (other layout, same format) for one step, and its state back into stage 3
+    two = ShardedDataParallel(make_model(seed=3), torch.optim.AdamW, bucket_mb=0.002, lr=0.01, weight_decay=0.1)
+    two.module.load_state_dict(state["model"])
+    two.optimizer.load_state_dict(state["optimizer"])
+    x, y = data()
+    mine = rank_share(batch(3).numpy(), RANK, SIZE)
+    two.optimizer.zero_grad()
+    (nn.functional.cross_entropy(two(x[mine]), y[mine], reduction="sum") * SIZE / BATCH).backward()
+    two.optimizer.step()
+    after = dict(model=two.module.state_dict(), optimizer=two.optimizer.state_dict())
+    two.close()
+    again = sharded(5, first=4, state=after)
+    assert_same(again.full_state_dict(), want)
+    again.close()
+
+
+def test_stage_1_state_loads() -> None:
+    """A ZeroRedundancyOptimizer's state_dict loads into ZeRO-3 (one format for all stages)."""
+    model = make_model()
+    opt = ZeroRedundancyOptimizer(model.parameters(), torch.optim.AdamW, comm=MPI.COMM_SELF, lr=0.01, weight_decay=0.1)
+    x, y = data()
+    for s in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[batch(s)]), y[batch(s)]).backward()
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        opt.step()
+    state = dict(model=model.state_dict(), optimizer=opt.state_dict())
+    want, _ = reference(5)
+    resumed = sharded(5, first=3, state=state)
+    assert_same(resumed.full_state_dict(), want)
+    resumed.close()
