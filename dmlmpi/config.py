@@ -77,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--zero", type=zero_stage, nargs="?", const=1, default=0, metavar="STAGE",
                    help="ZeRO: split over the data-parallel ranks the optimizer state (--zero or --zero 1: stage 1, "
                         "dp and hybrid modes; each rank keeps and updates 1/n of it, then the parameters are "
-                        "all-gathered) and also the gradients (--zero 2: stage 2, dp mode; each bucket of "
-                        "gradients is reduce-scattered to the ranks that update it, no rank keeps all of them)")
+                        "all-gathered), also the gradients (--zero 2: stage 2, dp mode; each bucket of "
+                        "gradients is reduce-scattered to the ranks that update it, no rank keeps all of them), "
+                        "and also the parameters (--zero 3: stage 3, dp mode; each layer is all-gathered while "
+                        "it runs forward or backward; --bucket-mb does not apply: a layer is a bucket)")
     g.add_argument("--compression", default="none", choices=["none", "fp16", "bf16", "powersgd"],
                    help="dp mode: send gradients as 16-bit floats, or gradient matrices as low-rank factors with "
                         "error feedback (PowerSGD)")
@@ -218,10 +220,10 @@ def pipeline_ranks(args: argparse.Namespace, world_size: int) -> int:
 
 
 def zero_stage(text: str) -> int:
-    """--zero's value: a ZeRO stage 0, 1 or 2 (YAML's true and false mean 1 and 0)."""
+    """--zero's value: a ZeRO stage 0 to 3 (YAML's true and false mean 1 and 0)."""
     value = {"true": "1", "false": "0"}.get(text.strip().lower(), text)
-    if value not in ("0", "1", "2"):
-        raise argparse.ArgumentTypeError(f"a ZeRO stage is 0, 1 or 2, got {text!r}")
+    if value not in ("0", "1", "2", "3"):
+        raise argparse.ArgumentTypeError(f"a ZeRO stage is 0, 1, 2 or 3, got {text!r}")
     return int(value)
 
 
@@ -311,12 +313,12 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size:
                      f"--model {args.model} has none")
     if args.zero and args.mode not in ("dp", "hybrid"):
         parser.error(f"--zero works with --mode dp or hybrid (split along dp), not {args.mode}")
-    if args.zero == 2:
+    if args.zero >= 2:
         if args.mode != "dp":
-            parser.error(f"--zero 2 works with --mode dp, not {args.mode} (--zero 1 splits a hybrid grid's "
-                         "optimizer state along dp)")
+            parser.error(f"--zero {args.zero} works with --mode dp, not {args.mode} (--zero 1 splits a hybrid "
+                         "grid's optimizer state along dp)")
         if args.compression != "none" or args.reduction != "mean":
-            parser.error("--zero 2 reduce-scatters full-precision gradients: not with --compression "
+            parser.error(f"--zero {args.zero} reduce-scatters full-precision gradients: not with --compression "
                          f"{args.compression} or --reduction {args.reduction}")
     if args.compression == "powersgd":
         if args.mode != "dp":

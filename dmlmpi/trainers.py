@@ -20,7 +20,7 @@ from dmlmpi import comm as dcomm
 from dmlmpi.comm.context import existing_comms
 from dmlmpi.data import Dataset, rank_share
 from dmlmpi.grid import ProcessGrid
-from dmlmpi.parallel import (DataParallel, ParameterServer, Pipeline, ShardedDataParallel, SyncBatchNorm,
+from dmlmpi.parallel import (DataParallel, FullyShardedDataParallel, ParameterServer, Pipeline, ShardedDataParallel, SyncBatchNorm,
                              ZeroRedundancyOptimizer, clip_grad_norm)
 from dmlmpi.parallel.amp import DynamicLossScaler, autocast
 from dmlmpi.telemetry import Timeline
@@ -192,11 +192,16 @@ class DPTrainer(Trainer):
         self.comm, self.data, self.device, self.tl = world, data, device, tl
         if args.sync_bn:  # BatchNorm statistics over every rank's samples, on this trainer's communicator
             model = SyncBatchNorm.convert_sync_batchnorm(model, comm=world)
-        self.zero2 = args.zero == 2
-        if self.zero2:  # gradients reduce-scattered to the rank that updates them (ZeRO stage 2)
+        self.sharded = args.zero >= 2  # each rank holds the averaged gradient of its shard only
+        self.zero3 = args.zero == 3
+        if args.zero == 2:  # gradients reduce-scattered to the rank that updates them (ZeRO stage 2)
             cls, settings = optimizer_spec(args)
             self.model = ShardedDataParallel(model, cls, world, bucket_mb=args.bucket_mb, algorithm=args.algorithm,
                                              timeline=tl, **settings)
+            self.optimizer = self.model.optimizer
+        elif args.zero == 3:  # parameters split too, each layer gathered while it runs (ZeRO stage 3)
+            cls, settings = optimizer_spec(args)
+            self.model = FullyShardedDataParallel(model, cls, world, algorithm=args.algorithm, timeline=tl, **settings)
             self.optimizer = self.model.optimizer
         else:
             self.model = DataParallel(model, world, bucket_mb=args.bucket_mb, algorithm=args.algorithm,
@@ -212,8 +217,8 @@ class DPTrainer(Trainer):
             self.optimizer = make_optimizer(args)(self.model.parameters())
         self.schedule = make_schedule(args, total_steps)(self.optimizer)
         self.clip, self.grad_accum, self.amp = args.clip_grad_norm, args.grad_accum, args.amp
-        # fp16 with ZeRO-2: each rank unscales only its shard, so an overflow is all-reduced over the ranks
-        self.scaler = (DynamicLossScaler(2.0 ** args.initial_scale_power, comm=world if self.zero2 else None)
+        # fp16 with ZeRO-2 or 3: each rank unscales only its shard, so an overflow is all-reduced over the ranks
+        self.scaler = (DynamicLossScaler(2.0 ** args.initial_scale_power, comm=world if self.sharded else None)
                        if args.amp == "fp16" else None)
 
     def step(self, idx: np.ndarray, batch: int) -> float:
@@ -226,14 +231,15 @@ class DPTrainer(Trainer):
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
             # every micro-step but the last adds its gradient locally; the last one's backward all-reduces
-            with contextlib.nullcontext() if last else self.model.no_sync():
+            # (ZeRO-3 has no no_sync: every backward reduce-scatters, and the shard gradients add up)
+            with contextlib.nullcontext() if last or self.zero3 else self.model.no_sync():
                 with autocast(self.amp, self.device):
                     share = batch_loss(self.model, self.data, part, 1.0 / batch, self.device, self.tl)
                 with self.tl.span("backward"):
                     # DataParallel averages over ranks; scaled by the world size the average is the global mean
                     (share * (self.comm.Get_size() * loss_scale)).backward()
             total += share.item()
-        if self.zero2:  # each rank holds the averaged gradient of its shard: norms add up over the ranks
+        if self.sharded:  # each rank holds the averaged gradient of its shard: norms add up over the ranks
             self.finish_step(self.optimizer.shard_parameters(), clip_comm=self.comm)
         else:  # every rank holds the same averaged gradients: local norms and overflows are the whole model's
             self.finish_step(list(self.model.parameters()), clip_comm=None)
@@ -257,7 +263,9 @@ class DPTrainer(Trainer):
 
     def state(self) -> dict[str, Any]:
         """Model, optimizer and schedule state (what a checkpoint or an elastic recovery carries)."""
-        return dict(model=self.model.module.state_dict(), optimizer=self.optimizer.state_dict(),
+        # ZeRO-3: the whole model gathered (collective); the parameters hold no data between steps
+        model = self.model.full_state_dict() if self.zero3 else self.model.module.state_dict()
+        return dict(model=model, optimizer=self.optimizer.state_dict(),
                     schedule=self.schedule.state_dict(), comm_state=self.model.comm_state(),
                     loss_scaler=None if self.scaler is None else self.scaler.state_dict())
 
@@ -267,7 +275,10 @@ class DPTrainer(Trainer):
 
     def load(self, state: dict[str, Any]) -> None:
         """Model, optimizer and schedule from a checkpoint."""
-        self.model.module.load_state_dict(state["model"])
+        if self.zero3:
+            self.model.load_full_state_dict(state["model"])  # into the shards (collective)
+        else:
+            self.model.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         if self.scaler is not None and state.get("loss_scaler") is not None:

@@ -137,43 +137,56 @@ def test_zero_trains_the_same_and_resumes_on_another_world_size(three_rank_run, 
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-4, abs=1e-6), step
 
 
-def test_zero2_equals_one_process_and_resumes_into_stage_1(tmp_path) -> None:
-    """--zero 2 with small buckets, clipping and accumulation on 3 ranks, stopped at step 11 and resumed with
-    --zero 1 on 2 ranks: one process's losses and gradient norms; the gradients went by reduce-scatter."""
+@pytest.fixture(scope="module")
+def clipped_one_process(tmp_path_factory):
+    """One process trained with --clip-grad-norm 0.3: the reference of the ZeRO runs, step by step."""
+    out = tmp_path_factory.mktemp("clip1")
+    result = train(1, out, "--epochs", "2", "--clip-grad-norm", "0.3")
+    assert result.returncode == 0, result.stdout
+    return {r["step"]: r for r in records(out) if "loss" in r}
+
+
+@pytest.mark.parametrize("stage,extra,resumed_as,spans", [
+    # stage 2 with 0.01 MiB buckets (three or more), resumed as stage 1
+    ("2", ["--bucket-mb", "0.01"], "1", ["reduce_scatter bucket 2"]),
+    # stage 3, resumed as stage 2: every layer gathered and reduce-scattered
+    ("3", [], "2", ["allgather unit 0", "reduce_scatter unit 0"]),
+])
+def test_zero_2_and_3_equal_one_process_and_resume_as_another_stage(
+        stage: str, extra: list[str], resumed_as: str, spans: list[str], clipped_one_process, tmp_path) -> None:
+    """--zero 2 or 3 with clipping and accumulation on 3 ranks, stopped at step 11 and resumed at another stage on
+    2 ranks: one process's losses and gradient norms; the gradients went by reduce-scatter, no all-reduce."""
     clip = ["--epochs", "2", "--clip-grad-norm", "0.3"]
-    one = train(1, tmp_path / "one", *clip)
-    assert one.returncode == 0, one.stdout
-    ref = {r["step"]: r for r in records(tmp_path / "one") if "loss" in r}
-    first = train(3, tmp_path / "z", *clip, "--zero", "2", "--bucket-mb", "0.01", "--grad-accum", "3",
-                  "--max-steps", "11")
+    ref = clipped_one_process
+    first = train(3, tmp_path, *clip, "--zero", stage, *extra, "--grad-accum", "3", "--max-steps", "11")
     assert first.returncode == 0, first.stdout
-    trace = json.load(open(tmp_path / "z" / "trace.json"))
+    trace = json.load(open(tmp_path / "trace.json"))
     names = {e["name"] for e in trace["traceEvents"] if e.get("ph") == "X" and e["cat"] == "comm"}
-    assert any(n.startswith("reduce_scatter bucket 2") for n in names)  # three buckets or more
-    assert not any(n.startswith("allreduce bucket") for n in names)
-    second = train(2, tmp_path / "z", *clip, "--zero", "1", "--resume")
+    assert set(spans) <= names and not any(n.startswith("allreduce bucket") for n in names), names
+    second = train(2, tmp_path, *clip, "--zero", resumed_as, "--resume")
     assert second.returncode == 0 and "at step 11" in second.stdout, second.stdout
-    got = {r["step"]: r for r in records(tmp_path / "z") if "loss" in r}
+    got = {r["step"]: r for r in records(tmp_path) if "loss" in r}
     assert sorted(got) == sorted(ref)
     for step in ref:
         assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4, abs=1e-6), step
         assert got[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=1e-4), step
 
 
-def test_zero2_fp16_skips_the_steps_plain_dp_skips(tmp_path) -> None:
-    """--amp fp16 from 2^30 with --zero 2: each rank sees only its shard of the gradient, yet every rank skips the
-    steps plain data parallelism skips (the overflow flag is all-reduced), and the losses are the same."""
+def test_zero2_and_3_fp16_skip_the_steps_plain_dp_skips(tmp_path) -> None:
+    """--amp fp16 from 2^30 with --zero 2 and 3: each rank sees only its shard of the gradient, yet every rank skips
+    the steps plain data parallelism skips (the overflow flag is all-reduced), and the losses are the same."""
     fp16 = ["--epochs", "2", "--amp", "fp16", "--initial-scale-power", "30", "--bucket-mb", "0.01"]
     runs = {}
-    for stage in ("0", "2"):
+    for stage in ("0", "2", "3"):
         result = train(3, tmp_path / stage, *fp16, "--zero", stage, timeout=120)
         assert result.returncode == 0, result.stdout
         runs[stage] = {r["step"]: r for r in records(tmp_path / stage) if "loss" in r}
-    plain, sharded = runs["0"], runs["2"]
+    plain = runs["0"]
     assert plain[30]["skipped_steps"] >= 5  # overflows happen...
-    for step in plain:
-        assert sharded[step]["skipped_steps"] == plain[step]["skipped_steps"], step
-        assert sharded[step]["loss"] == pytest.approx(plain[step]["loss"], rel=1e-4, abs=1e-6), step
+    for sharded in (runs["2"], runs["3"]):
+        for step in plain:
+            assert sharded[step]["skipped_steps"] == plain[step]["skipped_steps"], step
+            assert sharded[step]["loss"] == pytest.approx(plain[step]["loss"], rel=1e-4, abs=1e-6), step
 
 
 def test_powersgd_resumes_exactly(tmp_path) -> None:

@@ -160,7 +160,8 @@ def test_sample_orders_balance_first_place_and_predecessors(k: int) -> None:
     (["--zero", "--mode", "ps", "--servers", "1"], "--zero works with --mode dp or hybrid (split along dp), not ps"),
     (["--zero", "--mode", "pipeline"], "--zero works with --mode dp or hybrid (split along dp), not pipeline"),
     (["--zero", "--elastic"], "--zero does not work with --elastic"),
-    (["--zero", "3"], "a ZeRO stage is 0, 1 or 2, got '3'"),
+    (["--zero", "4"], "a ZeRO stage is 0, 1, 2 or 3, got '4'"),
+    (["--zero", "3", "--mode", "hybrid", "--pp", "2"], "--zero 3 works with --mode dp, not hybrid"),
     (["--zero", "2", "--mode", "hybrid", "--pp", "2"], "--zero 2 works with --mode dp, not hybrid"),
     (["--zero", "2", "--compression", "bf16"], "--zero 2 reduce-scatters full-precision gradients: not with --compression bf16"),
     (["--compression", "powersgd", "--mode", "ps", "--servers", "1"], "--compression powersgd works with --mode dp"),
@@ -193,7 +194,7 @@ def test_zero_stage_values(tmp_path) -> None:
     from dmlmpi import config
 
     assert config.parse([], 4).zero == 0 and config.parse(["--zero"], 4).zero == 1
-    assert config.parse(["--zero", "2"], 4).zero == 2
+    assert config.parse(["--zero", "2"], 4).zero == 2 and config.parse(["--zero", "3"], 4).zero == 3
     for text, stage in (("true", 1), ("false", 0), ("2", 2)):
         cfg = tmp_path / f"{text}.yaml"
         cfg.write_text(f"zero: {text}\n")

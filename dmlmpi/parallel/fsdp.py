@@ -36,6 +36,7 @@ from torch import nn
 
 from dmlmpi import comm as dcomm
 from dmlmpi.comm.fusion import FusedBroadcast, broadcast_fused
+from dmlmpi.telemetry import maybe_span
 
 from .data import check_same_layout
 
@@ -63,10 +64,15 @@ class Unit:
         self.got = [False] * len(params)  # which parameters' gradients this backward pass has taken
         self.arrived = 0
 
-    def gather(self, comm: MPI.Comm, algorithm: str) -> None:
+    def gather(self, comm: MPI.Comm, algorithm: str, timeline: Any = None) -> None:
         """Make the whole vector again: this rank's piece, then every rank's (no-op while gathered)."""
         if self.gathered:
             return
+        with maybe_span(timeline, f"allgather unit {self.index}", "comm", {"bytes": self.nbytes}):
+            self._gather(comm, algorithm)
+
+    def _gather(self, comm: MPI.Comm, algorithm: str) -> None:
+        """gather()'s communication and copy."""
         # all-gather: every rank's piece of this unit, in rank order (no per-call guard: every rank
         # gathers the same units in the same order, checked at construction). Into a new buffer,
         # then copied: a buffer handed to MPI is seen through numpy, and torch then refuses to
@@ -104,14 +110,14 @@ class FullyShardedDataParallel(nn.Module):
 
     def __init__(self, module: nn.Module, optimizer_class: Callable[..., torch.optim.Optimizer],
                  comm: MPI.Comm | None = None, algorithm: str = "auto", broadcast_buffers: bool = True,
-                 **optimizer_kwargs: Any) -> None:
+                 timeline: Any = None, **optimizer_kwargs: Any) -> None:
         super().__init__()
         if algorithm not in dcomm.ALGORITHMS:
             raise ValueError(f"FullyShardedDataParallel: unknown algorithm {algorithm!r}; "
                              f"choose from {', '.join(dcomm.ALGORITHMS)}")
         self.module = module
         self.comm = MPI.COMM_WORLD if comm is None else comm
-        self.algorithm = algorithm
+        self.algorithm, self.timeline = algorithm, timeline
         n, rank = self.comm.Get_size(), self.comm.Get_rank()
         # units: every module with trainable parameters of its own, in module order (each
         # parameter once, in the order module.parameters() lists them)
@@ -154,7 +160,7 @@ class FullyShardedDataParallel(nn.Module):
     def _before_forward(self, unit: Unit) -> Callable[..., None]:
         """The unit's forward pre-hook: gather its parameters."""
         def hook(module: nn.Module, args: Any) -> None:
-            unit.gather(self.comm, self.algorithm)
+            unit.gather(self.comm, self.algorithm, self.timeline)
         return hook
 
     def _after_forward(self, unit: Unit) -> Callable[..., None]:
@@ -170,7 +176,7 @@ class FullyShardedDataParallel(nn.Module):
 
     def _before_backward(self, unit: Unit) -> None:
         """Gather the unit's parameters for its backward (a no-op for its other outputs: already gathered)."""
-        unit.gather(self.comm, self.algorithm)
+        unit.gather(self.comm, self.algorithm, self.timeline)
 
     # -- backward ----------------------------------------------------------------------------
     def _on_grad(self, p: nn.Parameter) -> None:
@@ -194,8 +200,9 @@ class FullyShardedDataParallel(nn.Module):
     def _reduce(self, unit: Unit) -> None:
         """Reduce-scatter one unit's staging buffer and add this rank's piece to its shard's gradient."""
         # reduce-scatter: piece r of every rank's (pre-scaled) gradients summed on rank r
-        mine = dcomm.reduce_scatter_inplace(unit.staging, op="sum", algorithm=self.algorithm, comm=self.comm,
-                                            guard=False)
+        with maybe_span(self.timeline, f"reduce_scatter unit {unit.index}", "comm", {"bytes": unit.nbytes}):
+            mine = dcomm.reduce_scatter_inplace(unit.staging, op="sum", algorithm=self.algorithm, comm=self.comm,
+                                                guard=False)
         if unit.shard.grad is None:
             unit.shard.grad = mine.clone()
         else:
@@ -295,6 +302,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # the shards as schedulers see them; step() passes hyperparameter changes on to the local optimizer
         super().__init__([u.shard for u in units], dict(self.optim.defaults))
         self.state = self.optim.state  # one state: zero_grad and state_bytes see the local optimizer's
+
+    def shard_parameters(self) -> list[nn.Parameter]:
+        """This rank's shards, as the local optimizer's parameters (their .grad: the shard gradients)."""
+        return [u.shard for u in self.units]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the shards' gradients."""
