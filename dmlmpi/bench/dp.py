@@ -9,7 +9,8 @@ BatchNorm layers in dmlmpi's SyncBatchNorm (torch's refuses CPU tensors, so DDP 
 `--zero`, `dmlmpi-zero` and `ddp-zero` split the optimizer state over the ranks (dmlmpi's
 ZeroRedundancyOptimizer, and torch's over gloo); with `--zero 2` also `dmlmpi-zero2` and `fsdp-zero2`
 (ZeRO stage 2: dmlmpi's ShardedDataParallel, and torch FSDP2's fully_shard per layer with
-reshard_after_forward=False, over gloo); with `--amp bf16`, `local-bf16`, `dmlmpi-bf16` and
+reshard_after_forward=False, over gloo); with `--zero 3` also `dmlmpi-zero3` and `fsdp-zero3` (ZeRO
+stage 3: dmlmpi's FullyShardedDataParallel, and fully_shard per layer, resharded after forward); with `--amp bf16`, `local-bf16`, `dmlmpi-bf16` and
 `ddp-bf16` run the same three with the forward under bfloat16 autocast (each against `local-bf16`); with
 `--reduction adasum`, `dmlmpi-adasum` combines the gradients by Adasum (power-of-two ranks). Each rank takes a fixed batch per step (weak scaling). Reported:
 samples/s over all K ranks (median, min, max of timed samples, each timed as the slowest rank's)
@@ -28,7 +29,8 @@ from torch import nn
 
 from dmlmpi.comm.adasum import is_power_of_two
 from dmlmpi.models import mlp, mnist1d_cnn
-from dmlmpi.parallel import DataParallel, ShardedDataParallel, SyncBatchNorm, ZeroRedundancyOptimizer
+from dmlmpi.parallel import (DataParallel, FullyShardedDataParallel, ShardedDataParallel, SyncBatchNorm,
+                             ZeroRedundancyOptimizer)
 from dmlmpi.parallel.amp import autocast
 from dmlmpi.parallel.zero import state_bytes
 
@@ -38,6 +40,7 @@ VARIANTS = ("local", "dmlmpi", "ddp")
 SYNC_BN = "dmlmpi-syncbn"  # with --sync-bn: DataParallel over the model with SyncBatchNorm layers
 ZERO = ("dmlmpi-zero", "ddp-zero")  # with --zero: the optimizer state split over the ranks (ZeRO stage 1)
 ZERO2 = ("dmlmpi-zero2", "fsdp-zero2")  # with --zero 2: the gradients split too (ZeRO stage 2)
+ZERO3 = ("dmlmpi-zero3", "fsdp-zero3")  # with --zero 3: the parameters split too (ZeRO stage 3)
 ADASUM = "dmlmpi-adasum"  # with --reduction adasum: DataParallel(reduction="adasum")
 AMP = "-bf16"  # with --amp bf16: the suffix of the variants whose forward runs under bfloat16 autocast
 OPTIMIZERS = {"sgd": (torch.optim.SGD, dict(lr=0.01)), "adamw": (torch.optim.AdamW, dict(lr=0.001))}
@@ -78,9 +81,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"add a {SYNC_BN} row: dmlmpi with SyncBatchNorm layers (models with BatchNorm only: bn-cnn)")
     p.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZERS),
                    help="every variant's optimizer (adamw keeps two moments per parameter: what --zero splits)")
-    p.add_argument("--zero", type=int, nargs="?", const=1, default=0, choices=[0, 1, 2],
+    p.add_argument("--zero", type=int, nargs="?", const=1, default=0, choices=[0, 1, 2, 3],
                    help=f"add {' and '.join(ZERO)} rows: dmlmpi's and torch's ZeroRedundancyOptimizer; --zero 2 "
-                        f"also {' and '.join(ZERO2)}: dmlmpi's ShardedDataParallel and torch's FSDP2")
+                        f"also {' and '.join(ZERO2)}: dmlmpi's ShardedDataParallel and torch's FSDP2; --zero 3 "
+                        f"also {' and '.join(ZERO3)}: dmlmpi's FullyShardedDataParallel and FSDP2 resharded after forward")
     p.add_argument("--amp", default="none", choices=["none", "bf16"],
                    help=f"bf16: add local{AMP}, dmlmpi{AMP}, ddp{AMP} rows, the forward under bfloat16 autocast "
                         "(fp16 is left out: this CPU has no fp16 convolution kernels)")
@@ -88,8 +92,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"adasum: add a {ADASUM} row, DataParallel(reduction='adasum') (power-of-two ranks)")
     p.add_argument("--json", help="write one record per (model, ranks, variant) to this path")
     args = p.parse_args(argv)
-    if args.zero == 2 and args.compression != "none":
-        p.error(f"--zero 2: ShardedDataParallel sends full-precision gradients; not with --compression {args.compression}")
+    if args.zero >= 2 and args.compression != "none":
+        p.error(f"--zero {args.zero}: ZeRO-2 and 3 send full-precision gradients; not with --compression {args.compression}")
     for m in args.models.split(","):
         if m not in MODELS:
             p.error(f"unknown model {m!r}; choose from {','.join(MODELS)}")
@@ -114,8 +118,11 @@ def wrap(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, args: argpar
         cls, settings = OPTIMIZERS[args.optimizer]
         return ShardedDataParallel(model, cls, comm=sub, algorithm=args.algorithm, bucket_mb=args.bucket_mb,
                                    **settings)
-    if variant == "fsdp-zero2":
-        return fsdp_zero2(model, sub)
+    if variant == "dmlmpi-zero3":  # its optimizer comes with it too
+        cls, settings = OPTIMIZERS[args.optimizer]
+        return FullyShardedDataParallel(model, cls, comm=sub, algorithm=args.algorithm, **settings)
+    if variant in ("fsdp-zero2", "fsdp-zero3"):
+        return torch_fsdp(model, sub, reshard=variant == "fsdp-zero3")
     if variant == ADASUM:
         return DataParallel(model, comm=sub, algorithm=args.algorithm, bucket_mb=args.bucket_mb, reduction="adasum")
     if variant == SYNC_BN:
@@ -137,22 +144,24 @@ def wrap(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, args: argpar
     return model
 
 
-def fsdp_zero2(model: nn.Module, sub: MPI.Comm) -> nn.Module:
-    """torch's ZeRO stage 2: FSDP2 over each layer with parameters, and the root, kept whole from forward to backward."""
+def torch_fsdp(model: nn.Module, sub: MPI.Comm, reshard: bool) -> nn.Module:
+    """torch FSDP2 over each layer with parameters, and the root: ZeRO stage 3 when resharded after forward, else 2."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (sub.Get_size(),))
     for layer in model.modules():
         if layer is not model and any(True for _ in layer.parameters(recurse=False)):
-            fully_shard(layer, mesh=mesh, reshard_after_forward=False)  # one reduce-scatter per layer
-    return fully_shard(model, mesh=mesh, reshard_after_forward=False)
+            fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)  # one reduce-scatter per layer
+    return fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
 
 
 def grad_bytes(model: nn.Module, opt: Any) -> int:
     """Bytes of gradient this rank keeps between steps: its shards' (ZeRO-2), its local part of DTensors (FSDP), or all."""
     if isinstance(model, ShardedDataParallel):
         return model.gradient_bytes()["shard"]
+    if isinstance(model, FullyShardedDataParallel):
+        return model.gradient_bytes()
     total = 0  # (DataParallel's .grad are views of its buckets: counted once)
     for p in model.parameters():
         g = p.grad
@@ -160,6 +169,15 @@ def grad_bytes(model: nn.Module, opt: Any) -> int:
             g = g.to_local() if hasattr(g, "to_local") else g
             total += g.numel() * g.element_size()
     return total
+
+
+def param_bytes(model: nn.Module) -> int:
+    """Bytes of parameters this rank keeps between steps: its shards (ZeRO-3), its local part of DTensors (FSDP2), or all."""
+    if isinstance(model, FullyShardedDataParallel):
+        return model.parameter_bytes() + sum(p.numel() * p.element_size() for p in model.parameters()
+                                             if not p.requires_grad)
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    return sum(p.numel() * p.element_size() for p in local)
 
 
 def wire_format(variant: str, compression: str) -> str:
@@ -202,7 +220,7 @@ def make_optimizer(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, ar
     cls, settings = OPTIMIZERS[args.optimizer]
     if variant == "dmlmpi-zero":
         return ZeroRedundancyOptimizer(model.parameters(), cls, comm=sub, **settings)
-    if variant == "dmlmpi-zero2":
+    if variant in ("dmlmpi-zero2", "dmlmpi-zero3"):
         return model.optimizer
     if variant == "ddp-zero":
         from torch.distributed.optim import ZeroRedundancyOptimizer as TorchZero
@@ -219,7 +237,8 @@ def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Names
     of on whichever was running then. Every variant takes the same number of steps per sample (the
     median of their calibrations), so what a sample pays once weighs on each alike.
     """
-    extra = (((SYNC_BN,) if args.sync_bn else ()) + (ZERO if args.zero else ()) + (ZERO2 if args.zero == 2 else ())
+    extra = (((SYNC_BN,) if args.sync_bn else ()) + (ZERO if args.zero else ()) + (ZERO2 if args.zero >= 2 else ())
+             + (ZERO3 if args.zero == 3 else ())
              + (tuple(v + AMP for v in VARIANTS) if args.amp == "bf16" else ())
              + ((ADASUM,) if args.reduction == "adasum" else ()))
     built = {v: make_step(name, v, sub, group, args) for v in VARIANTS + extra}
@@ -230,7 +249,7 @@ def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Names
             per_step[v].append(timed_sample(built[v][1], steps, sub))
     records = []
     for v, (model, _, opt) in built.items():
-        kept = grad_bytes(model, opt)
+        kept, params_kept = grad_bytes(model, opt), param_bytes(model)
         if v.startswith("dmlmpi"):
             model.close()
         rates = [k * args.batch / t for t in per_step[v]]
@@ -242,7 +261,8 @@ def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Names
                             amp="bf16" if v.endswith(AMP) else "none",
                             compression=wire_format(v, args.compression), optimizer=args.optimizer,
                             # both ZeROs keep their local optimizer as .optim
-                            optimizer_state_bytes=state_bytes(getattr(opt, "optim", opt)), grad_bytes=kept))
+                            optimizer_state_bytes=state_bytes(getattr(opt, "optim", opt)), grad_bytes=kept,
+                            param_bytes=params_kept))
     return records
 
 
@@ -268,14 +288,16 @@ def main(argv: list[str]) -> int:
         rows = [dict(r, rate=f"{r['samples_per_s_median']:.0f}",
                      spread=f"{r['samples_per_s_min']:.0f}-{r['samples_per_s_max']:.0f}",
                      step=f"{r['step_time_s_median'] * 1e3:.2f}", over=f"{100 * r['comm_overhead']:+.1f}%",
-                     state=f"{r['optimizer_state_bytes'] / 1024:.0f}", grads=f"{r['grad_bytes'] / 1024:.0f}")
+                     state=f"{r['optimizer_state_bytes'] / 1024:.0f}", grads=f"{r['grad_bytes'] / 1024:.0f}",
+                     kept=f"{r['param_bytes'] / 1024:.0f}")
                 for r in records]
         print(f"# dmlmpi data-parallel benchmark: {args.batch} samples per rank per step, torch threads 1, "
               f"gradient compression {args.compression}, optimizer {args.optimizer}")
         print(format_table(rows, [("model", "model", ""), ("params", "params", ""), ("ranks", "ranks", ""),
                                   ("variant", "variant", ""), ("rate", "samples/s", ""), ("spread", "min-max", ""),
                                   ("step", "step(ms)", ""), ("over", "vs local", ""),
-                                  ("state", "opt state KiB (rank 0)", ""), ("grads", "grads kept KiB", "")]))
+                                  ("state", "opt state KiB (rank 0)", ""), ("grads", "grads kept KiB", ""),
+                                  ("kept", "params kept KiB", "")]))
         print("\n# targets (medians of this run)")
         by = {(r["model"], r["ranks"], r["variant"]): r for r in records}
         if k in (2, 4) and ("mlp", k, "dmlmpi") in by:
@@ -292,7 +314,13 @@ def main(argv: list[str]) -> int:
                       f"{z['samples_per_s_median'] / t['samples_per_s_median']:.2f}x; dmlmpi-zero step vs dmlmpi "
                       f"{100 * (z['step_time_s_median'] / plain['step_time_s_median'] - 1):+.1f}%, optimizer state "
                       f"{z['optimizer_state_bytes'] / max(1, plain['optimizer_state_bytes']):.2f}x of dmlmpi's")
-            if args.zero == 2:
+            if args.zero == 3:
+                z3, f3, z1 = by[(name, k, "dmlmpi-zero3")], by[(name, k, "fsdp-zero3")], by[(name, k, "dmlmpi-zero")]
+                print(f"{name}, {k} ranks: dmlmpi-zero3 / fsdp-zero3 samples/s = "
+                      f"{z3['samples_per_s_median'] / f3['samples_per_s_median']:.2f}x; dmlmpi-zero3 step vs "
+                      f"dmlmpi-zero {100 * (z3['step_time_s_median'] / z1['step_time_s_median'] - 1):+.1f}%, "
+                      f"parameters kept {z3['param_bytes'] / max(1, z1['param_bytes']):.2f}x of dmlmpi-zero's")
+            if args.zero >= 2:
                 z2, f2, z1 = by[(name, k, "dmlmpi-zero2")], by[(name, k, "fsdp-zero2")], by[(name, k, "dmlmpi-zero")]
                 print(f"{name}, {k} ranks: dmlmpi-zero2 / fsdp-zero2 samples/s = "
                       f"{z2['samples_per_s_median'] / f2['samples_per_s_median']:.2f}x; dmlmpi-zero2 step vs "
