@@ -203,6 +203,7 @@ class DPTrainer(Trainer):
             cls, settings = optimizer_spec(args)
             self.model = FullyShardedDataParallel(model, cls, world, algorithm=args.algorithm, timeline=tl, **settings)
             self.optimizer = self.model.optimizer
+            self.n_params = self.model.parameter_count()  # (the sharded parameters are empty between steps)
         else:
             self.model = DataParallel(model, world, bucket_mb=args.bucket_mb, algorithm=args.algorithm,
                                       compression=args.compression, timeline=tl, powersgd_rank=args.powersgd_rank,

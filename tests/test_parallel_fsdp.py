@@ -118,7 +118,10 @@ def test_parameters_and_gradients_live_only_in_the_shards() -> None:
     assert padded - trainable < SIZE * len(model.units)
     assert model.parameter_bytes() == 4 * padded // SIZE and model.gradient_bytes() == 4 * padded // SIZE
     assert all(not u.gathered for u in model.units)
-    assert all(p.untyped_storage().nbytes() == 0 for u in model.units for p in u.params)
+    assert all(p.untyped_storage().nbytes() == 0 and p.numel() == 0 for u in model.units for p in u.params)
+    assert model.parameter_count() == sum(p.numel() for p in make_model().parameters())
+    with model.gathered():  # whole on request
+        assert model.module.head.weight.shape == (10, 32)
     seen = []
     hook = model.module.head.register_forward_pre_hook(
         lambda m, a: seen.append(m.weight.untyped_storage().nbytes()))

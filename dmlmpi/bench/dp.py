@@ -253,7 +253,9 @@ def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Names
         if v.startswith("dmlmpi"):
             model.close()
         rates = [k * args.batch / t for t in per_step[v]]
-        records.append(dict(model=name, params=sum(p.numel() for p in model.parameters()), variant=v, ranks=k,
+        count = model.parameter_count() if isinstance(model, FullyShardedDataParallel) else sum(
+            p.numel() for p in model.parameters())  # (ZeRO-3's parameters are empty between steps)
+        records.append(dict(model=name, params=count, variant=v, ranks=k,
                             batch_per_rank=args.batch, samples_per_s_median=statistics.median(rates),
                             samples_per_s_min=min(rates), samples_per_s_max=max(rates),
                             step_time_s_median=statistics.median(per_step[v]),
@@ -314,18 +316,18 @@ def main(argv: list[str]) -> int:
                       f"{z['samples_per_s_median'] / t['samples_per_s_median']:.2f}x; dmlmpi-zero step vs dmlmpi "
                       f"{100 * (z['step_time_s_median'] / plain['step_time_s_median'] - 1):+.1f}%, optimizer state "
                       f"{z['optimizer_state_bytes'] / max(1, plain['optimizer_state_bytes']):.2f}x of dmlmpi's")
-            if args.zero == 3:
-                z3, f3, z1 = by[(name, k, "dmlmpi-zero3")], by[(name, k, "fsdp-zero3")], by[(name, k, "dmlmpi-zero")]
-                print(f"{name}, {k} ranks: dmlmpi-zero3 / fsdp-zero3 samples/s = "
-                      f"{z3['samples_per_s_median'] / f3['samples_per_s_median']:.2f}x; dmlmpi-zero3 step vs "
-                      f"dmlmpi-zero {100 * (z3['step_time_s_median'] / z1['step_time_s_median'] - 1):+.1f}%, "
-                      f"parameters kept {z3['param_bytes'] / max(1, z1['param_bytes']):.2f}x of dmlmpi-zero's")
             if args.zero >= 2:
                 z2, f2, z1 = by[(name, k, "dmlmpi-zero2")], by[(name, k, "fsdp-zero2")], by[(name, k, "dmlmpi-zero")]
                 print(f"{name}, {k} ranks: dmlmpi-zero2 / fsdp-zero2 samples/s = "
                       f"{z2['samples_per_s_median'] / f2['samples_per_s_median']:.2f}x; dmlmpi-zero2 step vs "
                       f"dmlmpi-zero {100 * (z2['step_time_s_median'] / z1['step_time_s_median'] - 1):+.1f}%, "
                       f"gradients kept {z2['grad_bytes'] / max(1, z1['grad_bytes']):.2f}x of dmlmpi-zero's")
+            if args.zero == 3:
+                z3, f3, z1 = by[(name, k, "dmlmpi-zero3")], by[(name, k, "fsdp-zero3")], by[(name, k, "dmlmpi-zero")]
+                print(f"{name}, {k} ranks: dmlmpi-zero3 / fsdp-zero3 samples/s = "
+                      f"{z3['samples_per_s_median'] / f3['samples_per_s_median']:.2f}x; dmlmpi-zero3 step vs "
+                      f"dmlmpi-zero {100 * (z3['step_time_s_median'] / z1['step_time_s_median'] - 1):+.1f}%, "
+                      f"parameters kept {z3['param_bytes'] / max(1, z1['param_bytes']):.2f}x of dmlmpi-zero's")
             if args.amp == "bf16":
                 lo, lo16 = by[(name, k, "local")], by[(name, k, "local" + AMP)]
                 d16, t16 = by[(name, k, "dmlmpi" + AMP)], by[(name, k, "ddp" + AMP)]

@@ -22,7 +22,8 @@ optimizer is a plain one over the shards (any element-wise optimizer: SGD, momen
 its step needs no communication, since the next forward gathers. Frozen parameters stay whole on
 every rank, as buffers do (rank 0's, broadcast before each forward). Gradient accumulation:
 call backward several times before step(); each reduces and the shard gradients add up.
-Outputs that a later in-place operation modifies lose the gathering hook: use such layers
+Between steps the sharded parameters are empty tensors (parameter_count() counts them; use
+full_state_dict() or `with model.gathered():` to see them). Outputs that a later in-place operation modifies lose the gathering hook: use such layers
 (ReLU(inplace=True) after a Linear) inside a unit, not right after one.
 """
 from __future__ import annotations
@@ -55,7 +56,9 @@ class Unit:
         self.full = torch.zeros(self.length, dtype=params[0].dtype, device=params[0].device)
         for p, at in zip(params, self.offsets):
             self.full[at:at + p.numel()].copy_(p.detach().reshape(-1))
-            p.data = self.full[at:at + p.numel()].view_as(p)  # from now on a view into the vector
+        # each parameter's place in the vector (views stay valid while the storage comes and goes)
+        self.views = [self.full[at:at + p.numel()].view_as(p) for p, at in zip(params, self.offsets)]
+        self._point()
         # this rank's piece, in memory of its own (the vector's memory comes and goes)
         self.shard = nn.Parameter(self.full[self.start:self.start + self.piece].clone())
         self.nbytes = self.full.untyped_storage().nbytes()
@@ -80,13 +83,27 @@ class Unit:
         whole = dcomm.allgather(self.shard.detach(), algorithm=algorithm, comm=comm, guard=False)
         self.full.untyped_storage().resize_(self.nbytes)
         self.full.copy_(whole)
+        self._point()
         self.gathered = True
 
+    def _point(self) -> None:
+        """Make the parameters views into the whole vector (autograd's saved references to them see it too)."""
+        for p, view in zip(self.params, self.views):
+            p.data = view
+
     def free(self) -> None:
-        """Give the whole vector's memory back (the parameters keep their shapes, without data)."""
+        """Give the whole vector's memory back; the parameters become empty tensors until the next gather."""
         if self.gathered:
             self.full.untyped_storage().resize_(0)
+            for p in self.params:
+                # empty, not a view of the emptied storage: reading one between steps gives no
+                # elements instead of reading freed memory
+                p.data = p.data.new_empty(0)
             self.gathered = False
+
+    def count(self) -> int:
+        """Elements of the unit's parameters (they hold none while it is not gathered)."""
+        return self.used
 
     def take(self, i: int, scale: float) -> None:
         """Parameter i's .grad times `scale` into the staging buffer (zeros if it has none); then free the .grad."""
@@ -252,6 +269,11 @@ class FullyShardedDataParallel(nn.Module):
         """Load a whole state_dict (from full_state_dict or an unsharded model) into the shards (collective)."""
         with self.gathered():
             self.module.load_state_dict(state)
+
+    def parameter_count(self) -> int:
+        """Elements of the wrapped module's parameters, trainable (sharded) and frozen (whole)."""
+        return sum(u.count() for u in self.units) + sum(p.numel() for p in self.module.parameters()
+                                                           if not p.requires_grad)
 
     def gradient_bytes(self) -> int:
         """Bytes of gradient this rank keeps between steps: its shards'."""
