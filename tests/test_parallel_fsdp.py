@@ -137,6 +137,12 @@ def test_parameters_and_gradients_live_only_in_the_shards() -> None:
 def test_shard_gradients_put_together_equal_one_process() -> None:
     """After one backward, every rank's shard gradients end to end (padding dropped) are one process's gradient."""
     model = FullyShardedDataParallel(make_model(), torch.optim.SGD, lr=0.1)
+    assert_gradient_of_one_process(model)
+    model.close()
+
+
+def assert_gradient_of_one_process(model: FullyShardedDataParallel) -> None:
+    """One backward on global batch 0; every rank's shard gradients end to end equal one process's gradient."""
     x, y = data()
     mine = rank_share(batch(0).numpy(), RANK, SIZE)
     (nn.functional.cross_entropy(model(x[mine]), y[mine], reduction="sum") * SIZE / BATCH).backward()
@@ -147,6 +153,24 @@ def test_shard_gradients_put_together_equal_one_process() -> None:
     want = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
                       for p in ref.parameters() if p.requires_grad])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+class Checkpointed(Net):
+    """Net with its block under activation checkpointing: recomputed during backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """As Net, the block's activations recomputed in backward."""
+        h = torch.utils.checkpoint.checkpoint(self.block, self.frozen(x), use_reentrant=False)
+        h = torch.tanh(self.twice(torch.tanh(self.twice(h))))
+        return self.head(h) * self.scale
+
+
+def test_activation_checkpointing_inside_units() -> None:
+    """A block recomputed during backward (its units gathered again by the recomputed forward) gives one process's gradient."""
+    torch.manual_seed(0)
+    model = FullyShardedDataParallel(Checkpointed(), torch.optim.SGD, lr=0.1)
+    assert_gradient_of_one_process(model)
+    assert all(not u.gathered for u in model.units)
     model.close()
 
 

@@ -22,6 +22,8 @@ optimizer is a plain one over the shards (any element-wise optimizer: SGD, momen
 its step needs no communication, since the next forward gathers. Frozen parameters stay whole on
 every rank, as buffers do (rank 0's, broadcast before each forward). Gradient accumulation:
 call backward several times before step(); each reduces and the shard gradients add up.
+Activation checkpointing (torch.utils.checkpoint) works: a forward recomputed during backward
+goes through the same hooks, so its outputs gather the unit again for the backward that follows.
 Between steps the sharded parameters are empty tensors (parameter_count() counts them; use
 full_state_dict() or `with model.gathered():` to see them). Outputs that a later in-place operation modifies lose the gathering hook: use such layers
 (ReLU(inplace=True) after a Linear) inside a unit, not right after one.
