@@ -245,6 +245,26 @@ def test_adaptive_clipping_follows_the_quantile_and_matches_single_process() -> 
     np.testing.assert_allclose(resumed(cfg, 2), history[-1], rtol=1e-6, atol=1e-7)
 
 
+def test_adaptive_clipping_count_rides_in_the_masked_sum(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--dp-adaptive with --secagg: every b_i goes inside the masked vector, none in the clear counts, and the
+    server's count (hence every round's clip) is exactly the one without secure aggregation."""
+    from dmlmpi.federated import simulation
+
+    # no noise, and a first clip among the update norms: the counts are exact and vary (1, 4 and 2 of 6)
+    cfg = replace(BASE, rounds=3, dp_clip=0.5, dp_noise=0.0, dp_adaptive=True, dp_count_noise=0.0, dp_clip_lr=0.2,
+                  dp_target_quantile=0.5)
+    _, _, plain = simulate(cfg)
+    clear: list[int] = []  # the unclipped field of every stats vector sent to the server
+    stats = simulation._Accumulator.stats
+    monkeypatch.setattr(simulation._Accumulator, "stats", lambda acc: clear.append(acc.unclipped) or stats(acc))
+    _, _, masked = simulate(replace(cfg, secagg=True, secagg_clip=2.0))
+    assert clear and not any(clear)
+    if RANK == 0:
+        assert sum(0 < r["unclipped_fraction"] < 1 for r in plain) >= 2
+        assert [r["dp_clip"] for r in masked] == [r["dp_clip"] for r in plain]
+        assert [r["unclipped_fraction"] for r in masked] == [r["unclipped_fraction"] for r in plain]
+
+
 def test_secure_aggregation_equals_plain_up_to_quantization() -> None:
     for dropout in (0.0, 0.25):
         plain = replace(BASE, rounds=2, dropout=dropout, strategy="fedavg")

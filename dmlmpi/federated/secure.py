@@ -12,6 +12,8 @@ that host the clients. The steps of a round, each a collective over the world:
    seeds of survivors, mask keys of those who dropped after step 2), and it removes the masks.
 
 Sample counts travel in the clear, as in Flower's SecAgg+ (FedAvg's server needs them to weight).
+With adaptive clipping each client's bit b_i (its update was within the clip) rides in the masked
+vector as one more coordinate, so the server learns only their sum, as Andrew et al. (2021) ask.
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ class SecureRound:
         self.graph = secagg.neighbours(ids, cfg.secagg_neighbours or None)
         degree = len(self.graph[ids[0]])
         self.threshold = int(np.floor(cfg.secagg_threshold * degree)) + 1
-        self.length = sim.size * (2 if sim.scaffold else 1)
+        # the update (and SCAFFOLD's control delta), then adaptive clipping's bit b_i
+        self.length = sim.size * (2 if sim.scaffold else 1) + (1 if cfg.dp_adaptive else 0)
         bound = int(sim.sizes[sampled].sum()) if weighting == "examples" else len(ids)
         self.scale = secagg.fixed_point_scale(cfg.secagg_clip, bound)
         mine = [c for c, group in trains.items() if group == sim.group_id]
@@ -66,14 +69,25 @@ class SecureRound:
         self.masked = np.zeros(self.length, dtype=np.uint32)
         self.survivors: list[int] = []
 
-    def add(self, client: int, res: LocalResult, weight: int) -> int:
-        """Encode and mask one client's weighted update into this rank's sum; return its clipped coordinates."""
-        vec = res.delta if res.control_delta is None else np.concatenate([res.delta, res.control_delta])
-        encoded, clipped = secagg.encode(vec, self.sim.cfg.secagg_clip, self.scale, weight)
+    def add(self, client: int, res: LocalResult, weight: int, unclipped: bool | None = None) -> int:
+        """Encode and mask one client's weighted update (and adaptive clipping's bit) into this rank's sum.
+
+        Returns the update's coordinates that secure aggregation's range clipped. The bit travels as
+        secagg_clip (1) or 0, inside the range: unclipped_count() reads the sum back as a count.
+        """
+        parts = [res.delta] + ([] if res.control_delta is None else [res.control_delta])
+        if unclipped is not None:
+            parts.append(np.array([self.sim.cfg.secagg_clip if unclipped else 0.0]))
+        encoded, clipped = secagg.encode(np.concatenate(parts), self.sim.cfg.secagg_clip, self.scale, weight)
         # uint32 addition wraps: the sum is taken modulo 2**32, as the protocol's arithmetic
         np.add(self.masked, self.clients[client].mask(encoded, self.keys, self.graph[client]), out=self.masked)
         self.survivors.append(client)
         return clipped
+
+    def unclipped_count(self, sums: np.ndarray) -> int:
+        """Adaptive clipping's count of unclipped updates, from the last coordinate of the unmasked sum (uniform weights)."""
+        one = np.rint(self.sim.cfg.secagg_clip * self.scale) / self.scale  # what a bit of 1 decodes to
+        return int(np.rint(sums[-1] / one))
 
     def finish(self) -> np.ndarray | None:
         """Reduce the masked sums, unmask on the server: the decoded float64 sum there (None if it failed)."""

@@ -315,12 +315,16 @@ class Simulation:
         with maybe_span(self.tl, f"client {client}", "compute"):
             res = self.trainer.train(client, self.parts[client], global_w, r, cfg.seed, cfg.local_epochs,
                                      cfg.local_batch, control, server_control)
+        bit = None  # adaptive clipping's b_i: whether the update was within the clip
         if cfg.dp_clip:
             res.delta, norm = privacy.clip_update(res.delta, self.clip)
-            acc.unclipped += int(norm <= self.clip)  # adaptive clipping's count (b_i)
+            bit = bool(norm <= self.clip)
         weight = res.examples if weighting == "examples" else 1
-        if secure is not None and self.is_leader:
-            acc.clipped += secure.add(client, res, weight)
+        if secure is not None:
+            if self.is_leader:  # b_i inside the masked vector: the server sees only the sum
+                acc.clipped += secure.add(client, res, weight, bit if cfg.dp_adaptive else None)
+        elif bit is not None:
+            acc.unclipped += int(bit)  # the count, summed over the ranks to the server
         acc.add(client, res, weight)
 
     def _server_update(self, r: int, sampled: np.ndarray, totals: np.ndarray, sums: np.ndarray | None,
@@ -348,6 +352,8 @@ class Simulation:
                 if self.accountant is not None:
                     self.accountant.step()
                 if cfg.dp_adaptive:
+                    if secure is not None:  # the count came masked, as the update's last coordinate
+                        unclipped = secure.unclipped_count(sums)
                     # the clip follows the target quantile of the update norms, from the noisy count
                     new_clip, record["unclipped_fraction"] = privacy.adapt_clip(
                         self.clip, unclipped, self.sampled_per_round, cfg.dp_target_quantile, cfg.dp_clip_lr,
