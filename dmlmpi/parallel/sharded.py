@@ -107,7 +107,8 @@ class ShardedDataParallel(nn.Module):
         broadcast_fused(list(module.parameters()) + list(module.buffers()), root=0, comm=self.comm)
         self.optimizer = ZeroRedundancyOptimizer(params, optimizer_class, comm=self.comm, groups=plan,
                                                  shard_gradients=True, **optimizer_kwargs)
-        offsets, blocks = self.optimizer._offsets, self.optimizer._blocks
+        offsets, blocks = self.optimizer.layout()
+        self._shards = self.optimizer.shard_parameters()  # one per bucket, in bucket order
         self._buckets = [GradBucket(b, [params[i] for i in idx], [offsets[i] - blocks[b][0] for i in idx],
                                     blocks[b][1] - blocks[b][0]) for b, idx in enumerate(plan)]
         self._where = {p: (b, i) for b, bucket in enumerate(self._buckets) for i, p in enumerate(bucket.params)}
@@ -172,7 +173,7 @@ class ShardedDataParallel(nn.Module):
                 # per-call guard: the layout was checked at construction and buckets go in one order
                 mine = dcomm.reduce_scatter_inplace(staging, op="sum", algorithm=self.algorithm, comm=self.comm,
                                                     guard=False)
-            self.optimizer._shards[bucket.index].grad.add_(mine)  # accumulates until zero_grad()
+            self._shards[bucket.index].grad.add_(mine)  # accumulates until zero_grad()
             self._spare.append(bucket.pooled)
             bucket.staging = bucket.pooled = None
         return job

@@ -131,6 +131,10 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
                                       "make a new one over all of them")
         super().add_param_group(param_group)
 
+    def layout(self) -> tuple[list[int], list[tuple[int, int]]]:
+        """Each parameter's offset in the flat vector, and each block's range in it."""
+        return list(self._offsets), list(self._blocks)
+
     def shard_parameters(self) -> list[nn.Parameter]:
         """This rank's pieces of the flat vector, as the local optimizer's parameters (their .grad: the shard gradients)."""
         return list(self._shards)
