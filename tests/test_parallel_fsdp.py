@@ -229,3 +229,18 @@ def test_stage_1_state_loads() -> None:
     resumed = sharded(5, first=3, state=state)
     assert_same(resumed.full_state_dict(), want)
     resumed.close()
+
+
+def test_bad_models_are_refused() -> None:
+    """Another model on one rank, nothing to train, or mixed dtypes: a clear error on every rank at construction."""
+    if SIZE > 1:
+        with pytest.raises(ValueError, match="differs across ranks"):
+            FullyShardedDataParallel(nn.Linear(4, 3 if RANK == SIZE - 1 else 2), torch.optim.SGD, lr=0.1)
+    frozen = nn.Linear(4, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameters that require gradients"):
+        FullyShardedDataParallel(frozen, torch.optim.SGD, lr=0.1)
+    mixed = nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 2).double())
+    with pytest.raises(ValueError, match="one dtype and device"):
+        FullyShardedDataParallel(mixed, torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        FullyShardedDataParallel(nn.Linear(4, 2), torch.optim.SGD, algorithm="tree", lr=0.1)
