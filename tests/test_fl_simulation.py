@@ -174,7 +174,8 @@ def layouts() -> list[tuple[int, int]]:
     return out
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedavgm", "fedadam", "scaffold", "median", "krum"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedavgm", "fedadam", "scaffold", "median", "krum",
+                                      "bulyan"])
 def test_strategies_match_single_process(strategy: str) -> None:
     cfg = replace(BASE, strategy=strategy, mu=0.5, server_lr=0.5 if strategy == "fedavgm" else None)
     _, history, records = simulate(cfg)
@@ -292,6 +293,8 @@ def test_checkpoint_state_resumes_exactly() -> None:
     (dict(min_clients=7), "--min-clients 7 must be between 1 and the 6 clients"),
     (dict(strategy="median", secagg=True), "cannot run with secure aggregation"),
     (dict(strategy="krum", dp_clip=1.0), "differential privacy"),
+    (dict(strategy="krum", krum_f=2), "--strategy krum with --krum-f 2 needs more than 6 clients per round, but 6"),
+    (dict(strategy="bulyan", krum_f=1), "--strategy bulyan with --krum-f 1 needs at least 7 clients per round, but 6"),
     (dict(strategy="scaffold", dp_clip=1.0), "SCAFFOLD"),
     (dict(dp_noise=1.0), "--dp-noise needs --dp-clip"),
     (dict(dp_adaptive=True), "--dp-adaptive needs --dp-clip"),

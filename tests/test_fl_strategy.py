@@ -163,6 +163,50 @@ def test_krum_picks_honest_and_rejects_outlier() -> None:
     np.testing.assert_allclose(S.make("krum", f=1, m=4).aggregate(vec(0, 0), results), [0.375, 0.375])
 
 
+def bulyan_by_the_paper(updates: np.ndarray, f: int) -> np.ndarray:
+    """Bulyan written out with loops (El Mhamdi et al. 2018), Krum's neighbour count at least 1 as Flower's."""
+    left, picked = list(range(len(updates))), []
+    for _ in range(len(updates) - 2 * f):
+        near = max(1, len(left) - f - 2) if len(left) > 1 else 0
+        best, best_score = -1, math.inf
+        for i in left:
+            dists = sorted(float(np.sum((updates[i] - updates[j]) ** 2)) for j in left if j != i)
+            if sum(dists[:near]) < best_score:
+                best, best_score = i, sum(dists[:near])
+        picked.append(best)
+        left.remove(best)
+    beta = len(updates) - 4 * f
+    out = []
+    for c in range(updates.shape[1]):
+        column = [float(updates[i, c]) for i in picked]
+        middle = float(np.median(column))
+        nearest = sorted(range(len(column)), key=lambda k: abs(column[k] - middle))[:beta]
+        out.append(sum(column[k] for k in nearest) / beta)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("n,f", [(3, 0), (7, 1), (11, 2), (12, 2)])
+def test_bulyan_equals_the_paper_and_resists_f_attackers(n: int, f: int) -> None:
+    """Bulyan equals the looped reference; with f updates far off, every coordinate stays within the honest ones' range."""
+    g = np.random.default_rng(n)
+    honest = g.normal(size=(n - f, 5))
+    updates = np.concatenate([honest, 1e3 + g.normal(size=(f, 5))])[g.permutation(n)]
+    results = [R(u, 1) for u in updates]
+    got = S.make("bulyan", f=f).aggregate(np.zeros(5), results)
+    np.testing.assert_allclose(got, bulyan_by_the_paper(updates, f), rtol=1e-12, atol=1e-12)
+    assert np.all(got >= honest.min(axis=0)) and np.all(got <= honest.max(axis=0))
+    if f:  # the plain mean is dragged far away by them
+        assert np.abs(updates.mean(axis=0)).min() > 50
+
+
+def test_bulyan_requires_enough_clients() -> None:
+    """n >= 4f + 3: fewer is an error naming both."""
+    with pytest.raises(ValueError, match=r"n >= 4f \+ 3, got n=6, f=1"):
+        S.Bulyan(f=1).aggregate(vec(0, 0), [R(vec(i, 0), 1) for i in range(6)])
+    with pytest.raises(ValueError, match="f >= 0"):
+        S.Bulyan(f=-1)
+
+
 def test_krum_requires_enough_clients() -> None:
     results = [R(vec(i, 0), 1) for i in range(4)]
     with pytest.raises(ValueError, match=r"n=4.*f=1"):

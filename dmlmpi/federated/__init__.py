@@ -7,7 +7,7 @@ from dmlmpi.federated import partition
 from dmlmpi.federated.partition import PARTITIONERS, dirichlet, iid, shards, stats
 from dmlmpi.federated.simulation import FLConfig, Simulation
 from dmlmpi.federated.strategy import (
-    STRATEGIES, ClientResult, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Krum, Median, Scaffold,
+    STRATEGIES, Bulyan, ClientResult, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Krum, Median, Scaffold,
     Strategy, Sums, TrimmedMean, make, proximal_grad, proximal_term, scaffold_client_step, scaffold_new_control,
     sums_of,
 )
@@ -15,7 +15,7 @@ from dmlmpi.federated.strategy import (
 __all__ = [
     "FLConfig", "Simulation", "partition",
     "PARTITIONERS", "dirichlet", "iid", "shards", "stats",
-    "STRATEGIES", "ClientResult", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedProx", "FedYogi", "Krum",
+    "STRATEGIES", "Bulyan", "ClientResult", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedProx", "FedYogi", "Krum",
     "Median", "Scaffold", "Strategy", "Sums", "TrimmedMean", "make", "proximal_grad", "proximal_term",
     "scaffold_client_step", "scaffold_new_control", "sums_of",
 ]

@@ -13,7 +13,7 @@ that hosts it, k % groups, where its state lives. One round:
    deadline instead;
 3. each group leader adds up its clients' weighted deltas (float64) and the sums are reduced to the
    server, through edge aggregators when --edges is set; strategies that need every delta (median,
-   trimmed mean, Krum) gather them instead, and secure aggregation sums masked integers;
+   trimmed mean, Krum, Bulyan) gather them instead, and secure aggregation sums masked integers;
 4. the server aggregates with the strategy (adding DP noise when asked) and evaluates.
 
 The sampled clients, their data, their minibatch order and their dropouts depend on the seed and
@@ -120,6 +120,13 @@ class FLConfig:
         if not 1 <= self.min_clients <= sampled:
             raise ValueError(f"--min-clients {self.min_clients} must be between 1 and the {sampled} clients "
                              f"sampled per round")
+        # Byzantine-robust rules need enough clients per round for their f (before dropouts)
+        if self.strategy == "krum" and sampled <= 2 * self.krum_f + 2:
+            raise ValueError(f"--strategy krum with --krum-f {self.krum_f} needs more than {2 * self.krum_f + 2} "
+                             f"clients per round, but {sampled} are sampled")
+        if self.strategy == "bulyan" and sampled < 4 * self.krum_f + 3:
+            raise ValueError(f"--strategy bulyan with --krum-f {self.krum_f} needs at least {4 * self.krum_f + 3} "
+                             f"clients per round, but {sampled} are sampled")
         strategy = self.make_strategy()
         if (self.secagg or self.dp_clip) and not strategy.reducible:
             raise ValueError(f"--strategy {self.strategy} needs every client's update in the clear: it cannot "
@@ -162,7 +169,7 @@ class FLConfig:
             kwargs = dict(lr, total_clients=self.clients)
         elif self.strategy == "trimmed_mean":
             kwargs = {"beta": self.trim}
-        elif self.strategy == "krum":
+        elif self.strategy in ("krum", "bulyan"):
             kwargs = {"f": self.krum_f}
         return make(self.strategy, **kwargs)
 

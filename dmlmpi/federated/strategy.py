@@ -12,6 +12,7 @@ References:
 - SCAFFOLD: Karimireddy et al. 2020, "SCAFFOLD: Stochastic Controlled Averaging for Federated Learning".
 - Median / TrimmedMean: Yin et al. 2018, "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates".
 - Krum / Multi-Krum: Blanchard et al. 2017, "Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent".
+- Bulyan: El Mhamdi, Guerraoui, Rouault 2018, "The Hidden Vulnerability of Distributed Learning in Byzantium".
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ class Strategy:
 
     A *reducible* strategy depends on the clients only through the weighted mean of their deltas
     (and their count), so a simulation may add client results up on each rank and reduce the sums
-    (``aggregate_sums``); the others (median, trimmed mean, Krum) need every client's delta.
+    (``aggregate_sums``); the others (median, trimmed mean, Krum, Bulyan) need every client's delta.
     """
 
     reducible = False
@@ -362,9 +363,46 @@ class Krum(Strategy):
         return updates[chosen].mean(axis=0)
 
 
+class Bulyan(Strategy):
+    """Bulyan: Krum picks n-2f updates one at a time; per coordinate, the mean of the n-4f picked values nearest their median."""
+
+    def __init__(self, f: int = 0) -> None:
+        """Set the number f of tolerated Byzantine clients (n >= 4f + 3 updates needed)."""
+        if f < 0:
+            raise ValueError(f"Bulyan needs f >= 0, got f={f}")
+        self.f = f
+
+    def select(self, updates: np.ndarray) -> list[int]:
+        """Indices of the n-2f updates that Krum picks one after another, each from those not picked yet."""
+        n, f = len(updates), self.f
+        if n < 4 * f + 3:
+            raise ValueError(f"Bulyan requires n >= 4f + 3, got n={n}, f={f}")
+        sq = np.sum((updates[:, None, :] - updates[None, :, :]) ** 2, axis=-1)
+        left, chosen = list(range(n)), []
+        for _ in range(n - 2 * f):
+            # Krum over the updates left: sum of squared distances to the r-f-2 nearest others (at least 1,
+            # as the set shrinks; Flower's rule), lowest score first, ties to the earlier client
+            r = len(left)
+            near = max(1, r - f - 2) if r > 1 else 0
+            sub = sq[np.ix_(left, left)]
+            scores = np.sort(sub, axis=1)[:, 1:1 + near].sum(axis=1)
+            chosen.append(left.pop(int(np.argmin(scores))))
+        return chosen
+
+    def combine(self, updates: np.ndarray, results: list[ClientResult]) -> np.ndarray:
+        """Per coordinate: of the selected updates, the beta = n-4f values closest to their median, averaged."""
+        picked = updates[self.select(updates)]
+        beta = len(updates) - 4 * self.f
+        median = np.median(picked, axis=0)
+        # per coordinate, the beta picked values nearest the median (stable: ties to the earlier pick)
+        nearest = np.argsort(np.abs(picked - median), axis=0, kind="stable")[:beta]
+        return np.take_along_axis(picked, nearest, axis=0).mean(axis=0)
+
+
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi,
     "fedadagrad": FedAdagrad, "scaffold": Scaffold, "median": Median, "trimmed_mean": TrimmedMean, "krum": Krum,
+    "bulyan": Bulyan,
 }
 
 
