@@ -74,14 +74,14 @@ def reference(steps: int, clip: float = 0.0) -> tuple[nn.Module, torch.optim.Opt
 
 
 def sharded(steps: int, first: int = 0, micro: int = 1, clip: float = 0.0,
-            state: dict[str, Any] | None = None) -> FullyShardedDataParallel:
+            state: dict[str, Any] | None = None, device: str = "cpu") -> FullyShardedDataParallel:
     """ZeRO-3 over the world on global batches first..steps-1, each in `micro` backward passes."""
-    model = FullyShardedDataParallel(make_model(seed=0 if RANK == 0 else RANK + 5), torch.optim.AdamW, lr=0.01,
-                                     weight_decay=0.1)
+    model = FullyShardedDataParallel(make_model(seed=0 if RANK == 0 else RANK + 5).to(device), torch.optim.AdamW,
+                                     lr=0.01, weight_decay=0.1)
     if state is not None:
         model.load_full_state_dict(state["model"])
         model.optimizer.load_state_dict(state["optimizer"])
-    x, y = data()
+    x, y = (t.to(device) for t in data())
     for s in range(first, steps):
         model.optimizer.zero_grad()
         mine = rank_share(batch(s).numpy(), RANK, SIZE)
@@ -98,7 +98,7 @@ def assert_same(state: dict[str, torch.Tensor], want: nn.Module) -> None:
     ref = want.state_dict()
     assert state.keys() == ref.keys()
     for name in ref:
-        torch.testing.assert_close(state[name], ref[name], rtol=1e-5, atol=2e-6, msg=name)
+        torch.testing.assert_close(state[name].cpu(), ref[name], rtol=1e-5, atol=2e-6, msg=name)
 
 
 def test_matches_single_process() -> None:
@@ -244,3 +244,13 @@ def test_bad_models_are_refused() -> None:
         FullyShardedDataParallel(mixed, torch.optim.SGD, lr=0.1)
     with pytest.raises(ValueError, match="unknown algorithm"):
         FullyShardedDataParallel(nn.Linear(4, 2), torch.optim.SGD, algorithm="tree", lr=0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_single_process() -> None:
+    """On the GPU (device storage freed and refilled, MPI direct or through the host): one process's AdamW."""
+    want, _ = reference(3)
+    model = sharded(3, device=f"cuda:{RANK % torch.cuda.device_count()}")
+    assert all(u.shard.is_cuda and not u.gathered for u in model.units)
+    assert_same(model.full_state_dict(), want)
+    model.close()

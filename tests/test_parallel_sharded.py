@@ -73,14 +73,14 @@ def reference(steps: int, clip: float = 0.0) -> tuple[nn.Module, torch.optim.Opt
 
 
 def sharded(steps: int, first: int = 0, micro: int = 1, clip: float = 0.0, bucket_mb: float = 0.002,
-            state: dict[str, Any] | None = None) -> ShardedDataParallel:
+            state: dict[str, Any] | None = None, device: str = "cpu") -> ShardedDataParallel:
     """ZeRO-2 over the world on global batches first..steps-1, each in `micro` accumulated micro-steps."""
-    model = ShardedDataParallel(make_model(seed=0 if RANK == 0 else RANK + 5), torch.optim.AdamW, bucket_mb=bucket_mb, lr=0.01,
-                                weight_decay=0.1)
+    model = ShardedDataParallel(make_model(seed=0 if RANK == 0 else RANK + 5).to(device), torch.optim.AdamW,
+                                bucket_mb=bucket_mb, lr=0.01, weight_decay=0.1)
     if state is not None:
         model.module.load_state_dict(state["model"])
         model.optimizer.load_state_dict(state["optimizer"])
-    x, y = data()
+    x, y = (t.to(device) for t in data())
     for s in range(first, steps):
         model.optimizer.zero_grad()
         mine = rank_share(batch(s).numpy(), RANK, SIZE)
@@ -99,9 +99,9 @@ def sharded(steps: int, first: int = 0, micro: int = 1, clip: float = 0.0, bucke
 
 
 def assert_same(model: nn.Module, want: nn.Module) -> None:
-    """Every parameter equal within float tolerance."""
+    """Every parameter equal within float tolerance (compared on the host)."""
     for (name, got), ref in zip(model.named_parameters(), want.parameters()):
-        torch.testing.assert_close(got.detach(), ref.detach(), rtol=1e-5, atol=2e-6, msg=name)
+        torch.testing.assert_close(got.detach().cpu(), ref.detach(), rtol=1e-5, atol=2e-6, msg=name)
 
 
 def test_block_layout_pads_each_group_to_n_pieces() -> None:
@@ -228,3 +228,13 @@ def test_a_model_that_differs_across_ranks_is_refused() -> None:
     net = nn.Linear(4, 3 if RANK == SIZE - 1 else 2)
     with pytest.raises(ValueError, match="differs across ranks"):
         ShardedDataParallel(net, torch.optim.SGD, lr=0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_single_process() -> None:
+    """On the GPU (parameters, staging buckets and shards on the device; MPI direct or through the host): one process's AdamW."""
+    want, _ = reference(3)
+    model = sharded(3, device=f"cuda:{RANK % torch.cuda.device_count()}")
+    assert all(s.is_cuda and s.grad.is_cuda for s in model.optimizer.shard_parameters())
+    assert_same(model.module, want)
+    model.close()
