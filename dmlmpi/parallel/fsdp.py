@@ -16,7 +16,8 @@ A unit's whole vector exists only while the unit is in use:
   needs it; each parameter's gradient, scaled by 1/n, goes into the unit's staging buffer and
   its .grad is freed; once the unit has all of them its vector is given back and the buffer is
   reduce-scattered, each rank adding its piece to its shard's gradient (units in backward order
-  on every rank: one finished early waits for the ones before it).
+  on every rank: one finished early waits for the ones before it, and one without gradients,
+  an unused layer, holds the rest until backward ends).
 So a rank holds its shards, their gradients and optimizer state, plus the layers in use. The
 optimizer is a plain one over the shards (any element-wise optimizer: SGD, momentum, Adam, AdamW);
 its step needs no communication, since the next forward gathers. Frozen parameters stay whole on
