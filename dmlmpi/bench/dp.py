@@ -156,12 +156,10 @@ def torch_fsdp(model: nn.Module, sub: MPI.Comm, reshard: bool) -> nn.Module:
     return fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
 
 
-def grad_bytes(model: nn.Module, opt: Any) -> int:
+def grad_bytes(model: nn.Module) -> int:
     """Bytes of gradient this rank keeps between steps: its shards' (ZeRO-2), its local part of DTensors (FSDP), or all."""
-    if isinstance(model, ShardedDataParallel):
+    if isinstance(model, (ShardedDataParallel, FullyShardedDataParallel)):
         return model.gradient_bytes()["shard"]
-    if isinstance(model, FullyShardedDataParallel):
-        return model.gradient_bytes()
     total = 0  # (DataParallel's .grad are views of its buckets: counted once)
     for p in model.parameters():
         g = p.grad
@@ -249,7 +247,7 @@ def run_model(name: str, k: int, sub: MPI.Comm, group: Any, args: argparse.Names
             per_step[v].append(timed_sample(built[v][1], steps, sub))
     records = []
     for v, (model, _, opt) in built.items():
-        kept, params_kept = grad_bytes(model, opt), param_bytes(model)
+        kept, params_kept = grad_bytes(model), param_bytes(model)
         if v.startswith("dmlmpi"):
             model.close()
         rates = [k * args.batch / t for t in per_step[v]]

@@ -278,9 +278,11 @@ class FullyShardedDataParallel(nn.Module):
         return sum(u.count() for u in self.units) + sum(p.numel() for p in self.module.parameters()
                                                            if not p.requires_grad)
 
-    def gradient_bytes(self) -> int:
-        """Bytes of gradient this rank keeps between steps: its shards'."""
-        return sum(u.shard.grad.numel() * u.shard.grad.element_size() for u in self.units if u.shard.grad is not None)
+    def gradient_bytes(self) -> dict[str, int]:
+        """Gradient memory on this rank: the shards' and any .grad now held (ShardedDataParallel's keys, no staging pool)."""
+        shard = sum(u.shard.grad.numel() * u.shard.grad.element_size() for u in self.units if u.shard.grad is not None)
+        held = sum(p.grad.numel() * p.grad.element_size() for p in self.module.parameters() if p.grad is not None)
+        return {"shard": shard, "param_grads": held}
 
     def parameter_bytes(self) -> int:
         """Bytes of trainable parameters this rank keeps between steps: its shards' (plus any unit left gathered)."""
