@@ -20,8 +20,8 @@ from dmlmpi import comm as dcomm
 from dmlmpi.comm.context import existing_comms
 from dmlmpi.data import Dataset, rank_share
 from dmlmpi.grid import ProcessGrid
-from dmlmpi.parallel import (DataParallel, FullyShardedDataParallel, ParameterServer, Pipeline, ShardedDataParallel, SyncBatchNorm,
-                             ZeroRedundancyOptimizer, clip_grad_norm)
+from dmlmpi.parallel import (DataParallel, FullyShardedDataParallel, ParameterServer, Pipeline, ShardedDataParallel,
+                             SyncBatchNorm, ZeroRedundancyOptimizer, clip_grad_norm)
 from dmlmpi.parallel.amp import DynamicLossScaler, autocast
 from dmlmpi.telemetry import Timeline
 

@@ -10,9 +10,11 @@ BatchNorm layers in dmlmpi's SyncBatchNorm (torch's refuses CPU tensors, so DDP 
 ZeroRedundancyOptimizer, and torch's over gloo); with `--zero 2` also `dmlmpi-zero2` and `fsdp-zero2`
 (ZeRO stage 2: dmlmpi's ShardedDataParallel, and torch FSDP2's fully_shard per layer with
 reshard_after_forward=False, over gloo); with `--zero 3` also `dmlmpi-zero3` and `fsdp-zero3` (ZeRO
-stage 3: dmlmpi's FullyShardedDataParallel, and fully_shard per layer, resharded after forward); with `--amp bf16`, `local-bf16`, `dmlmpi-bf16` and
-`ddp-bf16` run the same three with the forward under bfloat16 autocast (each against `local-bf16`); with
-`--reduction adasum`, `dmlmpi-adasum` combines the gradients by Adasum (power-of-two ranks). Each rank takes a fixed batch per step (weak scaling). Reported:
+stage 3: dmlmpi's FullyShardedDataParallel, and fully_shard per layer, resharded after forward);
+with `--amp bf16`, `local-bf16`, `dmlmpi-bf16` and `ddp-bf16` run the same three with the forward
+under bfloat16 autocast (each against `local-bf16`); with `--reduction adasum`, `dmlmpi-adasum`
+combines the gradients by Adasum (power-of-two ranks). Each rank takes a fixed batch per step
+(weak scaling). Reported:
 samples/s over all K ranks (median, min, max of timed samples, each timed as the slowest rank's)
 and how much longer a step is than `local`'s. The three variants of a model take their timed
 samples in turn, so the machine's slow and fast spells fall on all of them alike.

@@ -8,4 +8,5 @@ from .sharded import ShardedDataParallel
 from .syncbn import SyncBatchNorm
 from .zero import ZeroRedundancyOptimizer
 
-__all__ = ["DataParallel", "FullyShardedDataParallel", "clip_grad_norm", "ParameterServer", "Pipeline", "ShardedDataParallel", "SyncBatchNorm", "ZeroRedundancyOptimizer"]
+__all__ = ["DataParallel", "FullyShardedDataParallel", "clip_grad_norm", "ParameterServer", "Pipeline",
+           "ShardedDataParallel", "SyncBatchNorm", "ZeroRedundancyOptimizer"]

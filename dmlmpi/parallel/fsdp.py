@@ -26,8 +26,9 @@ call backward several times before step(); each reduces and the shard gradients 
 Activation checkpointing (torch.utils.checkpoint) works: a forward recomputed during backward
 goes through the same hooks, so its outputs gather the unit again for the backward that follows.
 Between steps the sharded parameters are empty tensors (parameter_count() counts them; use
-full_state_dict() or `with model.gathered():` to see them). Outputs that a later in-place operation modifies lose the gathering hook: use such layers
-(ReLU(inplace=True) after a Linear) inside a unit, not right after one.
+full_state_dict() or `with model.gathered():` to see them). Outputs that a later in-place
+operation modifies lose the gathering hook: use such layers (ReLU(inplace=True) after a Linear)
+inside a unit, not right after one.
 """
 from __future__ import annotations
 
@@ -348,8 +349,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The whole optimizer state, gathered from every rank (collective); ZeroRedundancyOptimizer's format."""
-        mine = [{k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in self.optim.state.get(u.shard, {}).items()}
-                for u in self.units]
+        mine = [{k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
+                 for k, v in self.optim.state.get(u.shard, {}).items()} for u in self.units]
         ranks = self.comm.allgather(mine)  # pickled: checkpoint time only
         state: dict[str, Any] = {}
         for key, value in ranks[0][0].items():

@@ -17,8 +17,9 @@ all-reduce's other half.
 Each bucket (parameters in reverse order, as backward reaches them) is its own block of the
 optimizer's flat vector, cut into n equal pieces, so every reduce-scatter is balanced.
 Staging buffers come from a pool of at most max_in_flight (2) buffers of the longest bucket's
-size, kept from step to step (DeepSpeed keeps fixed reduce buffers too); a parameter that gets no gradient holds back the buckets after its own (all ranks
-reduce in one order) until backward ends, and the pool grows to hold them.
+size, kept from step to step (DeepSpeed keeps fixed reduce buffers too); a parameter that gets
+no gradient holds back the buckets after its own (all ranks reduce in one order) until backward
+ends, and the pool grows to hold them.
 After backward the parameters' .grad are None: clip and unscale the shard gradients
 (optimizer.shard_parameters()) with a norm or overflow flag reduced over the ranks.
 """
