@@ -44,6 +44,7 @@ from dmlmpi.comm.fusion import FusedBroadcast, broadcast_fused
 from dmlmpi.telemetry import maybe_span
 
 from .data import check_same_layout
+from .zero import ShardOptimizer, block_layout
 
 
 class Unit:
@@ -51,9 +52,9 @@ class Unit:
 
     def __init__(self, index: int, module: nn.Module, params: list[nn.Parameter], n: int, rank: int) -> None:
         self.index, self.module, self.params = index, module, params
-        sizes = [p.numel() for p in params]
-        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        self.used = sum(sizes)
+        self.sizes = [p.numel() for p in params]  # (kept: the parameters are empty while not gathered)
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(params))]
+        self.used = sum(self.sizes)
         self.length = -(-self.used // n) * n  # padded: n pieces of one length
         self.piece = self.length // n
         self.start = rank * self.piece
@@ -320,66 +321,25 @@ def _tensors(output: Any) -> Iterable[torch.Tensor]:
             yield from _tensors(item)
 
 
-class ShardedOptimizer(torch.optim.Optimizer):
-    """`optimizer_class` over this rank's shards of the units; its state_dict is the whole state, in parameter order."""
+class ShardedOptimizer(ShardOptimizer):
+    """`optimizer_class` over this rank's shards of the units; no communication in step(): the next forward gathers.
+
+    Its layout is the units end to end, each padded to n pieces (as each unit's own vector is), so
+    state_dict() is ZeroRedundancyOptimizer's: the whole state in the parameters' order.
+    """
 
     def __init__(self, units: list[Unit], optimizer_class: Callable[..., torch.optim.Optimizer], comm: MPI.Comm,
                  **defaults: Any) -> None:
-        self.units, self.comm = units, comm
-        self.optim = optimizer_class([u.shard for u in units], **defaults)
-        # the shards as schedulers see them; step() passes hyperparameter changes on to the local optimizer
-        super().__init__([u.shard for u in units], dict(self.optim.defaults))
-        self.state = self.optim.state  # one state: zero_grad and state_bytes see the local optimizer's
-
-    def shard_parameters(self) -> list[nn.Parameter]:
-        """This rank's shards, as the local optimizer's parameters (their .grad: the shard gradients)."""
-        return [u.shard for u in self.units]
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the shards' gradients."""
-        self.optim.zero_grad(set_to_none)
+        sizes = [n for u in units for n in u.sizes]
+        first = [sum(len(v.params) for v in units[:i]) for i in range(len(units))]
+        groups = [list(range(f, f + len(u.params))) for f, u in zip(first, units)]
+        offsets, blocks = block_layout(sizes, groups, comm.Get_size())
+        shards = [u.shard for u in units]
+        # the shards are what schedulers and zero_grad() see: the layers' parameters are empty between steps
+        super().__init__(shards, shards, sizes, offsets, blocks, optimizer_class, comm, **defaults)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Update this rank's shards (no communication: the next forward gathers them)."""
-        for key, value in self.param_groups[0].items():
-            if key != "params":
-                self.optim.param_groups[0][key] = value
+        """Update this rank's shards."""
+        self._sync_hyperparameters()
         return self.optim.step(closure)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The whole optimizer state, gathered from every rank (collective); ZeroRedundancyOptimizer's format."""
-        mine = [{k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
-                 for k, v in self.optim.state.get(u.shard, {}).items()} for u in self.units]
-        ranks = self.comm.allgather(mine)  # pickled: checkpoint time only
-        state: dict[str, Any] = {}
-        for key, value in ranks[0][0].items():
-            if torch.is_tensor(value) and value.dim() == 1 and value.numel() == self.units[0].piece:
-                # per-element state: each unit's pieces end to end, padding dropped, units in order
-                state[key] = torch.cat([torch.cat([r[u.index][key] for r in ranks])[:u.used] for u in self.units])
-            else:
-                state[key] = value  # per-shard scalars such as Adam's step count: the same everywhere
-        groups = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
-        return {"zero_state": state, "param_groups": groups, "world_size": self.comm.Get_size()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Take this rank's pieces of a state saved by state_dict() or ZeroRedundancyOptimizer, at any world size."""
-        total = sum(u.used for u in self.units)
-        mine: list[dict[str, Any]] = [{} for _ in self.units]
-        for key, value in state_dict["zero_state"].items():
-            if torch.is_tensor(value) and value.dim() == 1 and value.numel() == total:
-                at = 0
-                for u, m in zip(self.units, mine):
-                    whole = torch.zeros(u.length, dtype=value.dtype)
-                    whole[:u.used] = value[at:at + u.used]
-                    m[key] = whole[u.start:u.start + u.piece].clone().to(u.shard.device)
-                    at += u.used
-            else:
-                for m in mine:
-                    m[key] = value.clone() if torch.is_tensor(value) else value
-        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
-            group.update(saved)
-        local = self.optim.state_dict()
-        local["state"] = {j: m for j, m in enumerate(mine) if m}
-        self.optim.load_state_dict(local)
-        self.state = self.optim.state

@@ -73,49 +73,34 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(t.numel() * t.element_size() for t in local)
 
 
-class ZeroRedundancyOptimizer(torch.optim.Optimizer):
-    """`optimizer_class` over 1/n of the parameters on each rank of `comm`; `step()` all-gathers the rest.
+def block_pieces(blocks: list[tuple[int, int]], n: int, rank: int) -> list[tuple[int, int]]:
+    """Rank's piece [start, stop) of each block (every block cut into n equal pieces)."""
+    return [(a + rank * ((b - a) // n), a + (rank + 1) * ((b - a) // n)) for a, b in blocks]
 
-    groups: the parameters (indices into `params`) in blocks, each laid out in its own stretch of
-    the flat vector and cut into n pieces of its own (ZeRO stage 2 cuts each gradient bucket
-    this way, so that every bucket's reduce-scatter is balanced); default one block of all, in order.
-    shard_gradients: True (stage 2) when the caller reduces the gradients straight into
-    shard_grads(); step() then reads those instead of the parameters' .grad.
+
+class ShardOptimizer(torch.optim.Optimizer):
+    """`optimizer_class` over this rank's pieces of a flat layout of the parameters; state_dict() is the whole state.
+
+    The layout: parameters of `sizes` at `offsets` in a flat vector of `blocks`, each block cut into
+    n equal pieces; `shards[j]` holds this rank's piece of block j. Per-element state is saved as
+    one vector over the parameters end to end in their given order, whatever the layout, so a state
+    saved by any stage of ZeRO at any world size loads into any other. `visible` are the
+    parameters schedulers and zero_grad() see.
     """
 
-    def __init__(self, params: Iterable[nn.Parameter], optimizer_class: Callable[..., torch.optim.Optimizer],
-                 comm: MPI.Comm | None = None, *, groups: list[list[int]] | None = None,
-                 shard_gradients: bool = False, **defaults: Any) -> None:
-        params = [p for p in params if p.requires_grad]
-        if not params:
-            raise ValueError("ZeroRedundancyOptimizer: no parameters that require gradients")
-        kinds = {(p.dtype, p.device) for p in params}
-        if len(kinds) > 1:
-            raise ValueError(f"ZeroRedundancyOptimizer: parameters must share one dtype and device (one flat "
-                             f"vector); got {sorted(str(k) for k in kinds)}")
-        self.comm = MPI.COMM_WORLD if comm is None else comm
-        n, rank = self.comm.Get_size(), self.comm.Get_rank()
-        self._params = params
-        self._sizes = [p.numel() for p in params]
-        self._total = sum(self._sizes)
-        self._offsets, self._blocks = block_layout(self._sizes, groups or [list(range(len(params)))], n)
-        # every parameter becomes a view into one flat vector (each block padded to n equal pieces),
-        # so that the all-gathers write the model in place and model.load_state_dict() reaches the shards
-        self._flat = torch.zeros(self._blocks[-1][1], dtype=params[0].dtype, device=params[0].device)
-        for p, offset, size in zip(params, self._offsets, self._sizes):
-            self._flat[offset:offset + size].copy_(p.detach().reshape(-1))
-            p.data = self._flat[offset:offset + size].view_as(p)
-        # this rank's piece of each block, each one parameter of the local optimizer
-        self._pieces = [(a + rank * ((b - a) // n), a + (rank + 1) * ((b - a) // n)) for a, b in self._blocks]
-        self._shards = [nn.Parameter(self._flat[a:b]) for a, b in self._pieces]
-        for shard in self._shards:
-            shard.grad = torch.zeros_like(shard)
-        self._within = [overlaps(self._sizes, a, b, self._offsets) for a, b in self._pieces]
-        self.shard_gradients = shard_gradients
-        self.optim = optimizer_class(self._shards, **defaults)
+    shard_gradients = False  # True: the caller reduces gradients straight into the shards; zero_grad clears them
+
+    def __init__(self, visible: list[nn.Parameter], shards: list[nn.Parameter], sizes: list[int],
+                 offsets: list[int], blocks: list[tuple[int, int]],
+                 optimizer_class: Callable[..., torch.optim.Optimizer], comm: MPI.Comm, **defaults: Any) -> None:
+        self.comm = comm
+        self._sizes, self._offsets, self._blocks, self._shards = sizes, offsets, blocks, shards
+        self._total = sum(sizes)
+        self._pieces = block_pieces(blocks, comm.Get_size(), comm.Get_rank())
+        self.optim = optimizer_class(shards, **defaults)
         # the parameters as schedulers see them, with the local optimizer's full defaults (betas,
         # momentum: OneCycleLR cycles them); step() passes any change on to the local optimizer
-        super().__init__(params, dict(self.optim.defaults))
+        super().__init__(visible, dict(self.optim.defaults))
         self._made = True
 
     def _sync_hyperparameters(self) -> None:
@@ -125,9 +110,9 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
                 self.optim.param_groups[0][key] = value
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Refused once made: the flat vector and its shards are fixed at construction."""
+        """Refused once made: the flat layout and its shards are fixed at construction."""
         if getattr(self, "_made", False):  # (torch's Optimizer.__init__ adds the first group itself)
-            raise NotImplementedError("ZeroRedundancyOptimizer: parameters cannot be added after construction; "
+            raise NotImplementedError(f"{type(self).__name__}: parameters cannot be added after construction; "
                                       "make a new one over all of them")
         super().add_param_group(param_group)
 
@@ -140,11 +125,109 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         return list(self._shards)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the parameters' gradients and, when the caller reduces into them, the shard gradients."""
+        """Clear the visible parameters' gradients and, when the caller reduces into them, the shard gradients."""
         super().zero_grad(set_to_none)
         if self.shard_gradients:
             for shard in self._shards:
                 shard.grad.zero_()  # kept allocated: the reduce-scatters add into them
+
+    def local_state_bytes(self) -> int:
+        """Bytes of optimizer state held on this rank (tensors only)."""
+        return state_bytes(self.optim)
+
+    def _to_params_order(self, flat: torch.Tensor) -> torch.Tensor:
+        """A per-element vector in the flat layout as the parameters end to end in their given order (no padding)."""
+        return torch.cat([flat[o:o + n] for o, n in zip(self._offsets, self._sizes)])
+
+    def _from_params_order(self, whole: torch.Tensor) -> torch.Tensor:
+        """The inverse of _to_params_order: padding becomes zeros."""
+        flat = torch.zeros(self._blocks[-1][1], dtype=whole.dtype)
+        at = 0
+        for o, n in zip(self._offsets, self._sizes):
+            flat[o:o + n] = whole[at:at + n]
+            at += n
+        return flat
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole optimizer state, gathered from every rank (collective): any world size or layout can load it."""
+        # copies: the live step counter is a tensor that later steps increment in place
+        mine = [{key: (value.detach().cpu().clone() if torch.is_tensor(value) else value)
+                 for key, value in self.optim.state.get(shard, {}).items()} for shard in self._shards]
+        ranks = self.comm.allgather(mine)  # pickled: checkpoint time only
+        n = self.comm.Get_size()
+        state: dict[str, Any] = {}
+        for key, value in ranks[0][0].items():
+            if torch.is_tensor(value) and value.dim() == 1 and value.numel() == len(self._shards[0]):
+                # per-element state (momentum, Adam's moments): every rank's pieces into place, padding dropped
+                flat = torch.zeros(self._blocks[-1][1], dtype=value.dtype)
+                for b, (a, c) in enumerate(self._blocks):
+                    m = (c - a) // n
+                    for q in range(n):
+                        flat[a + q * m:a + (q + 1) * m] = ranks[q][b][key]
+                state[key] = self._to_params_order(flat)
+            else:
+                state[key] = value  # per-piece scalars such as Adam's step count: the same everywhere
+        groups = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
+        return {"zero_state": state, "param_groups": groups, "world_size": n}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Take this rank's pieces of a state from state_dict() (saved at any world size, by any stage)."""
+        full = state_dict["zero_state"]
+        mine: list[dict[str, Any]] = [{} for _ in self._shards]
+        for key, value in full.items():
+            if torch.is_tensor(value) and value.dim() == 1 and value.numel() == self._total:
+                flat = self._from_params_order(value)
+                for j, (a, b) in enumerate(self._pieces):
+                    mine[j][key] = flat[a:b].clone().to(self._shards[j].device)
+            else:
+                for j in range(len(self._shards)):
+                    mine[j][key] = value.clone() if torch.is_tensor(value) else value  # not the caller's tensor
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            group.update(saved)
+        self._sync_hyperparameters()
+        local = self.optim.state_dict()
+        local["state"] = {j: m for j, m in enumerate(mine) if m}
+        self.optim.load_state_dict(local)
+
+
+class ZeroRedundancyOptimizer(ShardOptimizer):
+    """`optimizer_class` over 1/n of the parameters on each rank of `comm`; `step()` all-gathers the rest.
+
+    groups: the parameters (indices into `params`) in blocks, each laid out in its own stretch of
+    the flat vector and cut into n pieces of its own (ZeRO stage 2 cuts each gradient bucket
+    this way, so that every bucket's reduce-scatter is balanced); default one block of all, in order.
+    shard_gradients: True (stage 2) when the caller reduces the gradients straight into
+    shard_parameters(); step() then reads those instead of the parameters' .grad.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], optimizer_class: Callable[..., torch.optim.Optimizer],
+                 comm: MPI.Comm | None = None, *, groups: list[list[int]] | None = None,
+                 shard_gradients: bool = False, **defaults: Any) -> None:
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            raise ValueError("ZeroRedundancyOptimizer: no parameters that require gradients")
+        kinds = {(p.dtype, p.device) for p in params}
+        if len(kinds) > 1:
+            raise ValueError(f"ZeroRedundancyOptimizer: parameters must share one dtype and device (one flat "
+                             f"vector); got {sorted(str(k) for k in kinds)}")
+        comm = MPI.COMM_WORLD if comm is None else comm
+        n, rank = comm.Get_size(), comm.Get_rank()
+        self._params = params
+        sizes = [p.numel() for p in params]
+        offsets, blocks = block_layout(sizes, groups or [list(range(len(params)))], n)
+        # every parameter becomes a view into one flat vector (each block padded to n equal pieces),
+        # so that the all-gathers write the model in place and model.load_state_dict() reaches the shards
+        self._flat = torch.zeros(blocks[-1][1], dtype=params[0].dtype, device=params[0].device)
+        for p, offset, size in zip(params, offsets, sizes):
+            self._flat[offset:offset + size].copy_(p.detach().reshape(-1))
+            p.data = self._flat[offset:offset + size].view_as(p)
+        # this rank's piece of each block, each one parameter of the local optimizer
+        shards = [nn.Parameter(self._flat[a:b]) for a, b in block_pieces(blocks, n, rank)]
+        for shard in shards:
+            shard.grad = torch.zeros_like(shard)
+        self.shard_gradients = shard_gradients
+        super().__init__(params, shards, sizes, offsets, blocks, optimizer_class, comm, **defaults)
+        self._within = [overlaps(sizes, a, b, offsets) for a, b in self._pieces]
 
     def _check_in_place(self) -> None:
         """The parameters must still be views of the flat vector: model.to(), .double() and the like replace them."""
@@ -178,65 +261,3 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         for a, b in self._blocks:
             dcomm.allgather_inplace(self._flat[a:b], comm=self.comm)
         return loss
-
-    def local_state_bytes(self) -> int:
-        """Bytes of optimizer state held on this rank (tensors only)."""
-        return state_bytes(self.optim)
-
-    def _to_params_order(self, flat: torch.Tensor) -> torch.Tensor:
-        """A per-element vector in the flat layout as the parameters end to end in their given order (no padding)."""
-        return torch.cat([flat[o:o + n] for o, n in zip(self._offsets, self._sizes)])
-
-    def _from_params_order(self, whole: torch.Tensor) -> torch.Tensor:
-        """The inverse of _to_params_order: padding becomes zeros."""
-        flat = torch.zeros(len(self._flat), dtype=whole.dtype)
-        at = 0
-        for o, n in zip(self._offsets, self._sizes):
-            flat[o:o + n] = whole[at:at + n]
-            at += n
-        return flat
-
-    def state_dict(self) -> dict[str, Any]:
-        """The whole optimizer state, gathered from every rank (collective): any world size or layout can load it.
-
-        Per-element state is saved as one vector over the parameters end to end in their given
-        order, whatever the blocks: a stage-2 run's state loads into stage 1 and back.
-        """
-        # copies: the live step counter is a tensor that later steps increment in place
-        mine = [{key: (value.detach().cpu().clone() if torch.is_tensor(value) else value)
-                 for key, value in self.optim.state.get(shard, {}).items()} for shard in self._shards]
-        ranks = self.comm.allgather(mine)  # pickled: checkpoint time only
-        n = self.comm.Get_size()
-        state: dict[str, Any] = {}
-        for key, value in ranks[0][0].items():
-            if torch.is_tensor(value) and value.dim() == 1 and value.numel() == len(self._shards[0]):
-                # per-element state (momentum, Adam's moments): every rank's pieces into place, padding dropped
-                flat = torch.zeros(len(self._flat), dtype=value.dtype)
-                for b, (a, c) in enumerate(self._blocks):
-                    m = (c - a) // n
-                    for q in range(n):
-                        flat[a + q * m:a + (q + 1) * m] = ranks[q][b][key]
-                state[key] = self._to_params_order(flat)
-            else:
-                state[key] = value  # per-piece scalars such as Adam's step count: the same everywhere
-        groups = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
-        return {"zero_state": state, "param_groups": groups, "world_size": n}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Take this rank's pieces of a state from state_dict() (saved at any world size or layout)."""
-        full = state_dict["zero_state"]
-        mine: list[dict[str, Any]] = [{} for _ in self._shards]
-        for key, value in full.items():
-            if torch.is_tensor(value) and value.dim() == 1 and value.numel() == self._total:
-                flat = self._from_params_order(value)
-                for j, (a, b) in enumerate(self._pieces):
-                    mine[j][key] = flat[a:b].clone().to(self._flat.device)
-            else:
-                for j in range(len(self._shards)):
-                    mine[j][key] = value.clone() if torch.is_tensor(value) else value  # not the caller's tensor
-        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
-            group.update(saved)
-        self._sync_hyperparameters()
-        local = self.optim.state_dict()
-        local["state"] = {j: m for j, m in enumerate(mine) if m}
-        self.optim.load_state_dict(local)
