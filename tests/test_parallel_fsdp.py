@@ -11,12 +11,12 @@ from torch import nn
 
 from dmlmpi.data import rank_share
 from dmlmpi.parallel import FullyShardedDataParallel, ShardedDataParallel, ZeroRedundancyOptimizer, clip_grad_norm
+from zero_reference import BATCH, batch, data, one_process, zeros_for_missing
 
 pytestmark = pytest.mark.mpi
 
 WORLD = MPI.COMM_WORLD
 RANK, SIZE = WORLD.Get_rank(), WORLD.Get_size()
-BATCH = 13  # uneven over 2, 3, 4 and 8 ranks
 
 
 class Net(nn.Module):
@@ -45,32 +45,9 @@ def make_model(seed: int = 0) -> Net:
     return Net()
 
 
-def data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same random global data on every rank."""
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(n, 40, generator=g), torch.randint(0, 10, (n,), generator=g)
-
-
-def batch(s: int) -> torch.Tensor:
-    """Global batch s."""
-    return torch.arange(s * BATCH, (s + 1) * BATCH) % 64
-
-
 def reference(steps: int, clip: float = 0.0) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """One process, AdamW on whole batches; a parameter without a gradient counts as zeros."""
-    model = make_model()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01, weight_decay=0.1)
-    x, y = data()
-    for s in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[batch(s)]), y[batch(s)]).backward()
-        for p in model.parameters():
-            if p.requires_grad and p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if clip:
-            nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-    return model, opt
+    """One process's AdamW run of this file's model."""
+    return one_process(make_model, steps, clip)
 
 
 def sharded(steps: int, first: int = 0, micro: int = 1, clip: float = 0.0,
@@ -221,9 +198,7 @@ def test_stage_1_state_loads() -> None:
     for s in range(3):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x[batch(s)]), y[batch(s)]).backward()
-        for p in model.parameters():
-            if p.requires_grad and p.grad is None:
-                p.grad = torch.zeros_like(p)
+        zeros_for_missing(model)
         opt.step()
     state = dict(model=model.state_dict(), optimizer=opt.state_dict())
     want, _ = reference(5)
