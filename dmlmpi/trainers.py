@@ -267,7 +267,9 @@ class DPTrainer(Trainer):
         # ZeRO-3: the whole model gathered (collective); the parameters hold no data between steps
         model = self.model.full_state_dict() if self.zero3 else self.model.module.state_dict()
         return dict(model=model, optimizer=self.optimizer.state_dict(),
-                    schedule=self.schedule.state_dict(), comm_state=self.model.comm_state(),
+                    schedule=self.schedule.state_dict(),
+                    # gradient compression's state (PowerSGD): DataParallel's only, ZeRO-2 and 3 have none
+                    comm_state={} if self.sharded else self.model.comm_state(),
                     loss_scaler=None if self.scaler is None else self.scaler.state_dict())
 
     def save(self, run_dir: str, step: int, state: dict[str, Any]) -> None:
@@ -284,7 +286,8 @@ class DPTrainer(Trainer):
         self.schedule.load_state_dict(state["schedule"])
         if self.scaler is not None and state.get("loss_scaler") is not None:
             self.scaler.load_state_dict(state["loss_scaler"])
-        if not self.model.load_comm_state(state.get("comm_state", {})) and self.comm.Get_rank() == 0:
+        restored = self.sharded or self.model.load_comm_state(state.get("comm_state", {}))
+        if not restored and self.comm.Get_rank() == 0:
             print("dmlmpi: PowerSGD's per-rank errors were saved at another world size: they start from zero",
                   flush=True)
 

@@ -244,7 +244,7 @@ class DataParallel(nn.Module):
         self._join: Join | None = None  # set inside join(): uneven inputs across ranks
         # DDP's pre-division: each rank's gradient is scaled by 1/n as it enters its bucket (no extra
         # pass over the data) and the buckets are summed, so .grad ends with the average
-        self._scale = 1.0 if self._adasum else 1.0 / self.comm.Get_size()  # Adasum takes whole gradients
+        self._scale = self._default_scale()
         # CPU ranks of one node keep their buckets in shared memory, where the "shm" all-reduce sums
         # them without messages (shared_buckets=False keeps them private: freeing a window is
         # collective, which a communicator that lost a rank cannot do)
@@ -271,6 +271,10 @@ class DataParallel(nn.Module):
         """Every rank takes root's parameters and buffers (any dtype: bool masks too); rank 0's at start."""
         # from root as raw bytes, in a few buckets: one guarded broadcast each, not one per tensor
         broadcast_fused(list(self.module.parameters()) + list(self.module.buffers()), root=root, comm=self.comm)
+
+    def _default_scale(self) -> float:
+        """Each gradient's factor entering its bucket: 1/n (the sum is the mean), 1 with Adasum (whole gradients)."""
+        return 1.0 if self._adasum else 1.0 / self.comm.Get_size()
 
     def _on_cpu(self, module: nn.Module) -> bool:
         """Whether every parameter is in host memory, on every rank (one small all-reduce)."""
@@ -447,7 +451,7 @@ class DataParallel(nn.Module):
             self._shadow()  # only after a normal exit: an exception ends the job instead
         finally:
             self._join = None
-            self._scale = 1.0 if self._adasum else 1.0 / self.comm.Get_size()  # Adasum takes whole gradients
+            self._scale = self._default_scale()
 
     def _slot_names(self) -> dict[tuple[int, int], str]:
         """(bucket, slot) -> the parameter's name: how compression state is keyed inside, and in checkpoints."""

@@ -106,10 +106,6 @@ class Unit:
                 p.data = p.data.new_empty(0)
             self.gathered = False
 
-    def count(self) -> int:
-        """Elements of the unit's parameters (they hold none while it is not gathered)."""
-        return self.used
-
     def take(self, i: int, scale: float) -> None:
         """Parameter i's .grad times `scale` into the staging buffer (zeros if it has none); then free the .grad."""
         if self.staging is None:
@@ -277,8 +273,8 @@ class FullyShardedDataParallel(nn.Module):
 
     def parameter_count(self) -> int:
         """Elements of the wrapped module's parameters, trainable (sharded) and frozen (whole)."""
-        return sum(u.count() for u in self.units) + sum(p.numel() for p in self.module.parameters()
-                                                           if not p.requires_grad)
+        frozen = sum(p.numel() for p in self.module.parameters() if not p.requires_grad)
+        return sum(u.used for u in self.units) + frozen
 
     def gradient_bytes(self) -> dict[str, int]:
         """Gradient memory on this rank: the shards' and any .grad now held (ShardedDataParallel's keys, no staging pool)."""
@@ -289,14 +285,6 @@ class FullyShardedDataParallel(nn.Module):
     def parameter_bytes(self) -> int:
         """Bytes of trainable parameters this rank keeps between steps: its shards' (plus any unit left gathered)."""
         return sum(u.shard.numel() * u.shard.element_size() + (u.nbytes if u.gathered else 0) for u in self.units)
-
-    def comm_state(self) -> dict[str, Any]:
-        """Nothing carries from step to step besides the optimizer."""
-        return {}
-
-    def load_comm_state(self, state: dict[str, Any]) -> bool:
-        """Nothing to restore (see comm_state)."""
-        return True
 
     def close(self) -> None:
         """Remove the hooks and leave every parameter whole again (collective)."""

@@ -219,14 +219,6 @@ class ShardedDataParallel(nn.Module):
         held = sum(p.grad.numel() * p.grad.element_size() for p in self.module.parameters() if p.grad is not None)
         return {"shard": shard, "staging": self._pool_bytes, "param_grads": held}
 
-    def comm_state(self) -> dict[str, Any]:
-        """Nothing carries from step to step besides the optimizer (no gradient compression here)."""
-        return {}
-
-    def load_comm_state(self, state: dict[str, Any]) -> bool:
-        """Nothing to restore (see comm_state)."""
-        return True
-
     def close(self) -> None:
         """Stop the communication thread and remove the hooks."""
         if self._closed:
