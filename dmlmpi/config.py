@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     g.add_argument("--checkpoint-every", type=int, default=0,
                    help="checkpoint every N steps (fl: rounds); 0: at each epoch end (fl: every round)")
+    g.add_argument("--checkpoint-format", choices=("full", "sharded"), default="full",
+                   help="full: rank 0 writes the whole model and optimizer state to one file; sharded (--zero 1-3 "
+                        "in dp mode): every rank writes its own pieces of them (ckpt-STEP/shard-RANK.pt), nobody "
+                        "gathers the whole, and a resume reads only the pieces it needs, at any world size")
     g.add_argument("--max-steps", type=int, default=0,
                    help="stop (with a checkpoint) after N steps (fl: rounds) in total; 0: no limit")
     g.add_argument("--log-every", type=int, default=10, help="log the global loss every N steps")
@@ -320,6 +324,9 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size:
         if args.compression != "none" or args.reduction != "mean":
             parser.error(f"--zero {args.zero} reduce-scatters full-precision gradients: not with --compression "
                          f"{args.compression} or --reduction {args.reduction}")
+    if args.checkpoint_format == "sharded" and (args.mode != "dp" or not args.zero):
+        parser.error(f"--checkpoint-format sharded saves ZeRO's shards: it needs --mode dp with --zero 1, 2 or 3 "
+                     f"(got --mode {args.mode}, --zero {args.zero})")
     if args.compression == "powersgd":
         if args.mode != "dp":
             parser.error(f"--compression powersgd works with --mode dp, not {args.mode}")

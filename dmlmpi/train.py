@@ -50,8 +50,8 @@ def fresh_run_dir(out: str, world: MPI.Comm) -> None:
     """A new (not resumed) run starts clean: rank 0 removes an earlier run's files from `out`."""
     if world.Get_rank() == 0 and os.path.isdir(out):
         for name in os.listdir(out):
-            if name in RUN_FILES or checkpoint._NAME.match(name):
-                os.remove(os.path.join(out, name))
+            if name in RUN_FILES or checkpoint.owned(name):
+                checkpoint.remove(os.path.join(out, name))
     world.Barrier()  # nobody writes into `out` before it is clean
 
 

@@ -193,6 +193,7 @@ class DPTrainer(Trainer):
         if args.sync_bn:  # BatchNorm statistics over every rank's samples, on this trainer's communicator
             model = SyncBatchNorm.convert_sync_batchnorm(model, comm=world)
         self.sharded = args.zero >= 2  # each rank holds the averaged gradient of its shard only
+        self.sharded_checkpoints = args.checkpoint_format == "sharded"  # each rank saves its own pieces
         self.zero3 = args.zero == 3
         if args.zero == 2:  # gradients reduce-scattered to the rank that updates them (ZeRO stage 2)
             cls, settings = optimizer_spec(args)
@@ -273,20 +274,58 @@ class DPTrainer(Trainer):
                     loss_scaler=None if self.scaler is None else self.scaler.state_dict())
 
     def save(self, run_dir: str, step: int, state: dict[str, Any]) -> None:
-        """Rank 0 writes model, optimizer and schedule with `state`."""
-        checkpoint.save(run_dir, step, dict(state, **self.state()), self.comm)
+        """Rank 0 writes model, optimizer and schedule with `state` (sharded: each rank its pieces, rank 0 the rest)."""
+        if not self.sharded_checkpoints:
+            checkpoint.save(run_dir, step, dict(state, **self.state()), self.comm)
+            return
+        names, shapes = self._trainable()
+        # what is whole on every rank (buffers, frozen parameters) goes with rank 0's part
+        rest = {k: v.detach().clone() for k, v in self.model.module.state_dict().items() if k not in set(names)}
+        whole = dict(state, rest=rest, names=names, shapes=shapes, schedule=self.schedule.state_dict(),
+                     loss_scaler=None if self.scaler is None else self.scaler.state_dict())
+        checkpoint.save_sharded(run_dir, step, whole, self.optimizer.shard_state(), self.comm)
+
+    def _trainable(self) -> tuple[list[str], list[tuple[int, ...]]]:
+        """Names and shapes of the trainable parameters in the optimizer's order (its flat vectors')."""
+        names = {id(p): n for n, p in self.model.module.named_parameters()}
+        if self.zero3:  # (the parameters are empty between steps: the units know their shapes)
+            pairs = [(p, tuple(v.shape)) for u in self.model.units for p, v in zip(u.params, u.views)]
+        else:
+            pairs = [(p, tuple(p.shape)) for p in self.model.module.parameters() if p.requires_grad]
+        return [names[id(p)] for p, _ in pairs], [shape for _, shape in pairs]
+
+    def _load_shards(self, state: dict[str, Any]) -> None:
+        """Model and optimizer from a sharded checkpoint: the whole parts, then this rank's pieces only."""
+        reader = state["shards"]
+        if not hasattr(self.optimizer, "load_shard_state"):
+            raise ValueError(f"checkpoint {reader.path} is sharded (saved with --zero and --checkpoint-format "
+                             "sharded): resume it with --zero 1, 2 or 3")
+        names, shapes = self._trainable()
+        if (state["names"], [tuple(s) for s in state["shapes"]]) != (names, shapes):
+            raise ValueError(f"checkpoint {reader.path}: its trainable parameters "
+                             f"{list(zip(state['names'], state['shapes']))} are not this model's "
+                             f"{list(zip(names, shapes))}")
+        missing, unexpected = self.model.module.load_state_dict(state["rest"], strict=False)
+        if unexpected or set(missing) != set(names):
+            raise ValueError(f"checkpoint {reader.path}: buffers and frozen parameters differ from this model's "
+                             f"(missing {sorted(set(missing) - set(names))}, unexpected {unexpected})")
+        self.optimizer.load_shard_state(reader.read, state["shard_keys"], state["shard_scalars"],
+                                        state["param_groups"])
 
     def load(self, state: dict[str, Any]) -> None:
-        """Model, optimizer and schedule from a checkpoint."""
-        if self.zero3:
+        """Model, optimizer and schedule from a checkpoint (full or sharded, whichever it is)."""
+        if "shards" in state:
+            self._load_shards(state)
+        elif self.zero3:
             self.model.load_full_state_dict(state["model"])  # into the shards (collective)
         else:
             self.model.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "shards" not in state:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         if self.scaler is not None and state.get("loss_scaler") is not None:
             self.scaler.load_state_dict(state["loss_scaler"])
-        restored = self.sharded or self.model.load_comm_state(state.get("comm_state", {}))
+        restored = self.sharded or "shards" in state or self.model.load_comm_state(state.get("comm_state", {}))
         if not restored and self.comm.Get_rank() == 0:
             print("dmlmpi: PowerSGD's per-rank errors were saved at another world size: they start from zero",
                   flush=True)

@@ -137,6 +137,29 @@ def test_zero_trains_the_same_and_resumes_on_another_world_size(three_rank_run, 
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-4, abs=1e-6), step
 
 
+def test_sharded_checkpoints_resume_as_another_stage_on_another_world_size(three_rank_run, tmp_path) -> None:
+    """--checkpoint-format sharded: ZeRO-3 on 3 ranks writes one file per rank and stops at step 11; ZeRO-1 on 2
+    ranks resumes from it, each rank reading its own pieces: the uninterrupted run's losses."""
+    full, _ = three_rank_run
+    first = train(3, tmp_path, "--epochs", "2", "--max-steps", "11", "--zero", "3", "--checkpoint-format", "sharded")
+    assert first.returncode == 0, first.stdout
+    assert (tmp_path / "latest").read_text() == "ckpt-11"
+    assert sorted(p.name for p in (tmp_path / "ckpt-11").iterdir()) == ["meta.pt", "shard-0.pt", "shard-1.pt",
+                                                                        "shard-2.pt"]
+    second = train(2, tmp_path, "--epochs", "2", "--resume", "--zero", "--checkpoint-format", "sharded")
+    assert second.returncode == 0 and "at step 11" in second.stdout, second.stdout
+    assert sorted(p.name for p in (tmp_path / "ckpt-30").iterdir()) == ["meta.pt", "shard-0.pt", "shard-1.pt"]
+    resumed, uninterrupted = losses(tmp_path), losses(full)
+    assert sorted(resumed) == list(range(1, 31))
+    for step in range(1, 31):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-4, abs=1e-6), step
+    # without ZeRO there are no shards to read them into: said on every rank, before any step
+    third = train(2, tmp_path, "--epochs", "3", "--resume", timeout=90)
+    assert third.returncode != 0 and "resume it with --zero 1, 2 or 3" in third.stdout, third.stdout[-3000:]
+    for rank in range(2):
+        assert f"dmlmpi: rank {rank} of 2: raised ValueError: checkpoint" in third.stdout
+
+
 @pytest.fixture(scope="module")
 def clipped_one_process(tmp_path_factory):
     """One process trained with --clip-grad-norm 0.3: the reference of the ZeRO runs, step by step."""

@@ -73,6 +73,21 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(t.numel() * t.element_size() for t in local)
 
 
+def _runs(sizes: list[int], offsets: list[int], start: int, stop: int) -> list[tuple[int, int, int]]:
+    """The flat range [start, stop) as runs (offset in the range, start in the parameters end to end, length)."""
+    ends = [0]
+    for n in sizes:
+        ends.append(ends[-1] + n)
+    runs: list[tuple[int, int, int]] = []
+    for i, lo, hi, at in overlaps(sizes, start, stop, offsets):
+        begin = ends[i] + lo
+        if runs and runs[-1][0] + runs[-1][2] == at and runs[-1][1] + runs[-1][2] == begin:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + hi - lo)  # continues the last run in both orders
+        else:
+            runs.append((at, begin, hi - lo))
+    return runs
+
+
 def block_pieces(blocks: list[tuple[int, int]], n: int, rank: int) -> list[tuple[int, int]]:
     """Rank's piece [start, stop) of each block (every block cut into n equal pieces)."""
     return [(a + rank * ((b - a) // n), a + (rank + 1) * ((b - a) // n)) for a, b in blocks]
@@ -97,6 +112,7 @@ class ShardOptimizer(torch.optim.Optimizer):
         self._sizes, self._offsets, self._blocks, self._shards = sizes, offsets, blocks, shards
         self._total = sum(sizes)
         self._pieces = block_pieces(blocks, comm.Get_size(), comm.Get_rank())
+        self._runs = [_runs(sizes, offsets, a, b) for a, b in self._pieces]
         self.optim = optimizer_class(shards, **defaults)
         # the parameters as schedulers see them, with the local optimizer's full defaults (betas,
         # momentum: OneCycleLR cycles them); step() passes any change on to the local optimizer
@@ -148,6 +164,67 @@ class ShardOptimizer(torch.optim.Optimizer):
             at += n
         return flat
 
+    def _per_element(self, value: Any, shard: torch.Tensor) -> bool:
+        """Whether a state value holds one number per element of its shard (momentum, Adam's moments)."""
+        return torch.is_tensor(value) and value.dim() == 1 and value.numel() == shard.numel()
+
+    def shard_state(self) -> dict[str, Any]:
+        """This rank's pieces of the parameters and of the per-element state, no communication (a sharded checkpoint's file).
+
+        `ranges`: (start, stop) in the parameters end to end, in their given order (padding left
+        out); `param` and each `state[key]`: the values over those ranges, one after another;
+        `scalars`: the state that is one value for all pieces (Adam's step count).
+        """
+        keys = sorted({k for shard in self._shards for k, v in self.optim.state.get(shard, {}).items()
+                       if self._per_element(v, shard)})
+        ranges, param, state, scalars = [], [], {k: [] for k in keys}, {}
+        for j, shard in enumerate(self._shards):
+            own = self.optim.state.get(shard, {})
+            for key, value in own.items():
+                if key not in state:  # copies: the live step counter is a tensor that later steps increment
+                    scalars[key] = value.detach().cpu().clone() if torch.is_tensor(value) else value
+            for at, start, length in self._runs[j]:
+                ranges.append((start, start + length))
+                param.append(shard.detach()[at:at + length])
+                for key in keys:  # (a piece without this state yet: zeros, as a fresh optimizer would start)
+                    value = own.get(key)
+                    state[key].append(value[at:at + length] if value is not None
+                                      else torch.zeros(length, dtype=shard.dtype, device=shard.device))
+        cat = (lambda parts: torch.cat(parts).cpu().clone() if parts else torch.zeros(0))
+        groups = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
+        return {"ranges": ranges, "total": self._total, "sizes": list(self._sizes), "param": cat(param),
+                "state": {k: cat(v) for k, v in state.items()}, "scalars": scalars, "param_groups": groups}
+
+    def load_shard_state(self, read: Callable[[str, int, int], torch.Tensor], keys: list[str],
+                         scalars: dict[str, Any], param_groups: list[dict[str, Any]]) -> None:
+        """Take this rank's pieces of the parameters and state from `read(key, start, stop)` (ranges as in shard_state).
+
+        Any world size and any stage may have written what `read` reads: each rank asks for its own
+        pieces only. `keys`: the per-element state keys; `scalars` and `param_groups` as saved.
+        """
+        mine: list[dict[str, Any]] = [{} for _ in self._shards]
+        with torch.no_grad():
+            for j, shard in enumerate(self._shards):
+                for at, start, length in self._runs[j]:
+                    shard[at:at + length].copy_(read("param", start, start + length))
+                for key in keys:
+                    value = torch.zeros_like(shard)  # the padding's state: zeros
+                    for at, start, length in self._runs[j]:
+                        value[at:at + length].copy_(read(key, start, start + length))
+                    mine[j][key] = value
+                for key, value in scalars.items():
+                    mine[j][key] = value.clone() if torch.is_tensor(value) else value
+        self._load_local(mine, param_groups)
+
+    def _load_local(self, mine: list[dict[str, Any]], param_groups: list[dict[str, Any]]) -> None:
+        """Give the local optimizer each piece's state and every group's hyperparameters."""
+        for group, saved in zip(self.param_groups, param_groups):
+            group.update(saved)
+        self._sync_hyperparameters()
+        local = self.optim.state_dict()
+        local["state"] = {j: m for j, m in enumerate(mine) if m}
+        self.optim.load_state_dict(local)
+
     def state_dict(self) -> dict[str, Any]:
         """The whole optimizer state, gathered from every rank (collective): any world size or layout can load it."""
         # copies: the live step counter is a tensor that later steps increment in place
@@ -182,12 +259,7 @@ class ShardOptimizer(torch.optim.Optimizer):
             else:
                 for j in range(len(self._shards)):
                     mine[j][key] = value.clone() if torch.is_tensor(value) else value  # not the caller's tensor
-        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
-            group.update(saved)
-        self._sync_hyperparameters()
-        local = self.optim.state_dict()
-        local["state"] = {j: m for j, m in enumerate(mine) if m}
-        self.optim.load_state_dict(local)
+        self._load_local(mine, state_dict["param_groups"])
 
 
 class ZeroRedundancyOptimizer(ShardOptimizer):
@@ -237,6 +309,15 @@ class ZeroRedundancyOptimizer(ShardOptimizer):
                 raise RuntimeError(f"ZeroRedundancyOptimizer: parameter {i} (shape {tuple(p.shape)}) no longer lives "
                                    "in the optimizer's flat vector (moved or converted after the optimizer was "
                                    "made); make the optimizer after moving the model")
+
+    def load_shard_state(self, read: Callable[[str, int, int], torch.Tensor], keys: list[str],
+                         scalars: dict[str, Any], param_groups: list[dict[str, Any]]) -> None:
+        """As ShardOptimizer's; then every rank's pieces into every rank's model (collective)."""
+        self._check_in_place()
+        super().load_shard_state(read, keys, scalars, param_groups)
+        # all-gather: each rank read only its pieces of the parameters; the model needs all of them
+        for a, b in self._blocks:
+            dcomm.allgather_inplace(self._flat[a:b], comm=self.comm)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
