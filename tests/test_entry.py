@@ -138,6 +138,23 @@ def test_broadcast_bench_smoke(tmp_path) -> None:
     assert all(r["wrong"] == 0 and r["ranks"] == 2 and r["tensors"] == 24 for r in records.values())
 
 
+def test_checkpoint_bench_smoke(tmp_path) -> None:
+    """`python -m dmlmpi.bench checkpoint` on 3 ranks: every row saves and loads back what it saved; a sharded
+    rank writes about a third of what the whole checkpoint's one writer does; JSON records."""
+    out_json = tmp_path / "ck.json"
+    result = run_mpi(3, ["-m", "dmlmpi.bench", "checkpoint", "--hidden", "256", "--samples", "2",
+                         "--dir", str(tmp_path), "--json", str(out_json)], timeout=180, cwd=ROOT)
+    assert result.returncode == 0, result.stdout
+    assert "13066 parameters, AdamW) on 3 ranks" in result.stdout, result.stdout
+    records = {(r["row"], r["operation"]): r for r in json.loads(out_json.read_text())}
+    assert {row for row, _ in records} == {"dmlmpi-full", "dmlmpi-sharded", "torch-dcp"}
+    assert all(r["restored"] and r["samples"] == 2 for r in records.values())
+    whole = records[("dmlmpi-full", "save")]["written_most_one_rank"]
+    assert whole > 3 * 13066 * 4  # the parameters and AdamW's two moments, on rank 0
+    assert records[("dmlmpi-sharded", "save")]["written_most_one_rank"] < 0.5 * whole
+    assert list(tmp_path.iterdir()) == [out_json]  # its checkpoints removed
+
+
 def test_callcost_bench_smoke(tmp_path) -> None:
     """`python -m dmlmpi.bench callcost` on 2 ranks: every row, Python costs that grow with N, JSON records."""
     out_json = tmp_path / "cc.json"
