@@ -13,6 +13,7 @@ from mpi4py import MPI
 from torch import nn
 
 from dmlmpi import checkpoint
+from dmlmpi.consolidate import model_state
 from dmlmpi.data import rank_share
 from dmlmpi.parallel import DataParallel, FullyShardedDataParallel, ShardedDataParallel, ZeroRedundancyOptimizer
 from zero_reference import BATCH, batch, data, one_process
@@ -176,3 +177,20 @@ def test_a_stage_resumes_as_another_on_another_world_size(shared_dir: str, saved
         resumed.close()
         sub.Free()
     WORLD.Barrier()
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_consolidate_gives_the_whole_model(shared_dir: str, stage: int) -> None:
+    """model_state() on a sharded checkpoint (one process, no MPI) equals the trained model's state_dict, bit for bit."""
+    model, opt = wrap(stage, WORLD, seed=0)
+    train(model, opt, WORLD, 0, 2)
+    names = [name for name, _ in make_model().named_parameters()]  # the trainer's names, shapes and the rest
+    shapes = [tuple(p.shape) for p in make_model().parameters()]
+    checkpoint.save_sharded(shared_dir, 2, dict(names=names, shapes=shapes, rest={}), opt.shard_state(), WORLD)
+    want = whole(model)
+    model.close()
+    if RANK == 0:
+        got = model_state(shared_dir)  # the run directory: its latest checkpoint
+        assert got.keys() == want.keys()
+        for name in want:
+            assert torch.equal(got[name], want[name]), name

@@ -153,6 +153,20 @@ def test_sharded_checkpoints_resume_as_another_stage_on_another_world_size(three
     assert sorted(resumed) == list(range(1, 31))
     for step in range(1, 31):
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-4, abs=1e-6), step
+    # the whole model as one plain state_dict, from the rank files (one process): the uninterrupted run's weights
+    import subprocess
+    import sys
+
+    import torch
+
+    for source, name in ((tmp_path, "sharded.pt"), (full / "ckpt-30.pt", "full.pt")):
+        done = subprocess.run([sys.executable, "-m", "dmlmpi.consolidate", str(source), str(tmp_path / name)],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert done.returncode == 0 and "8010 elements" in done.stdout, done.stdout + done.stderr
+    got, want = torch.load(tmp_path / "sharded.pt"), torch.load(tmp_path / "full.pt")
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
     # without ZeRO there are no shards to read them into: said on every rank, before any step
     third = train(2, tmp_path, "--epochs", "3", "--resume", timeout=90)
     assert third.returncode != 0 and "resume it with --zero 1, 2 or 3" in third.stdout, third.stdout[-3000:]
