@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "gradients is reduce-scattered to the ranks that update it, no rank keeps all of them), "
                         "and also the parameters (--zero 3: stage 3, dp mode; each layer is all-gathered while "
                         "it runs forward or backward; --bucket-mb does not apply: a layer is a bucket)")
+    g.add_argument("--zero3-unit-params", type=int, default=0, metavar="N",
+                   help="with --zero 3: 0 gathers each layer with parameters on its own; N > 0 makes a unit of each "
+                        "submodule holding at least N trainable elements not in a unit below it, and the root of "
+                        "the rest (torch FSDP's size-based wrapping): fewer, larger gathers")
     g.add_argument("--compression", default="none", choices=["none", "fp16", "bf16", "powersgd"],
                    help="dp mode: send gradients as 16-bit floats, or gradient matrices as low-rank factors with "
                         "error feedback (PowerSGD)")
@@ -324,6 +328,10 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size:
         if args.compression != "none" or args.reduction != "mean":
             parser.error(f"--zero {args.zero} reduce-scatters full-precision gradients: not with --compression "
                          f"{args.compression} or --reduction {args.reduction}")
+    if args.zero3_unit_params < 0:
+        parser.error(f"--zero3-unit-params must not be negative, got {args.zero3_unit_params}")
+    if args.zero3_unit_params and args.zero != 3:
+        parser.error(f"--zero3-unit-params groups ZeRO-3's units: it needs --zero 3 (got --zero {args.zero})")
     if args.checkpoint_format == "sharded" and (args.mode != "dp" or not args.zero):
         parser.error(f"--checkpoint-format sharded saves ZeRO's shards: it needs --mode dp with --zero 1, 2 or 3 "
                      f"(got --mode {args.mode}, --zero {args.zero})")

@@ -202,7 +202,8 @@ class DPTrainer(Trainer):
             self.optimizer = self.model.optimizer
         elif args.zero == 3:  # parameters split too, each layer gathered while it runs (ZeRO stage 3)
             cls, settings = optimizer_spec(args)
-            self.model = FullyShardedDataParallel(model, cls, world, algorithm=args.algorithm, timeline=tl, **settings)
+            self.model = FullyShardedDataParallel(model, cls, world, algorithm=args.algorithm, timeline=tl,
+                                                  min_unit_params=args.zero3_unit_params, **settings)
             self.optimizer = self.model.optimizer
             self.n_params = self.model.parameter_count()  # (the sharded parameters are empty between steps)
         else:
@@ -288,11 +289,11 @@ class DPTrainer(Trainer):
     def _trainable(self) -> tuple[list[str], list[tuple[int, ...]]]:
         """Names and shapes of the trainable parameters in the optimizer's order (its flat vectors')."""
         names = {id(p): n for n, p in self.model.module.named_parameters()}
+        shapes = {id(p): tuple(p.shape) for p in self.model.module.parameters()}
         if self.zero3:  # (the parameters are empty between steps: the units know their shapes)
-            pairs = [(p, tuple(v.shape)) for u in self.model.units for p, v in zip(u.params, u.views)]
-        else:
-            pairs = [(p, tuple(p.shape)) for p in self.model.module.parameters() if p.requires_grad]
-        return [names[id(p)] for p, _ in pairs], [shape for _, shape in pairs]
+            shapes.update((id(p), tuple(v.shape)) for u in self.model.units for p, v in zip(u.params, u.views))
+        params = [p for p in self.model.module.parameters() if p.requires_grad]
+        return [names[id(p)] for p in params], [shapes[id(p)] for p in params]
 
     def _load_shards(self, state: dict[str, Any]) -> None:
         """Model and optimizer from a sharded checkpoint: the whole parts, then this rank's pieces only."""

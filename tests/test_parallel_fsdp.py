@@ -11,6 +11,7 @@ from torch import nn
 
 from dmlmpi.data import rank_share
 from dmlmpi.parallel import FullyShardedDataParallel, ShardedDataParallel, ZeroRedundancyOptimizer, clip_grad_norm
+from dmlmpi.parallel.fsdp import plan_units
 from zero_reference import BATCH, batch, data, one_process, zeros_for_missing
 
 pytestmark = pytest.mark.mpi
@@ -51,10 +52,10 @@ def reference(steps: int, clip: float = 0.0) -> tuple[nn.Module, torch.optim.Opt
 
 
 def sharded(steps: int, first: int = 0, micro: int = 1, clip: float = 0.0,
-            state: dict[str, Any] | None = None, device: str = "cpu") -> FullyShardedDataParallel:
-    """ZeRO-3 over the world on global batches first..steps-1, each in `micro` backward passes."""
+            state: dict[str, Any] | None = None, device: str = "cpu", units: int = 0) -> FullyShardedDataParallel:
+    """ZeRO-3 over the world on global batches first..steps-1, each in `micro` backward passes (`units`: min_unit_params)."""
     model = FullyShardedDataParallel(make_model(seed=0 if RANK == 0 else RANK + 5).to(device), torch.optim.AdamW,
-                                     lr=0.01, weight_decay=0.1)
+                                     lr=0.01, weight_decay=0.1, min_unit_params=units)
     if state is not None:
         model.load_full_state_dict(state["model"])
         model.optimizer.load_state_dict(state["optimizer"])
@@ -78,11 +79,33 @@ def assert_same(state: dict[str, torch.Tensor], want: nn.Module) -> None:
         torch.testing.assert_close(state[name].cpu(), ref[name], rtol=1e-5, atol=2e-6, msg=name)
 
 
-def test_matches_single_process() -> None:
-    """N ranks with ZeRO-3 equal one process with AdamW after 5 steps (own, frozen, nested, reused, unused parameters)."""
+# min_unit_params -> the units' modules. 1200: block.0 (1312 elements) alone, the root all the rest, which
+# is not one stretch of the parameters' order (scale, then block.2, twice, head and unused after block.0)
+UNIT_PLANS = {0: ["", "block.0", "block.2", "twice", "head", "unused"], 1200: ["", "block.0"], 10 ** 9: [""]}
+
+
+def test_unit_plans() -> None:
+    """Per layer by default; by size (torch FSDP's size-based wrapping) otherwise; each parameter in one unit."""
+    model = make_model()
+    names = {id(m): name for name, m in model.named_modules()}
+    for min_params, modules in UNIT_PLANS.items():
+        plan = plan_units(model, min_params)
+        assert [names[id(m)] for m, _ in plan] == modules
+        ids = [id(p) for _, ps in plan for p in ps]
+        assert sorted(ids) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    root = dict((names[id(m)], ps) for m, ps in plan_units(model, 1200))[""]
+    assert [p is q for p, q in zip(root, [model.scale, *model.block[2].parameters()])] == [True] * 3
+    with pytest.raises(ValueError, match="must not be negative"):
+        plan_units(model, -1)
+
+
+@pytest.mark.parametrize("units", sorted(UNIT_PLANS))
+def test_matches_single_process(units: int) -> None:
+    """N ranks with ZeRO-3 equal one process with AdamW after 5 steps (own, frozen, nested, reused, unused
+    parameters), with one unit per layer, a unit nested in the root's, and one unit of everything."""
     want, _ = reference(5)
-    model = sharded(5)
-    assert len(model.units) == 6  # scale (the root's own), block's two Linears, twice, head, unused
+    model = sharded(5, units=units)
+    assert len(model.units) == len(UNIT_PLANS[units])
     assert_same(model.full_state_dict(), want)
     model.close()
 
@@ -160,10 +183,12 @@ def test_accumulation_and_clipping_match_one_process() -> None:
     model.close()
 
 
-def test_checkpoints_interchange_with_stages_1_and_2() -> None:
-    """The optimizer's state equals one process's; a ZeRO-3 state resumes exactly, and loads into ZeRO-2 and back."""
+@pytest.mark.parametrize("units", [0, 1200])
+def test_checkpoints_interchange_with_stages_1_and_2(units: int) -> None:
+    """The optimizer's state equals one process's (in the parameters' order, whatever the units); a ZeRO-3 state
+    resumes exactly, and loads into ZeRO-2 and back."""
     want, _ = reference(5)
-    model = sharded(3)
+    model = sharded(3, units=units)
     state = dict(model=model.full_state_dict(), optimizer=model.optimizer.state_dict())
     model.close()
     _, ref3 = reference(3)

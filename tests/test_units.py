@@ -168,6 +168,8 @@ def test_sample_orders_balance_first_place_and_predecessors(k: int) -> None:
     (["--mode", "hybrid", "--dp", "2", "--pp", "2", "--zero", "--checkpoint-format", "sharded"],
      "(got --mode hybrid, --zero 1)"),
     (["--checkpoint-format", "zip"], "invalid choice: 'zip'"),
+    (["--zero", "3", "--zero3-unit-params", "-5"], "--zero3-unit-params must not be negative, got -5"),
+    (["--zero", "2", "--zero3-unit-params", "1000"], "--zero3-unit-params groups ZeRO-3's units: it needs --zero 3 (got --zero 2)"),
     (["--compression", "powersgd", "--mode", "ps", "--servers", "1"], "--compression powersgd works with --mode dp"),
     (["--compression", "powersgd", "--powersgd-rank", "0"], "--powersgd-rank must be at least 1, got 0"),
     (["--clip-grad-norm", "-1"], "--clip-grad-norm must be a positive norm, or 0 for off; got -1.0"),

@@ -47,6 +47,45 @@ from .data import check_same_layout
 from .zero import ShardOptimizer, block_layout
 
 
+def plan_units(module: nn.Module, min_params: int = 0) -> list[tuple[nn.Module, list[nn.Parameter]]]:
+    """The units of `module`: (the module whose forward uses them, its trainable parameters), in module order.
+
+    min_params 0: every module with trainable parameters of its own is a unit. Otherwise as torch
+    FSDP's size-based wrapping: a submodule whose subtree holds at least min_params trainable
+    elements not already in a unit below it becomes a unit with all of them, and the root takes
+    whatever is left, so small layers share one gather instead of one each. Each parameter once.
+    """
+    if min_params < 0:
+        raise ValueError(f"FullyShardedDataParallel: min_unit_params must not be negative, got {min_params}")
+    seen: set[int] = set()
+    if min_params == 0:
+        units = []
+        for m in module.modules():
+            own = [p for p in m.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
+            seen.update(id(p) for p in own)
+            if own:
+                units.append((m, own))
+        return units
+    order = {id(m): i for i, m in enumerate(module.modules())}
+    taken: set[int] = set()
+    found: list[tuple[nn.Module, list[nn.Parameter]]] = []
+
+    def visit(m: nn.Module) -> None:
+        """Children first, so a unit takes what no unit below it took."""
+        for child in m.children():
+            visit(child)
+        if m is not module:
+            left = [p for p in m.parameters() if p.requires_grad and id(p) not in taken]
+            if sum(p.numel() for p in left) >= min_params:
+                taken.update(id(p) for p in left)
+                found.append((m, left))
+    visit(module)
+    rest = [p for p in module.parameters() if p.requires_grad and id(p) not in taken]
+    if rest:
+        found.append((module, rest))
+    return sorted(found, key=lambda unit: order[id(unit[0])])
+
+
 class Unit:
     """One layer's trainable parameters as one flat vector: this rank's piece kept, the whole only while in use."""
 
@@ -128,7 +167,7 @@ class FullyShardedDataParallel(nn.Module):
 
     def __init__(self, module: nn.Module, optimizer_class: Callable[..., torch.optim.Optimizer],
                  comm: MPI.Comm | None = None, algorithm: str = "auto", broadcast_buffers: bool = True,
-                 timeline: Any = None, **optimizer_kwargs: Any) -> None:
+                 timeline: Any = None, min_unit_params: int = 0, **optimizer_kwargs: Any) -> None:
         super().__init__()
         if algorithm not in dcomm.ALGORITHMS:
             raise ValueError(f"FullyShardedDataParallel: unknown algorithm {algorithm!r}; "
@@ -137,15 +176,9 @@ class FullyShardedDataParallel(nn.Module):
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.algorithm, self.timeline = algorithm, timeline
         n, rank = self.comm.Get_size(), self.comm.Get_rank()
-        # units: every module with trainable parameters of its own, in module order (each
-        # parameter once, in the order module.parameters() lists them)
-        seen: set[int] = set()
-        groups: list[tuple[nn.Module, list[nn.Parameter]]] = []
-        for m in module.modules():
-            own = [p for p in m.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
-            seen.update(id(p) for p in own)
-            if own:
-                groups.append((m, own))
+        # units: every module with trainable parameters of its own, or (min_unit_params) subtrees of
+        # at least that many elements, in module order
+        groups = plan_units(module, min_unit_params)
         if not groups:
             raise ValueError("FullyShardedDataParallel: no parameters that require gradients")
         kinds = {(p.dtype, p.device) for _, ps in groups for p in ps}
@@ -171,7 +204,8 @@ class FullyShardedDataParallel(nn.Module):
             u.free()  # from here on, each unit is whole only while it is used
         synced = list(module.buffers()) if broadcast_buffers else []
         self._sync_buffers = FusedBroadcast(synced, root=0, comm=self.comm) if synced else None
-        self.optimizer = ShardedOptimizer(self.units, optimizer_class, self.comm, **optimizer_kwargs)
+        order = [p for p in module.parameters() if p.requires_grad]  # the optimizer state's order
+        self.optimizer = ShardedOptimizer(self.units, order, optimizer_class, self.comm, **optimizer_kwargs)
         self._closed = False
 
     # -- forward -----------------------------------------------------------------------------
@@ -313,14 +347,18 @@ class ShardedOptimizer(ShardOptimizer):
     """`optimizer_class` over this rank's shards of the units; no communication in step(): the next forward gathers.
 
     Its layout is the units end to end, each padded to n pieces (as each unit's own vector is), so
-    state_dict() is ZeroRedundancyOptimizer's: the whole state in the parameters' order.
+    state_dict() is ZeroRedundancyOptimizer's: the whole state in the parameters' order (`order`:
+    the module's trainable parameters as module.parameters() lists them, whatever the units).
     """
 
-    def __init__(self, units: list[Unit], optimizer_class: Callable[..., torch.optim.Optimizer], comm: MPI.Comm,
-                 **defaults: Any) -> None:
-        sizes = [n for u in units for n in u.sizes]
-        first = [sum(len(v.params) for v in units[:i]) for i in range(len(units))]
-        groups = [list(range(f, f + len(u.params))) for f, u in zip(first, units)]
+    def __init__(self, units: list[Unit], order: list[nn.Parameter],
+                 optimizer_class: Callable[..., torch.optim.Optimizer], comm: MPI.Comm, **defaults: Any) -> None:
+        index = {id(p): i for i, p in enumerate(order)}
+        groups = [[index[id(p)] for p in u.params] for u in units]  # each unit one block
+        sizes = [0] * len(order)
+        for u in units:
+            for p, n in zip(u.params, u.sizes):
+                sizes[index[id(p)]] = n  # (kept by the unit: the parameters are empty when this is made)
         offsets, blocks = block_layout(sizes, groups, comm.Get_size())
         shards = [u.shard for u in units]
         # the shards are what schedulers and zero_grad() see: the layers' parameters are empty between steps
