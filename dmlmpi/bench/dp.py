@@ -34,6 +34,7 @@ from dmlmpi.models import mlp, mnist1d_cnn
 from dmlmpi.parallel import (DataParallel, FullyShardedDataParallel, ShardedDataParallel, SyncBatchNorm,
                              ZeroRedundancyOptimizer)
 from dmlmpi.parallel.amp import autocast
+from dmlmpi.parallel.fsdp import plan_units
 from dmlmpi.parallel.zero import state_bytes
 
 from .common import balanced_orders, calls_per_sample, close_gloo, format_table, init_gloo, timed_sample, write_json
@@ -87,6 +88,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"add {' and '.join(ZERO)} rows: dmlmpi's and torch's ZeroRedundancyOptimizer; --zero 2 "
                         f"also {' and '.join(ZERO2)}: dmlmpi's ShardedDataParallel and torch's FSDP2; --zero 3 "
                         f"also {' and '.join(ZERO3)}: dmlmpi's FullyShardedDataParallel and FSDP2 resharded after forward")
+    p.add_argument("--zero3-unit-params", type=int, default=0, metavar="N",
+                   help="the ZeRO-3 rows' units: 0 one per layer with parameters; N > 0 by size, as the training "
+                        "job's --zero3-unit-params (the same units for dmlmpi's and torch's)")
     p.add_argument("--amp", default="none", choices=["none", "bf16"],
                    help=f"bf16: add local{AMP}, dmlmpi{AMP}, ddp{AMP} rows, the forward under bfloat16 autocast "
                         "(fp16 is left out: this CPU has no fp16 convolution kernels)")
@@ -94,6 +98,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"adasum: add a {ADASUM} row, DataParallel(reduction='adasum') (power-of-two ranks)")
     p.add_argument("--json", help="write one record per (model, ranks, variant) to this path")
     args = p.parse_args(argv)
+    if args.zero3_unit_params < 0 or (args.zero3_unit_params and args.zero != 3):
+        p.error(f"--zero3-unit-params {args.zero3_unit_params}: a number of elements, 0 or more, with --zero 3")
     if args.zero >= 2 and args.compression != "none":
         p.error(f"--zero {args.zero}: ZeRO-2 and 3 send full-precision gradients; not with --compression {args.compression}")
     for m in args.models.split(","):
@@ -122,9 +128,12 @@ def wrap(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, args: argpar
                                    **settings)
     if variant == "dmlmpi-zero3":  # its optimizer comes with it too
         cls, settings = OPTIMIZERS[args.optimizer]
-        return FullyShardedDataParallel(model, cls, comm=sub, algorithm=args.algorithm, **settings)
-    if variant in ("fsdp-zero2", "fsdp-zero3"):
-        return torch_fsdp(model, sub, reshard=variant == "fsdp-zero3")
+        return FullyShardedDataParallel(model, cls, comm=sub, algorithm=args.algorithm,
+                                        min_unit_params=args.zero3_unit_params, **settings)
+    if variant == "fsdp-zero2":
+        return torch_fsdp(model, sub, reshard=False)
+    if variant == "fsdp-zero3":  # the same units as dmlmpi-zero3
+        return torch_fsdp(model, sub, reshard=True, min_unit_params=args.zero3_unit_params)
     if variant == ADASUM:
         return DataParallel(model, comm=sub, algorithm=args.algorithm, bucket_mb=args.bucket_mb, reduction="adasum")
     if variant == SYNC_BN:
@@ -146,15 +155,17 @@ def wrap(variant: str, model: nn.Module, sub: MPI.Comm, group: Any, args: argpar
     return model
 
 
-def torch_fsdp(model: nn.Module, sub: MPI.Comm, reshard: bool) -> nn.Module:
-    """torch FSDP2 over each layer with parameters, and the root: ZeRO stage 3 when resharded after forward, else 2."""
+def torch_fsdp(model: nn.Module, sub: MPI.Comm, reshard: bool, min_unit_params: int = 0) -> nn.Module:
+    """torch FSDP2 over dmlmpi's ZeRO-3 units (by default each layer with parameters) and the root: ZeRO stage 3
+    when resharded after forward, else 2."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (sub.Get_size(),))
-    for layer in model.modules():
-        if layer is not model and any(True for _ in layer.parameters(recurse=False)):
-            fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)  # one reduce-scatter per layer
+    # inner units first: fully_shard takes the parameters no unit below it has taken
+    for layer, _ in reversed(plan_units(model, min_unit_params)):
+        if layer is not model:
+            fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)  # one all-gather and reduce-scatter each
     return fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
 
 
