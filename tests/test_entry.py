@@ -126,6 +126,24 @@ def test_dp_bench_zero(tmp_path) -> None:
         assert 0.3 * whole < records[v]["optimizer_state_bytes"] < 0.7 * whole, (v, records[v])
 
 
+def test_dp_bench_zero_2_and_3_rows_over_grouped_units(tmp_path) -> None:
+    """`bench dp --zero 3 --zero3-unit-params N` (the whole CNN one unit, for dmlmpi and FSDP2 alike): the stage-2
+    and stage-3 rows keep half of the gradients, the stage-3 rows half of the parameters."""
+    out_json = tmp_path / "dpzero3.json"
+    result = run_mpi(2, ["-m", "dmlmpi.bench", "dp", "--models", "cnn", "--zero", "3", "--optimizer", "adamw",
+                         "--zero3-unit-params", "100000", "--samples", "2", "--sample-seconds", "0.01",
+                         "--json", str(out_json)], timeout=240, cwd=ROOT)
+    assert result.returncode == 0 and "dmlmpi-zero3 / fsdp-zero3" in result.stdout, result.stdout
+    records = {r["variant"]: r for r in json.loads(out_json.read_text())}
+    assert {"dmlmpi-zero2", "fsdp-zero2", "dmlmpi-zero3", "fsdp-zero3"} <= set(records)
+    whole = records["dmlmpi"]["param_bytes"]
+    assert whole == records["dmlmpi"]["grad_bytes"] == 4 * 8010
+    for v in ("dmlmpi-zero2", "fsdp-zero2", "dmlmpi-zero3", "fsdp-zero3"):
+        assert 0.45 * whole < records[v]["grad_bytes"] < 0.55 * whole, (v, records[v])
+    for v in ("dmlmpi-zero3", "fsdp-zero3"):
+        assert 0.45 * whole < records[v]["param_bytes"] < 0.55 * whole, (v, records[v])
+
+
 def test_broadcast_bench_smoke(tmp_path) -> None:
     """`python -m dmlmpi.bench broadcast` on 2 ranks: every row, each leaving rank 0's values everywhere, JSON records."""
     out_json = tmp_path / "bc.json"
