@@ -23,6 +23,7 @@ from dmlmpi.grid import ProcessGrid
 from dmlmpi.parallel import (DataParallel, FullyShardedDataParallel, ParameterServer, Pipeline, ShardedDataParallel,
                              SyncBatchNorm, ZeroRedundancyOptimizer, clip_grad_norm)
 from dmlmpi.parallel.amp import DynamicLossScaler, autocast
+from dmlmpi.parallel.named_state import by_name, layer_names, load_by_name
 from dmlmpi.telemetry import Timeline
 
 
@@ -495,6 +496,7 @@ class PipelineTrainer(Trainer):
                              checkpoint=args.recompute, sample=sample, dp_comm=self.dp_comm, timeline=tl)
         # a stage of parameter-free layers (an activation) gets an optimizer of one unused placeholder
         params = list(self.pipe.parameters()) or [nn.Parameter(torch.zeros(1, device=device))]
+        self.optimized = params  # in the optimizer's order (its state is saved by their names)
         if args.zero:  # this stage's optimizer state split over its replicas along dp (ZeRO stage 1)
             cls, settings = optimizer_spec(args)
             self.optimizer = ZeroRedundancyOptimizer(params, cls, comm=self.dp_comm, **settings)
@@ -547,10 +549,17 @@ class PipelineTrainer(Trainer):
         correct, loss_sum = dcomm.allreduce(local, comm=self.dp_comm)
         return correct / len(data.y_test), loss_sum / len(data.y_test)
 
+    def _optimized(self) -> tuple[list[nn.Parameter], list[list[str]]]:
+        """The optimizer's parameters and each one's model keys (none for a parameter-free stage's placeholder)."""
+        return self.optimized, layer_names(self.pipe.parts) if list(self.pipe.parameters()) else []
+
     def save(self, run_dir: str, step: int, state: dict[str, Any]) -> None:
-        """Rank 0 gathers every stage's layers and optimizer state (from replica 0) and writes them."""
+        """Rank 0 gathers every stage's layers and optimizer state (from replica 0) and writes them.
+
+        The optimizer state goes by parameter name, so that another stage cut can load it."""
         mine = None
-        optimizer = self.optimizer.state_dict()  # every replica: collective along dp with --zero
+        params, names = self._optimized()
+        optimizer = by_name(self.optimizer, params, names)  # every replica: collective along dp with --zero
         if self.data_rank == 0:
             mine = dict(layers={k: v.detach().cpu() for k, v in self.pipe.parts.state_dict().items()},
                         optimizer=optimizer, pp_rank=self.pp_comm.Get_rank())
@@ -565,13 +574,19 @@ class PipelineTrainer(Trainer):
         checkpoint.save(run_dir, step, dict(state, **extra), self.world)
 
     def load(self, state: dict[str, Any]) -> None:
-        """This rank's layers and optimizer state (the checkpoint must have the same stages)."""
-        if state.get("bounds") != self.pipe.bounds:
-            raise ValueError(f"checkpoint was cut into stages {state.get('bounds')}, this run into {self.pipe.bounds}: "
-                             "resume with the same --pp, --chunks and --partition")
+        """This rank's layers and their optimizer state, whatever stages, replicas and --zero the checkpoint had."""
+        if "optimizers" not in state or "model" not in state:
+            raise ValueError("this checkpoint holds no pipeline stages (it was not saved by --mode pipeline or hybrid)")
         own = self.pipe.parts.state_dict()
+        missing = sorted(_layer_key(k) for k in own if _layer_key(k) not in state["model"])
+        if missing:
+            raise ValueError(f"the checkpoint's model has no {missing}: not this model")
         self.pipe.parts.load_state_dict({k: state["model"][_layer_key(k)] for k in own})
-        self.optimizer.load_state_dict(state["optimizers"][self.pp_comm.Get_rank()])
+        params, names = self._optimized()
+        load_by_name(self.optimizer, params, names, state["optimizers"])
+        if state.get("bounds") != self.pipe.bounds and self.world.Get_rank() == 0:
+            print(f"dmlmpi: the checkpoint's stages were {state.get('bounds')}, this run's are {self.pipe.bounds}: "
+                  "each layer takes its saved weights and optimizer state", flush=True)
         self.schedule.load_state_dict(state["schedule"])
         if self.scaler is not None and state.get("loss_scaler") is not None:
             self.scaler.load_state_dict(state["loss_scaler"])

@@ -84,6 +84,21 @@ def test_hybrid_zero_same_losses_and_resume(dp_one_rank, tmp_path) -> None:
         assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-6), step
 
 
+def test_resumes_on_another_stage_cut_and_grid(dp_one_rank, tmp_path) -> None:
+    """A 3-stage pipeline stopped at step 11 resumes as a 2 x 2 hybrid grid with --zero (other stages, replicas
+    and optimizer layout: each layer takes its weights and optimizer state by name); every loss is one process's."""
+    first = train(3, tmp_path, "--mode", "pipeline", "--optimizer", "adamw", "--max-steps", "11")
+    assert first.returncode == 0, first.stdout
+    second = train(4, tmp_path, "--mode", "hybrid", "--dp", "2", "--pp", "2", "--optimizer", "adamw", "--zero",
+                   "--resume")
+    assert second.returncode == 0 and "at step 11" in second.stdout, second.stdout
+    assert "the checkpoint's stages were" in second.stdout
+    ref, got = losses(dp_one_rank), losses(tmp_path)
+    assert ref.keys() == got.keys()
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-6), step
+
+
 def test_fp16_pipeline_skips_the_steps_one_process_skips_and_resumes(tmp_path) -> None:
     """--amp fp16 from a loss scale of 2**22: a 3-stage pipeline, stopped at step 11 and resumed, skips the same
     overflowing steps and logs the same losses as one process accumulating the same 4 microbatches."""
