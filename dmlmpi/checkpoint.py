@@ -164,7 +164,7 @@ def save_sharded(run_dir: str, step: int, state: dict[str, Any], shard: dict[str
         try:
             meta = dict(state, step=step, rng=rngs, world_size=comm.Get_size(), shard_ranges=ranges,
                         shard_keys=sorted(shard["state"]), shard_scalars=shard["scalars"],
-                        param_groups=shard["param_groups"], total=shard["total"], sizes=shard["sizes"])
+                        param_groups=shard["param_groups"], total=shard["total"])
             _write_atomic(os.path.join(partial, META), lambda f: torch.save(meta, f))
             if os.path.exists(final):  # the same step saved before (a resumed run): replaced whole
                 shutil.rmtree(final)

@@ -318,11 +318,11 @@ class DPTrainer(Trainer):
         """Model, optimizer and schedule from a checkpoint (full or sharded, whichever it is)."""
         if "shards" in state:
             self._load_shards(state)
-        elif self.zero3:
-            self.model.load_full_state_dict(state["model"])  # into the shards (collective)
         else:
-            self.model.module.load_state_dict(state["model"])
-        if "shards" not in state:
+            if self.zero3:
+                self.model.load_full_state_dict(state["model"])  # into the shards (collective)
+            else:
+                self.model.module.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         if self.scaler is not None and state.get("loss_scaler") is not None:

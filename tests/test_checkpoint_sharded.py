@@ -48,7 +48,7 @@ def dealt(total: int) -> dict[str, Any]:
     whole = torch.arange(total, dtype=torch.float64)
     ranges = chunks(total)[RANK::SIZE]
     part = lambda v: torch.cat([v[a:b] for a, b in ranges]) if ranges else torch.zeros(0, dtype=v.dtype)  # noqa: E731
-    return {"ranges": ranges, "total": total, "sizes": [total], "param": part(whole),
+    return {"ranges": ranges, "total": total, "param": part(whole),
             "state": {"sq": part(whole ** 2)}, "scalars": {"step": torch.tensor(4.0)}, "param_groups": [{"lr": 0.1}]}
 
 

@@ -192,7 +192,7 @@ class ShardOptimizer(torch.optim.Optimizer):
                                       else torch.zeros(length, dtype=shard.dtype, device=shard.device))
         cat = (lambda parts: torch.cat(parts).cpu().clone() if parts else torch.zeros(0))
         groups = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
-        return {"ranges": ranges, "total": self._total, "sizes": list(self._sizes), "param": cat(param),
+        return {"ranges": ranges, "total": self._total, "param": cat(param),
                 "state": {k: cat(v) for k, v in state.items()}, "scalars": scalars, "param_groups": groups}
 
     def load_shard_state(self, read: Callable[[str, int, int], torch.Tensor], keys: list[str],
