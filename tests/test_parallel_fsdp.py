@@ -110,6 +110,35 @@ def test_matches_single_process(units: int) -> None:
     model.close()
 
 
+def test_the_unit_a_forward_finishes_with_stays_whole_for_backward() -> None:
+    """One unit of everything: one all-gather per training step (its backward finds it whole), freed after
+    backward; left whole by a forward without backward, it is freed by step(), which changes the shards."""
+    model = FullyShardedDataParallel(make_model(), torch.optim.SGD, lr=0.5, min_unit_params=10 ** 9)
+    (unit,) = model.units
+    calls = []
+    gather = unit._gather
+    unit._gather = lambda *a: (calls.append(1), gather(*a))[1]  # count the all-gathers
+    x, y = data()
+    for s in range(3):
+        model.optimizer.zero_grad()
+        mine = rank_share(batch(s).numpy(), RANK, SIZE)
+        nn.functional.cross_entropy(model(x[mine]), y[mine]).backward()
+        model.optimizer.step()
+        assert not unit.gathered
+    assert len(calls) == 3
+    model(x[:2])  # grad enabled, no backward follows: the unit stays whole...
+    assert unit.gathered
+    for shard in model.optimizer.shard_parameters():
+        shard.grad = torch.ones_like(shard)
+    model.optimizer.step()  # ...until the shards change
+    assert not unit.gathered
+    ref = make_model()
+    ref.load_state_dict(model.full_state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:4]), ref(x[:4]))
+    model.close()
+
+
 def test_parameters_and_gradients_live_only_in_the_shards() -> None:
     """Between steps a rank keeps 1/N of the trainable parameters and gradients; the parameters are whole in forward."""
     model = sharded(1)

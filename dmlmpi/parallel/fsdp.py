@@ -12,6 +12,8 @@ A unit's whole vector exists only while the unit is in use:
 - forward: just before the layer runs, an all-gather fills its vector (the parameters are views
   into it); just after, its memory is given back (the storage resized to nothing, as torch FSDP
   does: autograd's saved references stay valid and see the data again once it is refilled);
+  except that in a forward that backward will follow, the unit that finished last stays whole
+  until the next one finishes (or backward ends, or the optimizer steps): backward starts with it;
 - backward: a hook on the layer's outputs gathers the vector again before the layer's backward
   needs it; each parameter's gradient, scaled by 1/n, goes into the unit's staging buffer and
   its .grad is freed; once the unit has all of them its vector is given back and the buffer is
@@ -193,6 +195,8 @@ class FullyShardedDataParallel(nn.Module):
         self._where = {p: (u, i) for u in self.units for i, p in enumerate(u.params)}
         self._scale = 1.0 / n  # pre-divided as it enters the staging buffer: the sums are averages
         self._next = len(self.units) - 1  # the next unit to reduce: backward meets them last to first
+        self._forwarding = False  # inside forward()
+        self._kept: Unit | None = None  # the unit left whole after the forward, for the backward that starts with it
         self._backward_queued = False
         self._hooks: list[Any] = []
         for u in self.units:
@@ -216,9 +220,19 @@ class FullyShardedDataParallel(nn.Module):
         return hook
 
     def _after_forward(self, unit: Unit) -> Callable[..., None]:
-        """The unit's forward hook: free its parameters; if backward will come, gather them again before it."""
+        """The unit's forward hook: free its parameters; if backward will come, gather them again before it.
+
+        In a forward that backward will follow, the unit that finished last stays whole instead (the
+        one finished before it is freed now): it is the one backward needs first (the root, when the
+        root is a unit, as torch FSDP2 keeps its root), which saves one all-gather per step.
+        """
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            unit.free()
+            if self._forwarding and torch.is_grad_enabled():
+                if self._kept is not None and self._kept is not unit:
+                    self._kept.free()
+                self._kept = unit
+            else:  # no backward to come (evaluation), or a forward recomputed during backward
+                unit.free()
             if torch.is_grad_enabled():
                 for t in _tensors(output):
                     if t.requires_grad:
@@ -273,6 +287,7 @@ class FullyShardedDataParallel(nn.Module):
             unit.free()
             unit.reset()
         self._next = len(self.units) - 1
+        self._kept = None
 
     # -- user API ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -281,7 +296,11 @@ class FullyShardedDataParallel(nn.Module):
             raise RuntimeError("FullyShardedDataParallel: used after close(); wrap the module in a new one")
         if self._sync_buffers is not None:
             self._sync_buffers()
-        return self.module(*args, **kwargs)
+        self._forwarding = True  # (a forward recomputed during backward runs its hooks with this False)
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            self._forwarding = False
 
     @contextlib.contextmanager
     def gathered(self) -> Iterator[None]:
@@ -294,6 +313,7 @@ class FullyShardedDataParallel(nn.Module):
             for u in self.units:
                 u.shard.data.copy_(u.full[u.start:u.start + u.piece])  # changes made inside are kept
                 u.free()
+            self._kept = None
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The wrapped module's whole state_dict, on every rank (collective)."""
@@ -361,11 +381,29 @@ class ShardedOptimizer(ShardOptimizer):
                 sizes[index[id(p)]] = n  # (kept by the unit: the parameters are empty when this is made)
         offsets, blocks = block_layout(sizes, groups, comm.Get_size())
         shards = [u.shard for u in units]
+        self._units = units
         # the shards are what schedulers and zero_grad() see: the layers' parameters are empty between steps
         super().__init__(shards, shards, sizes, offsets, blocks, optimizer_class, comm, **defaults)
+
+    def _free_units(self) -> None:
+        """Free any unit still whole (one a forward left for its backward): the next use gathers the changed shards."""
+        for u in self._units:
+            u.free()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Update this rank's shards."""
+        self._free_units()
         self._sync_hyperparameters()
         return self.optim.step(closure)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ShardOptimizer's (the shards' state; parameters come with load_full_state_dict)."""
+        self._free_units()
+        super().load_state_dict(state_dict)
+
+    def load_shard_state(self, read: Callable[[str, int, int], torch.Tensor], keys: list[str],
+                         scalars: dict[str, Any], param_groups: list[dict[str, Any]]) -> None:
+        """As ShardOptimizer's: the shards' parameters and state, read by range."""
+        self._free_units()
+        super().load_shard_state(read, keys, scalars, param_groups)
