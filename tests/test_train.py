@@ -172,6 +172,11 @@ def test_sharded_checkpoints_resume_as_another_stage_on_another_world_size(three
     assert third.returncode != 0 and "resume it with --zero 1, 2 or 3" in third.stdout, third.stdout[-3000:]
     for rank in range(2):
         assert f"dmlmpi: rank {rank} of 2: raised ValueError: checkpoint" in third.stdout
+    # a new run (no --resume) into the same directory removes the sharded checkpoints and any partial one
+    (tmp_path / "ckpt-31.partial").mkdir()
+    fresh = train(2, tmp_path, "--epochs", "1", "--max-steps", "2", timeout=90)
+    assert fresh.returncode == 0, fresh.stdout
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-2.pt"]
 
 
 @pytest.fixture(scope="module")
