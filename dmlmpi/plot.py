@@ -297,9 +297,10 @@ def pipeline_blocks(trace: dict[str, Any]) -> list[tuple[int, str, int, int, flo
     for rank, cat, _, t0, _ in spans:
         if cat == "step":
             last_step[rank] = max(t0, last_step.get(rank, t0))
-    if last_step:  # the last step, from where the earliest rank began it
+    if last_step:  # each rank's actions from where it began its last step (replicas of a hybrid grid
+        # drift apart: one may begin the last step while another still finishes the one before)
         start = min(last_step.values())
-        blocks = [b for b in blocks if b[4] >= start - 1e-6]
+        blocks = [b for b in blocks if b[4] >= last_step.get(b[0], start) - 1e-6]
     return blocks
 
 

@@ -246,3 +246,19 @@ def test_progress_bar_tty_redraws_and_other_ranks_are_silent() -> None:
     other.update(4, loss=1.0, samples=8)
     other.close()
     assert silent.getvalue() == ""
+
+
+def test_pipeline_blocks_take_each_rank_from_its_own_last_step() -> None:
+    """Replicas drift: rank 1 begins its last step while rank 0 still runs a W of the step before;
+    that W is not in the last step's schedule."""
+    from dmlmpi.plot import pipeline_blocks
+
+    def span(pid: int, cat: str, ts: float, dur: float, **args: int) -> dict:
+        return {"ph": "X", "pid": pid, "cat": cat, "name": cat, "ts": ts, "dur": dur, "args": args}
+
+    events = [span(0, "step", 0, 100), span(1, "step", 0, 90),  # step 1
+              span(0, "forward", 10, 5, micro=0), span(0, "weight", 105, 5, micro=0),  # rank 0 finishes late
+              span(1, "step", 95, 80), span(1, "forward", 100, 5, micro=0),  # rank 1's last step
+              span(0, "step", 112, 60), span(0, "forward", 115, 5, micro=0), span(0, "weight", 150, 5, micro=0)]
+    blocks = pipeline_blocks({"traceEvents": events})
+    assert sorted((b[0], b[1], b[4]) for b in blocks) == [(0, "F", 0.115), (0, "W", 0.15), (1, "F", 0.1)]
