@@ -198,7 +198,7 @@ def main(argv: list[str]) -> int:
         if rank == 0:
             shutil.rmtree(root, ignore_errors=True)
     if rank == 0:
-        print(f"# checkpoint of an MLP {40}-{'-'.join(map(str, args.hidden))}-10 ({params} parameters, AdamW) "
+        print(f"# checkpoint of an MLP 40-{'-'.join(map(str, args.hidden))}-10 ({params} parameters, AdamW) "
               f"on {n} ranks, {args.samples} samples per row; times: the slowest rank's")
         table = [dict(r, t=f"{r['time_s_median'] * 1e3:.1f} ({r['time_s_min'] * 1e3:.1f}-{r['time_s_max'] * 1e3:.1f})",
                       most=f"{r['written_most_one_rank'] / 2 ** 20:.1f} MiB",
