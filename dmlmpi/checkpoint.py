@@ -45,6 +45,15 @@ def shard_name(rank: int) -> str:
     return f"shard-{rank}.pt"
 
 
+def _fsync_dir(path: str) -> None:
+    """Make the entries of a directory (renames into it) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_atomic(path: str, write: Any) -> None:
     """Call write(file) on a temporary file beside `path`, fsync it, and rename it to `path`."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -57,12 +66,7 @@ def _write_atomic(path: str, write: Any) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    # make the rename itself durable
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))  # make the rename itself durable
 
 
 def rng_state() -> dict[str, Any]:
@@ -108,15 +112,6 @@ def _prune(run_dir: str, keep: int) -> None:
             remove(path)
 
 
-def _fsync_dir(path: str) -> None:
-    """Make the entries of a directory (renames into it) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _agree(error: str | None, comm: MPI.Comm, what: str) -> None:
     """Raise on every rank if any rank reports an error (collective), naming the ranks."""
     errors = comm.allgather(error)
@@ -157,12 +152,13 @@ def save_sharded(run_dir: str, step: int, state: dict[str, Any], shard: dict[str
     except OSError as exc:
         error = f"cannot write {shard_name(rank)}: {exc}"
     # every rank's file is on disk (or some rank says why not) before the checkpoint is made whole
-    rngs = comm.gather(rng_state(), root=0)
-    ranges = comm.gather(list(shard["ranges"]), root=0)
+    # gather: every rank's RNG state and ranges to rank 0, for meta.pt
+    mine = comm.gather((rng_state(), list(shard["ranges"])), root=0)
     _agree(error, comm, f"saving checkpoint {final}")
     if rank == 0:
         try:
-            meta = dict(state, step=step, rng=rngs, world_size=comm.Get_size(), shard_ranges=ranges,
+            meta = dict(state, step=step, rng=[m[0] for m in mine], world_size=comm.Get_size(),
+                        shard_ranges=[m[1] for m in mine],
                         shard_keys=sorted(shard["state"]), shard_scalars=shard["scalars"],
                         param_groups=shard["param_groups"], total=shard["total"])
             _write_atomic(os.path.join(partial, META), lambda f: torch.save(meta, f))

@@ -551,7 +551,7 @@ class PipelineTrainer(Trainer):
 
     def _optimized(self) -> tuple[list[nn.Parameter], list[list[str]]]:
         """The optimizer's parameters and each one's model keys (none for a parameter-free stage's placeholder)."""
-        return self.optimized, layer_names(self.pipe.parts) if list(self.pipe.parameters()) else []
+        return self.optimized, layer_names(self.pipe.parts)
 
     def save(self, run_dir: str, step: int, state: dict[str, Any]) -> None:
         """Rank 0 gathers every stage's layers and optimizer state (from replica 0) and writes them.

@@ -124,29 +124,24 @@ def written_bytes(row: str, where: str, world: MPI.Comm) -> tuple[int, int]:
     return max(sizes), sum(sizes)
 
 
-def restored(row: str, model: Any, opt: Any, load: Callable[[], Any], world: MPI.Comm) -> bool:
-    """Zero the model's parameters and optimizer state, load once, and compare with what was saved (every rank)."""
-    def snapshot() -> list[torch.Tensor]:
-        if isinstance(model, FullyShardedDataParallel):
-            params = [u.shard.detach().clone() for u in model.units]
-        else:  # FSDP2: each rank's local shards
-            params = [p.to_local().detach().clone() for p in model.parameters()]
-        state = [t.to_local().clone() if hasattr(t, "to_local") else t.clone()
-                 for s in (opt.optim.state if row.startswith("dmlmpi") else opt.state).values()
-                 for t in s.values() if torch.is_tensor(t)]
-        return params + state
+def live_tensors(model: Any, opt: Any) -> list[torch.Tensor]:
+    """This rank's parts of the parameters and optimizer state, as they are now (a load replaces the state's)."""
+    local = (lambda t: t.to_local() if hasattr(t, "to_local") else t)  # noqa: E731 - FSDP2's DTensors
+    params = ([u.shard for u in model.units] if isinstance(model, FullyShardedDataParallel)
+              else list(model.parameters()))
+    state = getattr(opt, "optim", opt).state  # (dmlmpi's keeps its local optimizer as .optim)
+    return [local(t).detach() for t in params] + [local(t) for s in state.values() for t in s.values()
+                                                   if torch.is_tensor(t)]
 
-    saved = snapshot()
+
+def restored(model: Any, opt: Any, load: Callable[[], Any], world: MPI.Comm) -> bool:
+    """Zero the model's parameters and optimizer state, load once, and compare with what was saved (every rank)."""
+    saved = [t.clone() for t in live_tensors(model, opt)]
     with torch.no_grad():
-        for t in ([u.shard for u in model.units] if isinstance(model, FullyShardedDataParallel)
-                  else [p.to_local() for p in model.parameters()]):
+        for t in live_tensors(model, opt):
             t.zero_()
-        for s in (opt.optim.state if row.startswith("dmlmpi") else opt.state).values():
-            for t in s.values():
-                if torch.is_tensor(t):
-                    (t.to_local() if hasattr(t, "to_local") else t).zero_()
     load()
-    got = snapshot()
+    got = live_tensors(model, opt)
     same = len(got) == len(saved) and all(torch.equal(a, b) for a, b in zip(got, saved))
     return bool(world.allreduce(int(same), op=MPI.MIN))
 
@@ -182,7 +177,7 @@ def main(argv: list[str]) -> int:
         records = []
         for row in ROWS:
             most, total = written_bytes(row, rows[row][2], world)
-            ok = restored(row, *owners[row], rows[row][1], world)
+            ok = restored(*owners[row], rows[row][1], world)
             for op in ("save", "load"):
                 t = times[(row, op)]
                 records.append(dict(row=row, operation=op, ranks=n, parameters=params, time_s_median=statistics.median(t),

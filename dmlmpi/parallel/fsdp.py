@@ -46,7 +46,7 @@ from dmlmpi.comm.fusion import FusedBroadcast, broadcast_fused
 from dmlmpi.telemetry import maybe_span
 
 from .data import check_same_layout
-from .zero import ShardOptimizer, block_layout
+from .zero import ShardOptimizer, block_layout, grad_bytes
 
 
 def plan_units(module: nn.Module, min_params: int = 0) -> list[tuple[nn.Module, list[nn.Parameter]]]:
@@ -332,9 +332,7 @@ class FullyShardedDataParallel(nn.Module):
 
     def gradient_bytes(self) -> dict[str, int]:
         """Gradient memory on this rank: the shards' and any .grad now held (ShardedDataParallel's keys, no staging pool)."""
-        shard = sum(u.shard.grad.numel() * u.shard.grad.element_size() for u in self.units if u.shard.grad is not None)
-        held = sum(p.grad.numel() * p.grad.element_size() for p in self.module.parameters() if p.grad is not None)
-        return {"shard": shard, "param_grads": held}
+        return {"shard": grad_bytes(u.shard for u in self.units), "param_grads": grad_bytes(self.module.parameters())}
 
     def parameter_bytes(self) -> int:
         """Bytes of trainable parameters this rank keeps between steps: its shards' (plus any unit left gathered)."""

@@ -37,7 +37,7 @@ from dmlmpi.comm.fusion import FusedBroadcast, broadcast_fused, plan_buckets
 from dmlmpi.telemetry import maybe_span
 
 from .data import CommThread, Future, check_same_layout
-from .zero import ZeroRedundancyOptimizer
+from .zero import ZeroRedundancyOptimizer, grad_bytes
 
 
 class GradBucket:
@@ -215,9 +215,8 @@ class ShardedDataParallel(nn.Module):
 
     def gradient_bytes(self) -> dict[str, int]:
         """Gradient memory on this rank: the shard's, the staging pool's, and any .grad now held."""
-        shard = sum(s.grad.numel() * s.grad.element_size() for s in self.optimizer.shard_parameters())
-        held = sum(p.grad.numel() * p.grad.element_size() for p in self.module.parameters() if p.grad is not None)
-        return {"shard": shard, "staging": self._pool_bytes, "param_grads": held}
+        return {"shard": grad_bytes(self.optimizer.shard_parameters()), "staging": self._pool_bytes,
+                "param_grads": grad_bytes(self.module.parameters())}
 
     def close(self) -> None:
         """Stop the communication thread and remove the hooks."""

@@ -88,6 +88,11 @@ def _runs(sizes: list[int], offsets: list[int], start: int, stop: int) -> list[t
     return runs
 
 
+def grad_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the gradients the tensors hold (those without one count nothing)."""
+    return sum(t.grad.numel() * t.grad.element_size() for t in tensors if t.grad is not None)
+
+
 def block_pieces(blocks: list[tuple[int, int]], n: int, rank: int) -> list[tuple[int, int]]:
     """Rank's piece [start, stop) of each block (every block cut into n equal pieces)."""
     return [(a + rank * ((b - a) // n), a + (rank + 1) * ((b - a) // n)) for a, b in blocks]
@@ -234,7 +239,7 @@ class ShardOptimizer(torch.optim.Optimizer):
         n = self.comm.Get_size()
         state: dict[str, Any] = {}
         for key, value in ranks[0][0].items():
-            if torch.is_tensor(value) and value.dim() == 1 and value.numel() == len(self._shards[0]):
+            if self._per_element(value, self._shards[0]):
                 # per-element state (momentum, Adam's moments): every rank's pieces into place, padding dropped
                 flat = torch.zeros(self._blocks[-1][1], dtype=value.dtype)
                 for b, (a, c) in enumerate(self._blocks):
@@ -315,7 +320,11 @@ class ZeroRedundancyOptimizer(ShardOptimizer):
         """As ShardOptimizer's; then every rank's pieces into every rank's model (collective)."""
         self._check_in_place()
         super().load_shard_state(read, keys, scalars, param_groups)
-        # all-gather: each rank read only its pieces of the parameters; the model needs all of them
+        self._gather_blocks()  # each rank read only its pieces of the parameters; the model needs all of them
+
+    def _gather_blocks(self) -> None:
+        """Every rank's piece of each block into every rank's flat vector, which the parameters view."""
+        # all-gather, block by block, in rank order, in place (this rank's piece is already there)
         for a, b in self._blocks:
             dcomm.allgather_inplace(self._flat[a:b], comm=self.comm)
 
@@ -337,8 +346,5 @@ class ZeroRedundancyOptimizer(ShardOptimizer):
                         grad[at:at + hi - lo].copy_(g.reshape(-1)[lo:hi])
         self._sync_hyperparameters()
         self.optim.step()
-        # all-gather, block by block: every rank's updated piece, in rank order, into the flat vector
-        # the parameters view, in place (this rank's piece is already there: the local optimizer updated it)
-        for a, b in self._blocks:
-            dcomm.allgather_inplace(self._flat[a:b], comm=self.comm)
+        self._gather_blocks()  # every rank's updated piece into the model
         return loss
