@@ -133,13 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shards-per-client", type=int, default=2, help="shards: label-sorted shards per client")
     g.add_argument("--strategy", default="fedavg",
                    choices=["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold",
-                            "median", "trimmed_mean", "krum", "bulyan"], help="server aggregation strategy")
+                            "median", "trimmed_mean", "krum", "bulyan", "qfedavg"], help="server aggregation strategy")
     g.add_argument("--server-lr", type=float, help="server learning rate (fedavgm, scaffold; eta of fedadam/"
                                                   "fedyogi/fedadagrad); default: the strategy's own")
     g.add_argument("--server-momentum", type=float, default=0.9, help="fedavgm: server momentum")
     g.add_argument("--mu", type=float, default=0.01, help="fedprox: proximal coefficient")
     g.add_argument("--trim", type=float, default=0.1, help="trimmed_mean: fraction cut at each end")
     g.add_argument("--krum-f", type=int, default=0, help="krum, bulyan: Byzantine clients tolerated")
+    g.add_argument("--qffl-q", type=float, default=0.2,
+                   help="qfedavg: fairness exponent q (0: FedAvg with equal client weights; larger: more weight "
+                        "to the clients with the highest loss)")
+    g.add_argument("--qffl-lr", type=float, default=0.0,
+                   help="qfedavg: step size 1/L of the server's update (0: --client-lr, the paper's choice)")
     g.add_argument("--dropout", type=float, default=0.0, help="probability that a sampled client fails in a round")
     g.add_argument("--deadline", type=float, default=0.0,
                    help="simulated seconds the server waits for a round; slower clients are left out (0: none)")

@@ -406,10 +406,9 @@ def train_federated(args: argparse.Namespace, world: MPI.Comm, data: Dataset, de
         return preempt.PREEMPTED_EXIT
     wall = wall_before + time.perf_counter() - start
     if world.Get_rank() == 0:
-        accuracy, test_loss = sim.evaluate()
         summary = dict(mode="fl", world_size=len(homes), device=str(device), dataset=args.dataset,
-                       rounds=sim.round, stopped_early=sim.round < cfg.rounds, test_accuracy=accuracy,
-                       test_loss=test_loss, final_loss=last.get("train_loss"), wall_s=wall,
+                       rounds=sim.round, stopped_early=sim.round < cfg.rounds, **sim.scores(),
+                       final_loss=last.get("train_loss"), wall_s=wall,
                        samples_per_s=None, rounds_per_s=done_here / (time.perf_counter() - start),
                        parameters=sim.size, clients=cfg.clients, fraction=cfg.fraction, strategy=cfg.strategy,
                        client_data=cfg.client_data, secagg=cfg.secagg, epsilon=last.get("epsilon"))

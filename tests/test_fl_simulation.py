@@ -82,6 +82,11 @@ def reference(cfg: FLConfig) -> list[np.ndarray]:
                                                       cfg.speed_sigma) > cfg.deadline:
                 continue
             set_flat(model, weights)
+            start_loss = None
+            if cfg.strategy == "qfedavg":  # q-FFL's F_k: the client's loss at the global weights
+                with torch.no_grad():
+                    start_loss = float(nn.functional.cross_entropy(model(torch.from_numpy(data.x_train[idx])),
+                                                                   torch.from_numpy(data.y_train[idx])))
             opt = torch.optim.SGD(model.parameters(), lr=cfg.client_lr, momentum=cfg.client_momentum)
             gen = torch.Generator().manual_seed(rounds.shuffle_seed(cfg.seed, r, c))
             bsz = len(idx) if cfg.local_batch == 0 else cfg.local_batch
@@ -113,7 +118,7 @@ def reference(cfg: FLConfig) -> list[np.ndarray]:
                 new_c = c_i - server_c - delta / (steps * cfg.client_lr)
                 control_delta = new_c - c_i
                 controls[c] = new_c
-            results.append(ClientResult(delta, len(idx), control_delta))
+            results.append(ClientResult(delta, len(idx), control_delta, start_loss))
         if len(results) >= cfg.min_clients:
             if cfg.dp_clip:
                 sampled = rounds.sample_size(cfg.clients, cfg.fraction)
@@ -175,19 +180,22 @@ def layouts() -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedavgm", "fedadam", "scaffold", "median", "krum",
-                                      "bulyan"])
+                                      "bulyan", "qfedavg"])
 def test_strategies_match_single_process(strategy: str) -> None:
-    cfg = replace(BASE, strategy=strategy, mu=0.5, server_lr=0.5 if strategy == "fedavgm" else None)
+    cfg = replace(BASE, strategy=strategy, mu=0.5, server_lr=0.5 if strategy == "fedavgm" else None, qffl_q=2.0,
+                  qffl_lr=1.0)
     _, history, records = simulate(cfg)
     if RANK == 0:
         assert [rec["participants"] for rec in records] == [6, 6, 6]
     assert_same(history, reference(cfg))
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "qfedavg"])
 @pytest.mark.parametrize("layout", layouts(), ids=lambda lay: f"rpc{lay[0]}-edges{lay[1]}")
-def test_rank_layouts_match_single_process(layout: tuple[int, int]) -> None:
+def test_rank_layouts_match_single_process(layout: tuple[int, int], strategy: str) -> None:
+    # qfedavg: a client trained over a group of ranks scores its start loss over the group too
     rpc, edges = layout
-    cfg = replace(BASE, ranks_per_client=rpc, edges=edges, client_momentum=0.5)
+    cfg = replace(BASE, ranks_per_client=rpc, edges=edges, client_momentum=0.5, strategy=strategy, qffl_q=1.0)
     _, history, _ = simulate(cfg)
     assert_same(history, reference(cfg))
 
@@ -279,6 +287,36 @@ def test_secure_aggregation_equals_plain_up_to_quantization() -> None:
         assert_same(got, want, rtol=0, atol=2e-5)
 
 
+def test_scores_spread_the_test_accuracy_over_the_clients_label_mixes() -> None:
+    cfg = replace(BASE, client_data="shards", shards_per_client=1, rounds=2)
+    sim, _, _ = simulate(cfg)
+    if not sim.is_server:
+        return
+    scores = sim.scores()
+    data = dataset()
+    model = make_model()
+    set_flat(model, sim.weights)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(data.x_test))
+    right = (logits.argmax(1).numpy() == data.y_test).astype(np.float64)
+    assert scores["test_accuracy"] == pytest.approx(right.mean(), abs=1e-12)
+    assert scores["test_loss"] == pytest.approx(
+        float(nn.functional.cross_entropy(logits, torch.from_numpy(data.y_test))), rel=1e-5)
+    # each client's accuracy, sample by sample: a test sample of class c counts with the client's share of
+    # class c, spread over the test samples of that class
+    per_client = []
+    for part in client_partition(cfg, data.y_train):
+        share = np.bincount(data.y_train[part], minlength=10) / len(part)
+        seen = np.bincount(data.y_test, minlength=10)[data.y_test]
+        per_client.append(float(np.sum(right * share[data.y_test] / seen)))
+    per_client = np.sort(per_client)
+    assert len(np.unique(per_client)) > 1  # one class each: the clients differ
+    assert scores["client_accuracy_mean"] == pytest.approx(per_client.mean(), abs=1e-12)
+    assert scores["client_accuracy_std"] == pytest.approx(per_client.std(), abs=1e-12)
+    assert scores["client_accuracy_worst10"] == pytest.approx(per_client[:2].mean(), abs=1e-12)  # 12 clients
+    assert scores["client_accuracy_best10"] == pytest.approx(per_client[-2:].mean(), abs=1e-12)
+
+
 def test_checkpoint_state_resumes_exactly() -> None:
     cfg = replace(BASE, strategy="scaffold", rounds=4)
     _, straight, _ = simulate(cfg)
@@ -296,6 +334,9 @@ def test_checkpoint_state_resumes_exactly() -> None:
     (dict(strategy="krum", krum_f=2), "--strategy krum with --krum-f 2 needs more than 6 clients per round, but 6"),
     (dict(strategy="bulyan", krum_f=1), "--strategy bulyan with --krum-f 1 needs at least 7 clients per round, but 6"),
     (dict(strategy="scaffold", dp_clip=1.0), "SCAFFOLD"),
+    (dict(strategy="qfedavg", secagg=True), "weighs each client by its loss"),
+    (dict(strategy="qfedavg", dp_clip=1.0), "weighs each client by its loss"),
+    (dict(strategy="qfedavg", qffl_q=-1.0), "--qffl-q must not be negative"),
     (dict(dp_noise=1.0), "--dp-noise needs --dp-clip"),
     (dict(dp_adaptive=True), "--dp-adaptive needs --dp-clip"),
     (dict(dp_adaptive=True, dp_clip=1.0, dp_target_quantile=1.0), "--dp-target-quantile must be in (0, 1)"),

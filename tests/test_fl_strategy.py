@@ -231,7 +231,7 @@ def test_every_strategy_rejects_empty_and_mismatched(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(S.STRATEGIES))
 def test_every_strategy_identity_on_one_zero_update(name: str) -> None:
     # zero deltas never move the weights (three clients so that Krum with f=0 has n > 2f+2)
-    new = _default(name).aggregate(vec(1, 2), [R(vec(0, 0), 3, vec(0, 0))] * 3)
+    new = _default(name).aggregate(vec(1, 2), [R(vec(0, 0), 3, vec(0, 0), loss=1.0)] * 3)
     np.testing.assert_allclose(new, [1, 2])
 
 
@@ -245,7 +245,8 @@ def test_make_and_registry() -> None:
         S.FedAvg().aggregate(vec(1), [R(vec(1), 0)])
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold"])
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold",
+                                  "qfedavg"])
 def test_reducible_strategies_give_the_same_weights_from_partial_sums(name: str) -> None:
     # what a simulation does: each rank adds up its clients, the server adds the ranks' sums
     rng = np.random.default_rng(3)
@@ -254,9 +255,10 @@ def test_reducible_strategies_give_the_same_weights_from_partial_sums(name: str)
     direct, reduced = S.make(name, **kwargs), S.make(name, **kwargs)
     w_direct = w_reduced = rng.normal(size=size)
     for _ in range(3):  # several rounds, so server state (momentum, moments, control) is compared too
-        results = [R(rng.normal(size=size), int(rng.integers(1, 9)), rng.normal(size=size)) for _ in range(5)]
+        results = [R(rng.normal(size=size), int(rng.integers(1, 9)), rng.normal(size=size), float(rng.uniform(0.1, 3)))
+                   for _ in range(5)]
         w_direct = direct.aggregate(w_direct, results)
-        parts = [S.sums_of(results[:2], reduced.weighting, size), S.sums_of(results[2:], reduced.weighting, size)]
+        parts = [S.sums_of(results[:2], reduced, size), S.sums_of(results[2:], reduced, size)]
         w_reduced = reduced.aggregate_sums(w_reduced, parts[0] + parts[1])
         np.testing.assert_allclose(w_reduced, w_direct, rtol=1e-12, atol=1e-12)
     for key, value in direct.state_dict().items():
@@ -269,3 +271,49 @@ def test_robust_strategies_refuse_sums(name: str) -> None:
     assert not strat.reducible
     with pytest.raises(ValueError, match="every client"):
         strat.aggregate_sums(vec(0, 0), S.Sums(vec(1, 1), 1.0, 1))
+
+
+def qffl_reference(w: np.ndarray, results: list[R], q: float, lr: float) -> np.ndarray:
+    """Li et al. 2020, Algorithm 2, written as the paper writes it: Delta w_k = L (w^t - w_k^{t+1})."""
+    L = 1.0 / lr
+    deltas, hs = [], []
+    for r in results:
+        new_k = w + r.update  # the client's weights after local training
+        dw = L * (w - new_k)
+        f = r.loss + 1e-10
+        deltas.append(f ** q * dw)
+        hs.append(q * f ** (q - 1) * np.sum(dw ** 2) + L * f ** q)
+    return w - np.sum(deltas, axis=0) / np.sum(hs)
+
+
+@pytest.mark.parametrize("q", [0.0, 0.2, 1.0, 5.0])
+def test_qfedavg_is_the_papers_update(q: float) -> None:
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=5)
+    results = [R(rng.normal(size=5) * 0.1, int(rng.integers(1, 50)), loss=float(rng.uniform(0.2, 2.5)))
+               for _ in range(4)]
+    np.testing.assert_allclose(S.QFedAvg(q, qffl_lr=0.05).aggregate(w, results),
+                               qffl_reference(w, results, q, 0.05), rtol=1e-12, atol=1e-12)
+
+
+def test_qfedavg_with_q_zero_is_fedavg_with_equal_weights() -> None:
+    results = [R(vec(1, 0), 1, loss=0.3), R(vec(0, 4), 99, loss=2.0)]
+    np.testing.assert_allclose(S.QFedAvg(0.0).aggregate(vec(0, 0), results), [0.5, 2.0])
+
+
+def test_qfedavg_weighs_high_loss_clients_more_as_q_grows() -> None:
+    # two clients pulling in opposite directions; the one with the higher loss wins more of the step
+    results = [R(vec(0.01), 10, loss=0.5), R(vec(-0.01), 10, loss=2.0)]
+    steps = [float(S.QFedAvg(q, qffl_lr=0.1).aggregate(vec(0.0), results)[0]) for q in (0.0, 1.0, 3.0)]
+    assert steps[0] == pytest.approx(0.0, abs=1e-15)
+    assert steps[0] > steps[1] > steps[2]
+
+
+def test_qfedavg_refuses_bad_values_and_missing_losses() -> None:
+    with pytest.raises(ValueError, match="q must be >= 0"):
+        S.QFedAvg(-1)
+    with pytest.raises(ValueError, match="qffl_lr must be positive"):
+        S.QFedAvg(1, qffl_lr=0)
+    for loss in (None, float("nan"), -1.0):
+        with pytest.raises(ValueError, match="loss at the global weights"):
+            S.QFedAvg().aggregate(vec(0), [R(vec(1), 1, loss=loss)])

@@ -7,8 +7,8 @@ from dmlmpi.federated import partition
 from dmlmpi.federated.partition import PARTITIONERS, dirichlet, iid, shards, stats
 from dmlmpi.federated.simulation import FLConfig, Simulation
 from dmlmpi.federated.strategy import (
-    STRATEGIES, Bulyan, ClientResult, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Krum, Median, Scaffold,
-    Strategy, Sums, TrimmedMean, make, proximal_grad, proximal_term, scaffold_client_step, scaffold_new_control,
+    STRATEGIES, Bulyan, ClientResult, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Krum, Median, QFedAvg,
+    Scaffold, Strategy, Sums, TrimmedMean, make, proximal_grad, proximal_term, scaffold_client_step, scaffold_new_control,
     sums_of,
 )
 
@@ -16,6 +16,6 @@ __all__ = [
     "FLConfig", "Simulation", "partition",
     "PARTITIONERS", "dirichlet", "iid", "shards", "stats",
     "STRATEGIES", "Bulyan", "ClientResult", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedProx", "FedYogi", "Krum",
-    "Median", "Scaffold", "Strategy", "Sums", "TrimmedMean", "make", "proximal_grad", "proximal_term",
+    "Median", "QFedAvg", "Scaffold", "Strategy", "Sums", "TrimmedMean", "make", "proximal_grad", "proximal_term",
     "scaffold_client_step", "scaffold_new_control", "sums_of",
 ]

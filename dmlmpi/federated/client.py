@@ -35,13 +35,14 @@ def small_batch_kernels() -> Iterator[None]:
 
 @dataclass
 class LocalResult:
-    """What a client sends back: its delta, sample count, steps, mean training loss, SCAFFOLD control delta."""
+    """What a client sends back: delta, sample count, steps, mean training loss, SCAFFOLD control delta, start loss."""
 
     delta: np.ndarray
     examples: int
     steps: int
     loss: float
     control_delta: np.ndarray | None = None
+    start_loss: float | None = None  # mean loss over the client's samples at the global weights (q-FedAvg)
 
 
 class LocalTrainer:
@@ -76,8 +77,11 @@ class LocalTrainer:
 
     def train(self, client: int, indices: np.ndarray, global_weights: torch.Tensor, round_: int, seed: int,
               epochs: int, batch: int, control: torch.Tensor | None = None,
-              server_control: torch.Tensor | None = None) -> LocalResult:
-        """Run `epochs` of local SGD on the client's samples from the global weights; return its delta."""
+              server_control: torch.Tensor | None = None, start_loss: bool = False) -> LocalResult:
+        """Run `epochs` of local SGD on the client's samples from the global weights; return its delta.
+
+        start_loss: first score the global weights on all the client's samples (q-FedAvg's F_k).
+        """
         global_weights = global_weights.to(self.device)  # the server's vectors arrive in host memory
         if server_control is not None:
             server_control = server_control.to(self.device)
@@ -90,6 +94,7 @@ class LocalTrainer:
         # the client's samples, gathered once; each epoch permutes them once and takes contiguous slices
         x_client, y_client = self.x[idx], self.y[idx]
         rank, size = self.group.Get_rank(), self.group.Get_size()
+        first = self._mean_loss(x_client, y_client, rank, size) if start_loss else None
         steps, loss_total = 0, torch.zeros((), device=self.device)
         for _ in range(epochs):
             perm = torch.randperm(n, generator=gen).to(self.device)
@@ -108,13 +113,28 @@ class LocalTrainer:
                 self._sgd_step(global_weights, control, server_control)
                 steps += 1
         delta = (self.flat - global_weights).cpu().numpy()
-        result = LocalResult(delta, n, steps, float(loss_total) / max(1, steps))
+        result = LocalResult(delta, n, steps, float(loss_total) / max(1, steps), start_loss=first)
         if control is not None and server_control is not None and steps:
             # SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K * lr); send c_i+ - c_i, keep c_i+
             new_control = control - server_control - (self.flat - global_weights) / (steps * self.lr)
             result.control_delta = (new_control - control).cpu().numpy()
             control.copy_(new_control)
         return result
+
+    @torch.no_grad()
+    def _mean_loss(self, x: torch.Tensor, y: torch.Tensor, rank: int, size: int, chunk: int = 4096) -> float:
+        """Mean cross-entropy of the current weights over (x, y); in a group each rank scores its share."""
+        mine = torch.from_numpy(rank_share(np.arange(len(y)), rank, size)).to(self.device)
+        total = torch.zeros(1, dtype=torch.float64, device=self.device)
+        self.model.eval()  # the loss of the model itself, not of a dropout sample of it
+        for start in range(0, len(mine), chunk):
+            part = mine[start:start + chunk]
+            total += nn.functional.cross_entropy(self.model(x[part]), y[part], reduction="sum").double()
+        self.model.train()
+        if size > 1:
+            # the group's sum of per-sample losses
+            dcomm.allreduce(total, comm=self.group, inplace=True)
+        return float(total) / max(1, len(y))
 
     def _group_backward(self, x: torch.Tensor, y: torch.Tensor, rank: int, size: int) -> None:
         """This rank's share of one minibatch; the group's all-reduce leaves the whole batch's gradient and loss."""

@@ -34,12 +34,11 @@ from torch import nn
 from dmlmpi import comm as dcomm
 from dmlmpi.data import Dataset
 from dmlmpi.federated import partition as fl_partition
-from dmlmpi.federated import privacy, rounds
+from dmlmpi.federated import fairness, privacy, rounds
 from dmlmpi.federated.client import LocalResult, LocalTrainer, small_batch_kernels
 from dmlmpi.federated.secure import SecureRound
 from dmlmpi.federated.strategy import STRATEGIES, ClientResult, Strategy, Sums, make
 from dmlmpi.telemetry import Timeline, maybe_span
-from dmlmpi.trainers import evaluate
 
 SERVER = 0  # world rank of the server
 
@@ -64,6 +63,8 @@ class FLConfig:
     mu: float = 0.01  # fedprox
     trim: float = 0.1  # trimmed_mean: fraction cut from each end
     krum_f: int = 0  # krum: tolerated Byzantine clients
+    qffl_q: float = 0.2  # qfedavg: fairness exponent q
+    qffl_lr: float = 0.0  # qfedavg: step size 1/L (0: the clients' learning rate, as in the paper)
     dropout: float = 0.0  # probability that a sampled client fails in a round
     deadline: float = 0.0  # simulated seconds; clients slower than this are not waited for (0: no deadline)
     step_time: float = 0.01  # simulated seconds of one local step on a median-speed client
@@ -97,7 +98,7 @@ class FLConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         for name in ["local_batch", "speed_sigma", "deadline", "mu", "krum_f", "dp_clip", "dp_noise",
-                     "secagg_neighbours", "alpha"]:
+                     "secagg_neighbours", "alpha", "qffl_q", "qffl_lr"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if not 0 < self.fraction <= 1:
@@ -131,6 +132,9 @@ class FLConfig:
         if (self.secagg or self.dp_clip) and not strategy.reducible:
             raise ValueError(f"--strategy {self.strategy} needs every client's update in the clear: it cannot "
                              f"run with secure aggregation or differential privacy (use a mean-based strategy)")
+        if (self.secagg or self.dp_clip) and strategy.needs_loss:
+            raise ValueError(f"--strategy {self.strategy} weighs each client by its loss and update norm: it cannot "
+                             f"run with secure aggregation or differential privacy (the weights would reveal them)")
         if self.dp_clip and self.strategy == "scaffold":
             raise ValueError("--dp-clip with --strategy scaffold: DP-FedAvg does not cover SCAFFOLD's control variates")
         if self.dp_noise and not self.dp_clip:
@@ -171,6 +175,9 @@ class FLConfig:
             kwargs = {"beta": self.trim}
         elif self.strategy in ("krum", "bulyan"):
             kwargs = {"f": self.krum_f}
+        elif self.strategy == "qfedavg":
+            # L = 1/qffl_lr; the paper takes the clients' learning rate
+            kwargs = {"q": self.qffl_q, "qffl_lr": self.qffl_lr or self.client_lr}
         return make(self.strategy, **kwargs)
 
 
@@ -210,6 +217,8 @@ class Simulation:
         self.top_comm = _split(self.world, 0 if reports else None, rank)
         self.parts = client_partition(cfg, data.y_train)
         self.sizes = np.array([len(p) for p in self.parts])
+        classes = int(max(data.y_train.max(), data.y_test.max())) + 1
+        self.class_counts = fairness.class_counts(data.y_train, self.parts, classes)
         self.trainer = LocalTrainer(model, data.x_train, data.y_train, self.group, self.device, cfg.client_lr,
                                     cfg.client_momentum, cfg.mu if cfg.strategy == "fedprox" else 0.0)
         self.size = self.trainer.size
@@ -221,6 +230,8 @@ class Simulation:
         # every rank starts from the server's initial weights
         dcomm.broadcast(self.down, root=SERVER, comm=self.world, inplace=True)
         self.strategy = cfg.make_strategy() if rank == SERVER else None
+        # every rank's copy of the rule, for the coefficients its clients enter the sums with
+        self.rule = cfg.make_strategy()
         self.weights = self.down[:self.size].numpy().copy()
         self.client_state: dict[int, torch.Tensor] = {}  # SCAFFOLD control variates of the clients hosted here
         self.clip = cfg.dp_clip  # the clip of client updates (adaptive: the server moves it every round)
@@ -281,7 +292,7 @@ class Simulation:
         acc = _Accumulator(self.size, self.scaffold, keep_each=not reducible)
         with small_batch_kernels():
             for client in mine:
-                self._train_client(client, r, global_w, server_control, weighting, secure, acc)
+                self._train_client(client, r, global_w, server_control, secure, acc)
         # 3. from the group leaders to the server: the round's counts, then the sums, every delta or
         # the masked sum (the group's other ranks trained along; only the leader reports)
         with maybe_span(self.tl, "aggregate to server", "comm"):
@@ -305,7 +316,7 @@ class Simulation:
         return {int(c): i % self.layout.groups for i, c in enumerate(sampled)}
 
     def _train_client(self, client: int, r: int, global_w: torch.Tensor, server_control: torch.Tensor | None,
-                      weighting: str, secure: SecureRound | None, acc: "_Accumulator") -> None:
+                      secure: SecureRound | None, acc: "_Accumulator") -> None:
         """2. Train one hosted client, unless it fails or would miss the deadline, and fold its result in."""
         cfg = self.cfg
         steps = rounds.local_steps(int(self.sizes[client]), cfg.local_epochs, cfg.local_batch)
@@ -321,18 +332,21 @@ class Simulation:
             control = self.client_state.setdefault(client, torch.zeros(self.size, device=self.device))
         with maybe_span(self.tl, f"client {client}", "compute"):
             res = self.trainer.train(client, self.parts[client], global_w, r, cfg.seed, cfg.local_epochs,
-                                     cfg.local_batch, control, server_control)
+                                     cfg.local_batch, control, server_control, start_loss=self.rule.needs_loss)
         bit = None  # adaptive clipping's b_i: whether the update was within the clip
         if cfg.dp_clip:
             res.delta, norm = privacy.clip_update(res.delta, self.clip)
             bit = bool(norm <= self.clip)
-        weight = res.examples if weighting == "examples" else 1
+        if cfg.dp_clip:  # DP-FedAvg weighs every client the same
+            a = b = 1.0
+        else:  # a * delta into the update's sum, b into the weight's (FedAvg: both the sample count)
+            a, b = self.rule.coefficients(ClientResult(res.delta, res.examples, loss=res.start_loss))
         if secure is not None:
             if self.is_leader:  # b_i inside the masked vector: the server sees only the sum
-                acc.clipped += secure.add(client, res, weight, bit if cfg.dp_adaptive else None)
+                acc.clipped += secure.add(client, res, int(a), bit if cfg.dp_adaptive else None)
         elif bit is not None:
             acc.unclipped += int(bit)  # the count, summed over the ranks to the server
-        acc.add(client, res, weight)
+        acc.add(client, res, a, b)
 
     def _server_update(self, r: int, sampled: np.ndarray, totals: np.ndarray, sums: np.ndarray | None,
                        each: list | None, start: float, secure: SecureRound | None, lost: int) -> dict[str, Any]:
@@ -376,7 +390,7 @@ class Simulation:
             record["epsilon"] = self.accountant.epsilon()
             record["delta"] = cfg.dp_delta
         if r % cfg.eval_every == 0 or r == cfg.rounds:
-            record["test_accuracy"], record["test_loss"] = self.evaluate()
+            record.update(self.scores())
         up = self.size * 4 * (2 if self.scaffold else 1)
         record.update(bytes_down=len(sampled) * self.down.numel() * 4, bytes_up=count * up,
                       seconds=time.perf_counter() - start)
@@ -429,14 +443,25 @@ class Simulation:
         parts = self.top_comm.gather(items, root=0)
         return None if parts is None else [x for part in parts for x in part]
 
-    def evaluate(self) -> tuple[float, float]:
-        """Test accuracy and mean loss of the global model (server only: same bits at any world size)."""
+    def scores(self) -> dict[str, float]:
+        """Test accuracy and mean loss of the global model, and their spread over the clients' label mixes.
+
+        Server only: one process scores the whole test set, the same bits at any world size.
+        """
         saved = self.trainer.flat.clone()
         self.trainer.load(self.weights)
-        # one process scores the whole test set: COMM_SELF, not the world
-        result = evaluate(self.trainer.model, self.data, self.device, MPI.COMM_SELF)
+        model = self.trainer.model
+        model.eval()
+        with torch.no_grad():
+            logits = model(torch.from_numpy(self.data.x_test).to(self.device))
+            labels = torch.from_numpy(self.data.y_test).to(self.device)
+            loss = float(nn.functional.cross_entropy(logits, labels, reduction="sum")) / len(labels)
+            predicted = logits.argmax(1).cpu().numpy()
+        model.train()
         self.trainer.flat.copy_(saved)
-        return result
+        per_class = fairness.per_class_accuracy(predicted, self.data.y_test, self.class_counts.shape[1])
+        return dict(test_accuracy=float(np.mean(predicted == self.data.y_test)), test_loss=loss,
+                    **fairness.spread(fairness.client_accuracies(per_class, self.class_counts)))
 
     def run(self, on_round: Callable[[dict[str, Any] | None], None] | None = None) -> list[dict[str, Any]]:
         """Run the remaining rounds; the server returns every round's record (others an empty list)."""
@@ -492,14 +517,14 @@ class _Accumulator:
         self.dropped = self.late = self.clipped = self.unclipped = 0
         self.each: list[tuple[int, np.ndarray, int]] = []
 
-    def add(self, client: int, res: LocalResult, weight: float) -> None:
-        """Fold one client's result in."""
-        self.update[:self.size] += weight * res.delta.astype(np.float64)
+    def add(self, client: int, res: LocalResult, a: float, b: float) -> None:
+        """Fold one client's result in: a * delta into the update's sum, b into the weight's."""
+        self.update[:self.size] += a * res.delta.astype(np.float64)
         if self.scaffold:
-            self.update[self.size:] += weight * res.control_delta.astype(np.float64)
+            self.update[self.size:] += a * res.control_delta.astype(np.float64)
         if self.keep_each:
             self.each.append((client, res.delta, res.examples))
-        self.weight += weight
+        self.weight += b
         self.count += 1
         self.loss += res.loss * res.examples
         self.examples += res.examples

@@ -13,6 +13,7 @@ References:
 - Median / TrimmedMean: Yin et al. 2018, "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates".
 - Krum / Multi-Krum: Blanchard et al. 2017, "Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent".
 - Bulyan: El Mhamdi, Guerraoui, Rouault 2018, "The Hidden Vulnerability of Distributed Learning in Byzantium".
+- q-FedAvg: Li, Sanjabi, Beirami, Smith 2020, "Fair Resource Allocation in Federated Learning" (Algorithm 2).
 """
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ import numpy as np
 
 @dataclass
 class ClientResult:
-    """One client's round outcome: weight delta, sample count and optional SCAFFOLD control delta."""
+    """One client's round outcome: weight delta, sample count, SCAFFOLD control delta, loss before training."""
 
     update: np.ndarray
     num_examples: int
     control_delta: np.ndarray | None = None
+    loss: float | None = None  # q-FedAvg: the client's loss F_k at the global weights, before local training
 
 
 def proximal_term(weights: np.ndarray, global_weights: np.ndarray, mu: float) -> float:
@@ -98,18 +100,18 @@ class Sums:
         return Sums(self.update + other.update, self.weight + other.weight, self.count + other.count, control)
 
 
-def sums_of(results: list[ClientResult], weighting: str, size: int) -> Sums:
-    """Reduce results to Sums with weights num_examples ("examples") or 1 ("uniform")."""
+def sums_of(results: list[ClientResult], strategy: "Strategy", size: int) -> Sums:
+    """Reduce results to Sums with each client's coefficients from the strategy."""
     total = Sums(np.zeros(size), 0.0, 0, None)
     with_control = any(r.control_delta is not None for r in results)
     if with_control:
         total.control = np.zeros(size)
     for r in results:
-        w = float(r.num_examples) if weighting == "examples" else 1.0
-        total.update += w * np.asarray(r.update, dtype=np.float64)
+        a, b = strategy.coefficients(r)
+        total.update += a * np.asarray(r.update, dtype=np.float64)
         if with_control:
-            total.control += w * np.asarray(r.control_delta, dtype=np.float64)
-        total.weight += w
+            total.control += a * np.asarray(r.control_delta, dtype=np.float64)
+        total.weight += b
         total.count += 1
     return total
 
@@ -117,13 +119,20 @@ def sums_of(results: list[ClientResult], weighting: str, size: int) -> Sums:
 class Strategy:
     """Base aggregation strategy: new global weights = global + combined client deltas.
 
-    A *reducible* strategy depends on the clients only through the weighted mean of their deltas
-    (and their count), so a simulation may add client results up on each rank and reduce the sums
-    (``aggregate_sums``); the others (median, trimmed mean, Krum, Bulyan) need every client's delta.
+    A *reducible* strategy depends on the clients only through sum_k a_k delta_k / sum_k b_k (and
+    their count), with each client's coefficients (a_k, b_k) from ``coefficients``, so a simulation
+    may add client results up on each rank and reduce the sums (``aggregate_sums``); the others
+    (median, trimmed mean, Krum, Bulyan) need every client's delta.
     """
 
     reducible = False
     weighting = "examples"  # w_k of a reducible strategy: num_examples, or "uniform" (1 per client)
+    needs_loss = False  # whether clients must report their loss at the global weights (ClientResult.loss)
+
+    def coefficients(self, result: ClientResult) -> tuple[float, float]:
+        """(a_k, b_k): the client's delta enters the sum as a_k * delta_k, its weight as b_k (here both w_k)."""
+        w = float(result.num_examples) if self.weighting == "examples" else 1.0
+        return w, w
 
     def aggregate(self, global_weights: np.ndarray, results: list[ClientResult]) -> np.ndarray:
         """Return the new global weights given the current ones and the clients' results."""
@@ -269,6 +278,43 @@ class FedYogi(_Adaptive):
         return v - (1 - self.beta_2) * sq * np.sign(v - sq)
 
 
+class QFedAvg(FedAvg):
+    """q-FedAvg (Li et al. 2020): clients with a higher loss weigh more; q = 0 is FedAvg with equal weights.
+
+    With delta_k = w_k - w (the client's new weights minus the global ones), L = 1/qffl_lr and
+    F_k the client's loss at w, the paper's update w - sum_k Delta_k / sum_k h_k, where
+    Delta_k = F_k^q L (w - w_k) and h_k = q F_k^(q-1) ||L (w - w_k)||^2 + L F_k^q, is
+    w + sum_k a_k delta_k / sum_k b_k with a_k = F_k^q and b_k = F_k^q + q L F_k^(q-1) ||delta_k||^2:
+    sums, so it reduces over the ranks like FedAvg (the mean's step is the identity).
+    """
+
+    weighting = "uniform"  # unused: coefficients() below sets the clients' weights
+    needs_loss = True
+
+    def __init__(self, q: float = 0.2, qffl_lr: float = 0.1) -> None:
+        """Set the fairness exponent q (>= 0) and the step size 1/L (the paper takes the clients' learning rate)."""
+        if q < 0:
+            raise ValueError(f"QFedAvg q must be >= 0, got {q}")
+        if qffl_lr <= 0:
+            raise ValueError(f"QFedAvg qffl_lr must be positive, got {qffl_lr}")
+        self.q, self.lipschitz = q, 1.0 / qffl_lr
+
+    def coefficients(self, result: ClientResult) -> tuple[float, float]:
+        """a_k = F_k^q and b_k = F_k^q + q L F_k^(q-1) ||delta_k||^2, F_k the client's loss before training."""
+        if result.loss is None or not np.isfinite(result.loss) or result.loss < 0:
+            raise ValueError(f"QFedAvg needs each client's (finite, non-negative) loss at the global weights, "
+                             f"got {result.loss}")
+        f = float(result.loss) + 1e-10  # a loss of exactly 0 would make F^(q-1) infinite
+        delta = np.asarray(result.update, dtype=np.float64)
+        a = f ** self.q
+        return a, a + self.q * self.lipschitz * f ** (self.q - 1) * float(np.dot(delta, delta))
+
+    def combine(self, updates: np.ndarray, results: list[ClientResult]) -> np.ndarray:
+        """sum_k a_k delta_k / sum_k b_k."""
+        coeffs = np.array([self.coefficients(r) for r in results])
+        return coeffs[:, 0] @ updates / coeffs[:, 1].sum()
+
+
 class Scaffold(Strategy):
     """SCAFFOLD server: unweighted mean delta step plus server control variate (Karimireddy et al. 2020)."""
 
@@ -402,7 +448,7 @@ class Bulyan(Strategy):
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi,
     "fedadagrad": FedAdagrad, "scaffold": Scaffold, "median": Median, "trimmed_mean": TrimmedMean, "krum": Krum,
-    "bulyan": Bulyan,
+    "bulyan": Bulyan, "qfedavg": QFedAvg,
 }
 
 
