@@ -265,3 +265,41 @@ def test_fedavg_bench_smoke(tmp_path) -> None:
     assert [(r["method"], r["lr"]) for r in records] == [("fedsgd", 0.5), ("fedavg", 0.1)]
     for r in records:
         assert r["rounds_run"] <= 4 and (r["rounds"] is None or r["best_accuracy"] >= 0.15)
+
+
+def test_alltoall_bench_smoke(tmp_path) -> None:
+    """`python -m dmlmpi.bench alltoall` on 3 ranks: every row at every size delivers the right blocks, JSON records."""
+    path = tmp_path / "a2a.json"
+    result = run_mpi(3, ["-m", "dmlmpi.bench", "alltoall", "--sizes", "12K,96K", "--samples", "2",
+                         "--json", str(path)], timeout=180, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "# alltoall, float32, 3 ranks" in result.stdout
+    records = json.loads(path.read_text())
+    rows = ["dmlmpi-auto", "dmlmpi-mpi", "dmlmpi-pairwise", "dmlmpi-auto-new", "native", "gloo"]
+    assert [(r["algorithm"], r["bytes"]) for r in records] == [(a, b) for b in (12288, 98304) for a in rows]
+    for r in records:
+        assert r["wrong"] == 0 and r["time_s_min"] <= r["time_s_median"] <= r["time_s_max"]
+        assert r["busbw_GBps"] == pytest.approx(r["algbw_GBps"] * 2 / 3)
+
+
+def test_fairness_bench_smoke(tmp_path) -> None:
+    """`python -m dmlmpi.bench fairness` on 2 ranks: FedAvg and q-FedAvg rows over two seeds, a table, JSON."""
+    path = tmp_path / "fairness.json"
+    result = run_mpi(2, ["-m", "dmlmpi.bench", "fairness", "--clients", "20", "--fraction", "0.2", "--rounds", "3",
+                         "--local-epochs", "1", "--q", "1", "--qffl-lr", "0,15", "--seeds", "2",
+                         "--last", "2", "--eval-every", "1",
+                         "--json", str(path)], timeout=180, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "After 3 rounds, 20 clients (shards)" in result.stdout and "median (min-max) over 2 seed(s)" in result.stdout
+    assert "last 2 rounds' evaluations" in result.stdout
+    records = json.loads(path.read_text())
+    assert [(r["strategy"], r["step"], r["seed"]) for r in records] == [
+        ("fedavg", None, 0), ("fedavg", None, 1), ("qfedavg", 0.15, 0), ("qfedavg", 0.15, 1),
+        ("qfedavg", 15.0, 0), ("qfedavg", 15.0, 1)]
+    for r in records:
+        assert r["evaluations"] == 2  # rounds 2 and 3
+        assert 0 <= r["client_accuracy_worst10"] <= r["client_accuracy_mean"] <= r["client_accuracy_best10"] <= 1
+    # the seeds differ (split, model, sampling); so do FedAvg and q-FedAvg on the same seed
+    assert records[0]["test_accuracy"] != records[1]["test_accuracy"] or \
+        records[0]["client_accuracy_std"] != records[1]["client_accuracy_std"]
+    assert records[0]["client_accuracy_std"] != records[2]["client_accuracy_std"]

@@ -60,6 +60,10 @@ def test_run_directory_and_plots(two_ranks, tmp_path) -> None:
     summary = json.load(open(out / "summary.json"))
     assert summary["mode"] == "fl" and summary["rounds"] == 6 and summary["test_accuracy"] == recs[-1]["test_accuracy"]
     assert "federated simulation on 2 ranks" in result.stdout
+    # how evenly the final model serves the clients, in the summary as in every evaluated round
+    assert summary["client_accuracy_mean"] == recs[-1]["client_accuracy_mean"]
+    assert 0 <= summary["client_accuracy_worst10"] <= summary["client_accuracy_mean"] <= \
+        summary["client_accuracy_best10"] <= 1 and summary["client_accuracy_std"] >= 0
     done = subprocess.run([sys.executable, "-m", "dmlmpi.plot", str(out), "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
@@ -104,6 +108,7 @@ def test_secure_aggregation_with_dropouts_and_privacy(tmp_path) -> None:
 @pytest.mark.parametrize("extra, message", [
     (["--ranks-per-client", "3"], "--ranks-per-client 3 must divide the 2 ranks"),  # checked with the options
     (["--clients", "900"], "--clients 900 is more than the 800 training samples"),  # checked once data is loaded
+    (["--strategy", "qfedavg", "--secagg"], "weighs each client by its loss and update norm"),
 ])
 def test_bad_federated_config_fails_on_every_rank(extra, message, tmp_path) -> None:
     """A setup that cannot work gets a clear error from every rank and a non-zero exit, before training."""

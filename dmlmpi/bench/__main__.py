@@ -9,7 +9,8 @@ from dmlmpi.entry import run_main
 KINDS = {"allreduce": "dmlmpi.bench.allreduce", "dp": "dmlmpi.bench.dp", "ps": "dmlmpi.bench.ps",
          "pipeline": "dmlmpi.bench.pipeline", "fl": "dmlmpi.bench.fl", "fedavg": "dmlmpi.bench.fedavg",
          "callcost": "dmlmpi.bench.callcost", "broadcast": "dmlmpi.bench.broadcast",
-         "checkpoint": "dmlmpi.bench.checkpoint"}
+         "checkpoint": "dmlmpi.bench.checkpoint", "fairness": "dmlmpi.bench.fairness",
+         "alltoall": "dmlmpi.bench.alltoall"}
 
 
 def main() -> int:

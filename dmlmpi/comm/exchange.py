@@ -200,3 +200,48 @@ def allreduce(ex: Exchange, data: np.ndarray, op: str, dtype: DType, signature_h
     data[:] = plan.result
     ex.calls += 1
     return True
+
+
+def post_blocks(ex: Exchange, send: np.ndarray, counts: list[int], unit: int, signature_hash: int | None,
+                on_host: bool = True) -> list[list[int]] | None:
+    """All-to-all's first step: post this rank's row counts (and its rows, when they fit) and its guard hash, fence.
+
+    Returns every rank's posted counts as n lists of n + 1 integers (list j: rank j's rows for each
+    rank, then 1 if rank j's blocks are in its row), or None when the hashes differ (every rank
+    alike). The set stays this call's until take_blocks or advance: until then no rank may post again.
+    """
+    n = ex.size
+    parity = ex.calls & 1
+    row, head = ex.rows[parity][ex.rank], 8 * (n + 1)
+    nbytes = send.nbytes
+    fits = on_host and head + nbytes <= ex.capacity
+    meta = row[:head].view(np.int64)
+    meta[:n] = counts
+    meta[n] = int(fits)
+    if fits:
+        row[head:head + nbytes] = send  # our blocks, one after another, where every rank can read them
+    if signature_hash is not None:
+        ex.headers[parity][ex.rank] = signature_hash
+    # every rank's counts (and blocks) and header are in place after the fence
+    fence(ex)
+    if signature_hash is not None and ex.headers[parity].tolist().count(signature_hash) != n:
+        ex.calls += 1
+        return None
+    # as Python integers: a few numpy scalar operations on them would cost more than the copies
+    return ex.rows[parity][:n, :head].view(np.int64).tolist()
+
+
+def take_blocks(ex: Exchange, table: list[list[int]], unit: int, out: np.ndarray, at: list[int]) -> None:
+    """All-to-all's second step, when every rank's blocks were posted: copy block `rank` of each rank's row into out."""
+    r = ex.rank
+    rows, head = ex.rows[ex.calls & 1], 8 * (ex.size + 1)
+    for j, counts in enumerate(table):
+        start = head + sum(counts[:r]) * unit
+        size = counts[r] * unit
+        out[at[j]:at[j] + size] = rows[j, start:start + size]
+    advance(ex)
+
+
+def advance(ex: Exchange) -> None:
+    """This call is done with its set of rows: the next call posts to the other one."""
+    ex.calls += 1

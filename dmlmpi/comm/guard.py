@@ -27,8 +27,9 @@ from .dtypes import BY_CODE, RAW_BYTES
 from .ops import OP_CODES
 
 FIELDS = ("collective", "length", "dtype", "op", "algorithm", "root", "call number", "buffer")
-COLLECTIVES = ("allreduce", "reduce_scatter", "allgather", "broadcast", "allreduce_fused", "broadcast_fused", "adasum")
-ALGORITHMS = ("auto", "ring", "mpi", "hierarchical", "none", "shm")
+COLLECTIVES = ("allreduce", "reduce_scatter", "allgather", "broadcast", "allreduce_fused", "broadcast_fused", "adasum",
+               "alltoall")
+ALGORITHMS = ("auto", "ring", "mpi", "hierarchical", "none", "shm", "pairwise")
 
 
 class CollectiveMismatchError(RuntimeError):
