@@ -196,6 +196,23 @@ def test_blocks_too_large_for_the_area_on_one_rank_send_everything_by_mpi() -> N
         np.testing.assert_array_equal(small, np.arange(SIZE, dtype=np.float64))
 
 
+@pytest.mark.skipif(SIZE < 2, reason="one rank has no area")
+def test_auto_sends_small_blocks_through_the_area(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dmlmpi.comm import exchange
+
+    taken = []
+    real = exchange.take_blocks
+    monkeypatch.setattr(exchange, "take_blocks", lambda *a: (taken.append(1), real(*a))[1])
+    x = np.full((SIZE, 4), float(RANK))
+    for algorithm, large, through_area in [("auto", False, True), ("mpi", False, False), ("pairwise", False, False),
+                                           ("auto", True, False)]:
+        taken.clear()
+        y = np.repeat(x, 20_000, axis=0) if large else x  # 20000 x 4 x 8 B per rank: above the crossover
+        out = comm.alltoall(y, algorithm=algorithm)
+        np.testing.assert_array_equal(out, expected(y, [len(y) // SIZE] * SIZE)[0])
+        assert bool(taken) == through_area, (algorithm, large)
+
+
 def test_unknown_algorithm() -> None:
     with pytest.raises(ValueError, match="unknown algorithm 'ring'"):
         comm.alltoall(np.zeros((SIZE, 1)), algorithm="ring")

@@ -203,8 +203,8 @@ def allreduce(ex: Exchange, data: np.ndarray, op: str, dtype: DType, signature_h
 
 
 def post_blocks(ex: Exchange, send: np.ndarray, counts: list[int], unit: int, signature_hash: int | None,
-                on_host: bool = True) -> list[list[int]] | None:
-    """All-to-all's first step: post this rank's row counts (and its rows, when they fit) and its guard hash, fence.
+                offer: bool = True) -> list[list[int]] | None:
+    """All-to-all's first step: post this rank's row counts (and, if offer, its rows when they fit) and its hash, fence.
 
     Returns every rank's posted counts as n lists of n + 1 integers (list j: rank j's rows for each
     rank, then 1 if rank j's blocks are in its row), or None when the hashes differ (every rank
@@ -214,7 +214,7 @@ def post_blocks(ex: Exchange, send: np.ndarray, counts: list[int], unit: int, si
     parity = ex.calls & 1
     row, head = ex.rows[parity][ex.rank], 8 * (n + 1)
     nbytes = send.nbytes
-    fits = on_host and head + nbytes <= ex.capacity
+    fits = offer and head + nbytes <= ex.capacity
     meta = row[:head].view(np.int64)
     meta[:n] = counts
     meta[n] = int(fits)

@@ -31,6 +31,7 @@ from .buffers import Flat, dtype_of, kind_of, to_flat, to_result, write_back
 from .collectives import _comm, _enter, _signature
 from .context import context
 from .ring import empty_like
+from .select import ALLTOALL_AREA_BYTES, ring_threshold
 
 ALGORITHMS = ("auto", "mpi", "pairwise")
 
@@ -94,7 +95,8 @@ def alltoall(x: Any, splits: Sequence[int] | None = None, algorithm: str = "auto
         # "auto" the blocks ride along when they fit
         sig = _signature(ctx, guard, "alltoall", row, dtype, None, algorithm)
         table = exchange.post_blocks(ctx.exchange, send, counts, unit, None if sig is None else _guard.signature_hash(sig),
-                                     on_host=algorithm == "auto" and isinstance(send, np.ndarray))
+                                     offer=algorithm == "auto" and isinstance(send, np.ndarray)
+                                     and send.nbytes <= ring_threshold(n, ALLTOALL_AREA_BYTES))
         if table is None:
             _guard.mismatch(ctx, sig)  # type: ignore[arg-type]  # every rank found it
         got = [t[r] for t in table]
@@ -134,7 +136,8 @@ def alltoall(x: Any, splits: Sequence[int] | None = None, algorithm: str = "auto
             ctx.comm.Sendrecv(send[s_at[to]:s_at[to] + s_count[to]], to, 7,
                               recv[r_at[source]:r_at[source] + r_count[source]], source, 7)
     elif n > 1:
-        # 2. data: every other rank's block in one MPI_Alltoallv (our own block sent as 0 bytes: copied above)
+        # 2. data: every other rank's block in one MPI_Alltoallv (our own block as 0 bytes: copied above;
+        # Ialltoallv with the copy made while the blocks travel measured the same, 50 us at 2 ranks and 1 MiB)
         s_count[r] = r_count[r] = 0
         ctx.comm.Alltoallv([send, (s_count, s_at)], [recv, (r_count, r_at)])
     return _result(flat, received, target, out, unfit, splits, got)

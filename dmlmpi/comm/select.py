@@ -41,6 +41,14 @@ SHM_MIN_BYTES = {2: 32 << 10, 4: 128 << 10, 8: 256 << 10}
 EXCHANGE_BYTES = {2: 256 << 10, 4: 1 << 20, 8: 1 << 20}
 EXCHANGE_WHOLE_BYTES = {2: 32 << 10, 4: 32 << 10, 8: 32 << 10}
 
+# Largest share of rows (bytes one rank sends in all) that `auto` all-to-all posts in the exchange
+# area for the other ranks to copy out (personalized.py), when every rank's fits in its row; larger
+# blocks go by MPI_Alltoallv. `bench alltoall`, microseconds, auto (area) against mpi (Alltoallv),
+# both with the guard and the counts through the area: at 2 ranks 8 KiB 12.9 against 14.5, 16 KiB
+# 14.0 against 14.1, 32 KiB 15.1 against 14.7, 64 KiB 18.3 against 15.4; at 4 ranks 64 KiB 66.8
+# against 81.5; at 8 ranks 64 KiB 239 against 313 (1 MiB does not fit a row at any size).
+ALLTOALL_AREA_BYTES = {2: 16 << 10, 4: 1 << 20, 8: 1 << 20}
+
 
 # The ring's reduce-scatter moves each step's chunk in pieces of this many bytes and adds each piece
 # as it arrives, still in cache: at 2 ranks 16 MiB took 1513 us against 2185 in whole chunks (native
