@@ -16,6 +16,12 @@ gradient counts as zeros) are reduced in the training thread, in order; the aver
 already in `.grad`. With reduction="adasum" (Horovod's op=hvd.Adasum, power-of-two rank counts)
 each bucket is combined by dmlmpi.comm.adasum_allreduce instead of summed, every parameter with
 its own dot products and norms, and no 1/n scaling: .grad holds the Adasum of the ranks' gradients.
+
+local_params (DDP's parameters to ignore): parameters each rank holds alone, such as the experts of
+an ExpertParallelMoE. They are neither broadcast nor averaged; their gradients are only scaled by
+1/n like the others', which makes them the gradient of the ranks' mean loss when their forward
+served every rank's samples (an expert receives the tokens of all ranks and sends the gradient of
+each rank's loss back through the all-to-all).
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import contextlib
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -209,7 +215,8 @@ class DataParallel(nn.Module):
     def __init__(self, module: nn.Module, comm: MPI.Comm | None = None, bucket_mb: float = 25.0,
                  algorithm: str = "auto", compression: str | None = None, broadcast_buffers: bool = True,
                  timeline: Any = None, shared_buckets: bool = True, powersgd_rank: int = 1,
-                 powersgd_warmup: int = 0, reduction: str = "mean") -> None:
+                 powersgd_warmup: int = 0, reduction: str = "mean",
+                 local_params: Iterable[nn.Parameter] | None = None) -> None:
         super().__init__()
         if compression not in COMPRESSION:
             raise ValueError(f"DataParallel: compression must be one of none, fp16, bf16, powersgd; got {compression!r}")
@@ -221,6 +228,7 @@ class DataParallel(nn.Module):
             raise ValueError(f"DataParallel: bucket_mb must be positive, got {bucket_mb}")
         self.module = module
         self.comm = MPI.COMM_WORLD if comm is None else comm
+        self._local = {id(p) for p in (local_params or ())}  # each rank's own: not broadcast, not averaged
         # Adasum (Horovod's op=Adasum): ranks' gradients combined per tensor by dmlmpi.comm.adasum_allreduce
         self._adasum = reduction == "adasum"
         if self._adasum and compression not in (None, "none"):
@@ -260,7 +268,10 @@ class DataParallel(nn.Module):
         self._closed = False
         last = set(self._buckets[-1].params) if self._buckets else set()
         for p in self.module.parameters() if self.comm.Get_size() > 1 else []:  # alone, .grad is the average
-            if p.requires_grad:
+            if p.requires_grad and id(p) in self._local:
+                # a rank's own parameter: its gradient scaled like the others', nothing sent
+                self._hooks.append(p.register_hook(lambda g: g * self._scale))
+            elif p.requires_grad:
                 # the last bucket is reduced when backward ends anyway: its hooks only make sure
                 # that _finish runs (cheaper than moving each gradient as it arrives)
                 self._hooks.append(p.register_post_accumulate_grad_hook(
@@ -270,7 +281,8 @@ class DataParallel(nn.Module):
     def _broadcast_state(self, root: int = 0) -> None:
         """Every rank takes root's parameters and buffers (any dtype: bool masks too); rank 0's at start."""
         # from root as raw bytes, in a few buckets: one guarded broadcast each, not one per tensor
-        broadcast_fused(list(self.module.parameters()) + list(self.module.buffers()), root=root, comm=self.comm)
+        shared = [p for p in self.module.parameters() if id(p) not in self._local]
+        broadcast_fused(shared + list(self.module.buffers()), root=root, comm=self.comm)
 
     def _default_scale(self) -> float:
         """Each gradient's factor entering its bucket: 1/n (the sum is the mean), 1 with Adasum (whole gradients)."""
@@ -283,7 +295,7 @@ class DataParallel(nn.Module):
 
     def _make_buckets(self, bucket_bytes: int) -> tuple[list[Bucket], dict[nn.Parameter, tuple[int, int]]]:
         """Buckets over the parameters in reverse order, grouped by device and dtype."""
-        params = [p for p in self.module.parameters() if p.requires_grad][::-1]
+        params = [p for p in self.module.parameters() if p.requires_grad and id(p) not in self._local][::-1]
         dtypes = [self._wire_dtype or p.dtype for p in params]
         plan = plan_buckets([p.numel() * d.itemsize for p, d in zip(params, dtypes)],
                             [(p.device, d) for p, d in zip(params, dtypes)], bucket_bytes)
@@ -443,6 +455,9 @@ class DataParallel(nn.Module):
         if any(isinstance(m, SyncBatchNorm) for m in self.module.modules()):
             raise ValueError("DataParallel.join: the model has SyncBatchNorm layers, whose collectives a rank "
                              "without inputs cannot take part in; use BatchNorm, or even inputs")
+        if self._local:
+            raise ValueError("DataParallel.join: not supported with local_params (their forward, such as an "
+                             "expert-parallel layer's all-to-all, needs every rank)")
         if self._join is not None:
             raise RuntimeError("DataParallel.join: already inside join()")
         self._join = Join(divide_by_initial_world_size, throw_on_early_termination, optimizer)
