@@ -282,6 +282,20 @@ def test_alltoall_bench_smoke(tmp_path) -> None:
         assert r["busbw_GBps"] == pytest.approx(r["algbw_GBps"] * 2 / 3)
 
 
+def test_moe_bench_smoke(tmp_path) -> None:
+    """`python -m dmlmpi.bench moe` on 2 ranks: the four variants, expert parallelism keeping half the experts."""
+    path = tmp_path / "moe.json"
+    result = run_mpi(2, ["-m", "dmlmpi.bench", "moe", "--d", "16", "--experts", "4", "--tokens", "32", "--samples", "2",
+                         "--sample-seconds", "0.02", "--json", str(path)], timeout=180, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "# mixture of 4 experts (d 16, hidden 64), 32 tokens per rank per step, 2 ranks" in result.stdout
+    records = {r["variant"]: r for r in json.loads(path.read_text())}
+    assert list(records) == ["local", "dmlmpi-ep", "dmlmpi-dp", "ddp"]
+    expert = 16 * 64 + 64 + 64 * 16 + 16
+    assert records["local"]["params_per_rank"] - records["dmlmpi-ep"]["params_per_rank"] == 2 * expert
+    assert all(r["tokens_per_s_min"] <= r["tokens_per_s_median"] <= r["tokens_per_s_max"] for r in records.values())
+
+
 def test_fairness_bench_smoke(tmp_path) -> None:
     """`python -m dmlmpi.bench fairness` on 2 ranks: FedAvg and q-FedAvg rows over two seeds, a table, JSON."""
     path = tmp_path / "fairness.json"

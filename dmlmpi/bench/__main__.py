@@ -10,7 +10,7 @@ KINDS = {"allreduce": "dmlmpi.bench.allreduce", "dp": "dmlmpi.bench.dp", "ps": "
          "pipeline": "dmlmpi.bench.pipeline", "fl": "dmlmpi.bench.fl", "fedavg": "dmlmpi.bench.fedavg",
          "callcost": "dmlmpi.bench.callcost", "broadcast": "dmlmpi.bench.broadcast",
          "checkpoint": "dmlmpi.bench.checkpoint", "fairness": "dmlmpi.bench.fairness",
-         "alltoall": "dmlmpi.bench.alltoall"}
+         "alltoall": "dmlmpi.bench.alltoall", "moe": "dmlmpi.bench.moe"}
 
 
 def main() -> int:
