@@ -202,8 +202,7 @@ def allreduce(ex: Exchange, data: np.ndarray, op: str, dtype: DType, signature_h
     return True
 
 
-def post_blocks(ex: Exchange, send: np.ndarray, counts: list[int], unit: int, signature_hash: int | None,
-                offer: bool = True) -> list[list[int]] | None:
+def post_blocks(ex: Exchange, send: np.ndarray, counts: list[int], signature_hash: int | None, offer: bool = True) -> list[list[int]] | None:
     """All-to-all's first step: post this rank's row counts (and, if offer, its rows when they fit) and its hash, fence.
 
     Returns every rank's posted counts as n lists of n + 1 integers (list j: rank j's rows for each

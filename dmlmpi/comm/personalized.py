@@ -7,15 +7,18 @@ The rows of one block stay together and in order; the output holds the blocks re
 order. Rows may differ in number from rank to rank and from block to block (the pattern of expert
 routing), but every rank's rows must have the same shape and dtype. A call has two steps:
 
-1. counts: one MPI_Alltoall of n integers tells every rank how many rows each other rank sends it
-   (a rank whose `splits` are bad sends -1 instead, so every rank raises, none hangs);
-2. data: the blocks themselves, as bytes, with MPI_Alltoallv ("mpi") or as n-1 pairwise exchanges
-   ("pairwise": at step k, send to rank r+k and receive from rank r-k, each a single MPI_Sendrecv,
-   so that every rank talks to one peer at a time).
+1. counts: every rank learns how many rows each other rank sends it (a rank whose `splits` are bad
+   sends -1 instead, so every rank raises, none hangs). On ranks of one node they go through the
+   exchange area (exchange.py) in the fence that is also the guard's check, and with "auto" small
+   blocks ride along, so the call is done in that one fence; elsewhere the guard's own step comes
+   first, then one MPI_Alltoall of n integers;
+2. data: the blocks themselves, as bytes, with MPI_Alltoallv ("mpi", and "auto" beyond the area)
+   or as n-1 pairwise exchanges ("pairwise": at step k, send to rank r+k and receive from rank
+   r-k, each a single MPI_Sendrecv, so that every rank talks to one peer at a time).
 
-Before both, the consistency guard checks that every rank entered alltoall with the same row width
-(its "length" field), dtype and algorithm. GPU buffers go to MPI directly when it is CUDA-aware and
-through host memory otherwise, as in the other collectives.
+The guard checks that every rank entered alltoall with the same row width (its "length" field),
+dtype and algorithm. GPU buffers go to MPI directly when it is CUDA-aware and through host memory
+otherwise, as in the other collectives.
 """
 from __future__ import annotations
 
@@ -89,12 +92,12 @@ def alltoall(x: Any, splits: Sequence[int] | None = None, algorithm: str = "auto
     counts, problem = check_splits(splits, shape[0], n)
     flat = to_flat(x, copy=False, dtype=dtype)
     send = _bytes(flat.data)
-    table, posted = None, False
+    posted = False
     if ctx.exchange is not None:
         # 1. counts, on one node: through the exchange area, in one fence with the guard's check; with
         # "auto" the blocks ride along when they fit
         sig = _signature(ctx, guard, "alltoall", row, dtype, None, algorithm)
-        table = exchange.post_blocks(ctx.exchange, send, counts, unit, None if sig is None else _guard.signature_hash(sig),
+        table = exchange.post_blocks(ctx.exchange, send, counts, None if sig is None else _guard.signature_hash(sig),
                                      offer=algorithm == "auto" and isinstance(send, np.ndarray)
                                      and send.nbytes <= ring_threshold(n, ALLTOALL_AREA_BYTES))
         if table is None:
@@ -107,9 +110,9 @@ def alltoall(x: Any, splits: Sequence[int] | None = None, algorithm: str = "auto
         # guard: every rank entered alltoall with the same row width, dtype and algorithm
         _enter(ctx, guard, "alltoall", row, dtype, None, algorithm)
         # 1. counts: rows to each rank out, rows from each rank in (-1: that rank's splits are bad)
-        received = np.empty(n, dtype=np.int64)
-        ctx.comm.Alltoall(np.array(counts, dtype=np.int64), received)
-        got = received.tolist()
+        incoming = np.empty(n, dtype=np.int64)
+        ctx.comm.Alltoall(np.array(counts, dtype=np.int64), incoming)
+        got = incoming.tolist()
     bad = [i for i in range(n) if got[i] < 0]
     if problem is not None or bad:
         if posted:
@@ -120,14 +123,14 @@ def alltoall(x: Any, splits: Sequence[int] | None = None, algorithm: str = "auto
                          f"input (their error says how); nothing was sent")
     total = sum(got)
     target, unfit = _target(out, x, dtype, (total,) + shape[1:])
-    received = target.data if target is not None else empty_like(total * row, flat.data)
-    recv = _bytes(received)
+    into = target.data if target is not None else empty_like(total * row, flat.data)
+    recv = _bytes(into)
     s_count, r_count = [c * unit for c in counts], [c * unit for c in got]
     s_at, r_at = displacements(s_count), displacements(r_count)
     if posted:
         # 2. data, on one node: block r of every rank's posted row, straight into ours
         exchange.take_blocks(ctx.exchange, table, unit, recv, r_at)
-        return _result(flat, received, target, out, unfit, splits, got)
+        return _result(flat, into, target, out, unfit, splits, got)
     # our own block: a local copy, no message
     recv[r_at[r]:r_at[r] + r_count[r]] = send[s_at[r]:s_at[r] + s_count[r]]
     if n > 1 and algorithm == "pairwise":
@@ -140,7 +143,7 @@ def alltoall(x: Any, splits: Sequence[int] | None = None, algorithm: str = "auto
         # Ialltoallv with the copy made while the blocks travel measured the same, 50 us at 2 ranks and 1 MiB)
         s_count[r] = r_count[r] = 0
         ctx.comm.Alltoallv([send, (s_count, s_at)], [recv, (r_count, r_at)])
-    return _result(flat, received, target, out, unfit, splits, got)
+    return _result(flat, into, target, out, unfit, splits, got)
 
 
 def _target(out: Any, x: Any, dtype: Any, shape: tuple[int, ...]) -> tuple[Flat | None, str | None]:
@@ -156,7 +159,7 @@ def _target(out: Any, x: Any, dtype: Any, shape: tuple[int, ...]) -> tuple[Flat 
     return to_flat(out, copy=False, dtype=dtype), None
 
 
-def _result(flat: Flat, received: Any, target: Flat | None, out: Any, unfit: str | None,
+def _result(flat: Flat, into: Any, target: Flat | None, out: Any, unfit: str | None,
             splits: Sequence[int] | None, got: list[int]) -> Any:
     """The output (`out` itself when given), with the received sizes when the caller passed splits (Horovod's convention).
 
@@ -164,5 +167,5 @@ def _result(flat: Flat, received: Any, target: Flat | None, out: Any, unfit: str
     """
     if unfit is not None:
         raise ValueError(f"dmlmpi.comm.alltoall: {unfit} (the exchange completed; the result is dropped)")
-    result = write_back(target, out) if target is not None else to_result(flat, received, (sum(got),) + flat.shape[1:])
+    result = write_back(target, out) if target is not None else to_result(flat, into, (sum(got),) + flat.shape[1:])
     return result if splits is None else (result, got)

@@ -230,8 +230,8 @@ class Simulation:
         # every rank starts from the server's initial weights
         dcomm.broadcast(self.down, root=SERVER, comm=self.world, inplace=True)
         self.strategy = cfg.make_strategy() if rank == SERVER else None
-        # every rank's copy of the rule, for the coefficients its clients enter the sums with
-        self.rule = cfg.make_strategy()
+        # the coefficients a rank's clients enter the sums with (the server's own strategy there)
+        self.rule = self.strategy if self.strategy is not None else cfg.make_strategy()
         self.weights = self.down[:self.size].numpy().copy()
         self.client_state: dict[int, torch.Tensor] = {}  # SCAFFOLD control variates of the clients hosted here
         self.clip = cfg.dp_clip  # the clip of client updates (adaptive: the server moves it every round)
@@ -337,8 +337,7 @@ class Simulation:
         if cfg.dp_clip:
             res.delta, norm = privacy.clip_update(res.delta, self.clip)
             bit = bool(norm <= self.clip)
-        if cfg.dp_clip:  # DP-FedAvg weighs every client the same
-            a = b = 1.0
+            a = b = 1.0  # DP-FedAvg weighs every client the same
         else:  # a * delta into the update's sum, b into the weight's (FedAvg: both the sample count)
             a, b = self.rule.coefficients(ClientResult(res.delta, res.examples, loss=res.start_loss))
         if secure is not None:
