@@ -33,14 +33,16 @@ def rank_tokens(rank: int, shape_lead: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(*shape_lead, D_IN, generator=g)
 
 
+@pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("per_rank", [1, 2])
 @pytest.mark.parametrize("lead", [(0,), (7,), (3, 4)], ids=["no-tokens", "tokens", "batch-seq"])
-def test_forward_and_gradients_equal_one_process(per_rank: int, lead: tuple[int, ...]) -> None:
+def test_forward_and_gradients_equal_one_process(per_rank: int, lead: tuple[int, ...], k: int) -> None:
     E = per_rank * SIZE
+    k = min(k, E)  # (one expert in all: top-1 only)
     gate, experts = build(E)
     ref_gate, ref_experts = copy.deepcopy(gate), copy.deepcopy(experts)
     mine = experts_of(RANK, E, SIZE)
-    moe = ExpertParallelMoE(gate, [experts[e] for e in mine], E, WORLD)
+    moe = ExpertParallelMoE(gate, [experts[e] for e in mine], E, WORLD, k=k)
     # ranks hold different numbers of tokens (rank r: lead with its first dimension + r)
     leads = [(lead[0] + (r if lead[0] else 0),) + lead[1:] for r in range(SIZE)]
     x = rank_tokens(RANK, leads[RANK]).requires_grad_()
@@ -52,7 +54,7 @@ def test_forward_and_gradients_equal_one_process(per_rank: int, lead: tuple[int,
     xs = [rank_tokens(r, leads[r]).requires_grad_() for r in range(SIZE)]
     ref_loss = 0
     for r, xr in enumerate(xs):
-        yr = moe_reference(xr, ref_gate, ref_experts)
+        yr = moe_reference(xr, ref_gate, ref_experts, k)
         if r == RANK:
             torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-6)
         ref_loss = ref_loss + (yr * torch.randn(yr.shape, generator=torch.Generator().manual_seed(99 + r))).sum()
@@ -65,7 +67,7 @@ def test_forward_and_gradients_equal_one_process(per_rank: int, lead: tuple[int,
     for p, q in zip(gate.parameters(), ref_gate.parameters()):
         torch.testing.assert_close(comm.allreduce(p.grad.clone(), comm=WORLD), q.grad, rtol=1e-5, atol=1e-6)
     served = WORLD.allreduce(sum(moe.last_counts))
-    assert served == sum(int(np.prod(lead_r)) for lead_r in leads)
+    assert served == k * sum(int(np.prod(lead_r)) for lead_r in leads)
 
 
 def test_all_to_all_backward_sends_gradients_back() -> None:
@@ -81,7 +83,42 @@ def test_all_to_all_backward_sends_gradients_back() -> None:
     torch.testing.assert_close(x.grad, want)
 
 
+def test_balance_loss() -> None:
+    from dmlmpi.parallel.experts import balance_loss, route
+
+    # a gate that scores every expert the same: P_e = 1/E, so E * sum_e f_e / E = 1 whatever the choices
+    logits = torch.zeros(10, 4, requires_grad=True)
+    choices, weight, probs = route(logits, 2)
+    torch.testing.assert_close(weight, torch.full((10, 2), 0.5))  # top-2 weights add up to 1
+    torch.testing.assert_close(balance_loss(probs, choices[:, 0], 4), torch.tensor(1.0))
+    # random scores: the formula, and a gradient into the gate
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 4, generator=g, requires_grad=True)
+    choices, _, probs = route(logits)
+    share = torch.bincount(choices[:, 0], minlength=4).float() / 64
+    loss = balance_loss(probs, choices[:, 0], 4)
+    torch.testing.assert_close(loss, 4 * (share * probs.mean(0)).sum())
+    loss.backward()
+    assert logits.grad.abs().sum() > 0  # it trains the gate
+    assert balance_loss(probs[:0], choices[:0, 0], 4).item() == 0.0
+
+
+def test_aux_loss_after_forward() -> None:
+    gate, experts = build(2 * SIZE)
+    moe = ExpertParallelMoE(gate, experts[2 * RANK:2 * RANK + 2], 2 * SIZE, WORLD)
+    x = rank_tokens(RANK, (9,))
+    moe(x)
+    from dmlmpi.parallel.experts import balance_loss, route
+
+    choices, _, probs = route(gate(x))
+    torch.testing.assert_close(moe.aux_loss, balance_loss(probs, choices[:, 0], 2 * SIZE))
+
+
 def test_setup_errors() -> None:
+    gate, experts = build(2 * SIZE)
+    for k in (0, 2 * SIZE + 1):
+        with pytest.raises(ValueError, match=f"top-k routing needs 1 <= k <= {2 * SIZE} experts, got k={k}"):
+            ExpertParallelMoE(gate, experts[:2], 2 * SIZE, WORLD, k=k)
     if SIZE > 1:  # any number of experts splits over one rank
         gate, experts = build(2 * SIZE + 1)
         with pytest.raises(ValueError, match=f"{2 * SIZE + 1} experts do not split evenly over {SIZE} ranks"):

@@ -3,13 +3,14 @@
 Each of the n ranks holds E/n of the E experts (expert e lives on rank e // (E/n)) and a copy of
 the gate. A forward on a rank's tokens:
 
-1. the gate scores every token and picks its top-1 expert with weight p (Switch Transformer);
-   tokens are sorted by expert, so each destination rank's tokens are one block;
+1. the gate scores every token and picks its top-k experts with their weights (k = 1: Switch
+   Transformer; k = 2: GShard); one row per (token, choice), sorted by expert, so each destination
+   rank's rows are one block;
 2. dispatch: one all-to-all sends every token to the rank of its expert (uneven blocks: no
    capacity limit, no token dropped), a second one its expert's number;
 3. each local expert runs on the tokens it received, from every rank at once;
 4. combine: the all-to-all back returns each result to the rank its token came from, in the
-   order sent; unsorted and scaled by p, it is the layer's output.
+   order sent; unsorted, weighted and added up over a token's k choices, it is the layer's output.
 
 The all-to-alls are differentiable (`all_to_all`): the backward of one sends the gradients back
 along the same blocks, reversed. An expert's parameters get the gradient of every rank's tokens
@@ -54,10 +55,29 @@ def all_to_all(x: torch.Tensor, splits: Sequence[int], comm: MPI.Comm) -> tuple[
     return out, box[0]
 
 
-def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-1 routing: each token's expert and the softmax weight the gate gave it."""
-    weight, expert = torch.softmax(logits, dim=-1).max(dim=-1)
-    return expert, weight
+def route(logits: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k routing: each token's k experts (T, k), their weights (T, k) and the gate's probabilities (T, E).
+
+    k = 1 (Switch Transformer): the expert's softmax probability; k = 2 (GShard): the two
+    probabilities divided by their sum.
+    """
+    probs = torch.softmax(logits, dim=-1)
+    weight, expert = probs.topk(k, dim=-1)
+    if k > 1:
+        weight = weight / weight.sum(dim=-1, keepdim=True)
+    return expert, weight, probs
+
+
+def balance_loss(probs: torch.Tensor, first: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch Transformer's load-balancing loss E * sum_e f_e P_e (1 when balanced, up to E when not).
+
+    f_e: the share of the tokens whose first choice is expert e; P_e: the gate's mean probability
+    for e. Only P_e carries a gradient; it pushes probability away from the crowded experts.
+    """
+    if len(first) == 0:
+        return probs.sum() * 0.0  # no tokens: nothing to balance (and a gradient of zeros)
+    share = torch.bincount(first, minlength=num_experts).to(probs.dtype) / len(first)
+    return num_experts * torch.sum(share * probs.mean(dim=0))
 
 
 def experts_of(rank: int, num_experts: int, size: int) -> range:
@@ -69,12 +89,18 @@ def experts_of(rank: int, num_experts: int, size: int) -> range:
 
 
 class ExpertParallelMoE(nn.Module):
-    """A top-1 mixture-of-experts layer with this rank's share of the experts; forward is collective over comm."""
+    """A top-k mixture-of-experts layer with this rank's share of the experts; forward is collective over comm.
+
+    After each forward, `aux_loss` holds the load-balancing loss of this rank's tokens (add it to the
+    training loss, times a small coefficient such as 0.01, to keep the experts evenly used).
+    """
 
     def __init__(self, gate: nn.Linear, local_experts: Sequence[nn.Module], num_experts: int,
-                 comm: MPI.Comm | None = None) -> None:
+                 comm: MPI.Comm | None = None, k: int = 1) -> None:
         """gate: d -> num_experts scores (the same on every rank); local_experts: this rank's, in expert order."""
         super().__init__()
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"top-k routing needs 1 <= k <= {num_experts} experts, got k={k}")
         self.comm = MPI.COMM_WORLD if comm is None else comm
         n, r = self.comm.Get_size(), self.comm.Get_rank()
         if gate.out_features != num_experts:
@@ -84,20 +110,25 @@ class ExpertParallelMoE(nn.Module):
             raise ValueError(f"rank {r} of {n} holds experts {mine.start}..{mine.stop - 1} ({len(mine)}), "
                              f"but {len(local_experts)} local experts were given")
         self.gate, self.experts = gate, nn.ModuleList(local_experts)
-        self.num_experts, self.first, self.per_rank = num_experts, mine.start, len(mine)
+        self.num_experts, self.first, self.per_rank, self.k = num_experts, mine.start, len(mine), k
         self.last_counts: list[int] = []  # tokens each local expert served in the last forward (all ranks')
+        self.aux_loss: torch.Tensor | None = None  # the last forward's balance_loss
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Route x's tokens (rows) to their experts wherever they live and bring the results back."""
         n = self.comm.Get_size()
         tokens = x.reshape(-1, x.shape[-1])
-        # 1. gate: each token's expert and weight; tokens sorted by expert, so by destination rank
-        expert, weight = route(self.gate(tokens))
+        # 1. gate: each token's k experts and weights; one row per (token, choice), sorted by expert,
+        # so by destination rank
+        choices, weight, probs = route(self.gate(tokens), self.k)
+        self.aux_loss = balance_loss(probs, choices[:, 0], self.num_experts)
+        expert = choices.reshape(-1)
+        rows = tokens.repeat_interleave(self.k, dim=0) if self.k > 1 else tokens
         order = torch.argsort(expert, stable=True)
         sorted_expert = expert[order]
         splits = torch.bincount(sorted_expert // self.per_rank, minlength=n).tolist()
         # 2. dispatch: the tokens to their experts' ranks, and which expert each is for
-        arrived, received = all_to_all(tokens[order], splits, self.comm)
+        arrived, received = all_to_all(rows[order], splits, self.comm)
         which, _ = dcomm.alltoall(sorted_expert, splits=splits, comm=self.comm)
         # 3. each local expert on its tokens from every rank (grouped by expert, then put back in arrival order)
         local = which - self.first
@@ -107,24 +138,26 @@ class ExpertParallelMoE(nn.Module):
         # (every local expert runs, on an empty chunk too: the rows sent back have its output's width)
         done = torch.cat(outputs)[torch.argsort(by_expert)]
         self.last_counts = counts
-        # 4. combine: every result back to its token's rank, in the order it was sent
+        # 4. combine: every result back to its token's rank, in the order it was sent; a token's k
+        # results, weighted, add up
         back, _ = all_to_all(done, received, self.comm)
-        out = back[torch.argsort(order)] * weight.unsqueeze(-1)
+        out = (back[torch.argsort(order)] * weight.reshape(-1, 1)).reshape(len(tokens), self.k, back.shape[-1]).sum(1)
         return out.reshape(x.shape[:-1] + out.shape[-1:])
 
 
-def moe_reference(x: torch.Tensor, gate: nn.Linear, experts: Sequence[nn.Module]) -> torch.Tensor:
-    """The same layer in one process with every expert: each token times its weight through its expert.
+def moe_reference(x: torch.Tensor, gate: nn.Linear, experts: Sequence[nn.Module], k: int = 1) -> torch.Tensor:
+    """The same layer in one process with every expert: each token's weighted results of its k experts, added.
 
     Every expert runs, on no token too, as in the layer (its gradient is then zero rather than None,
     which an optimizer with momentum tells apart).
     """
     tokens = x.reshape(-1, x.shape[-1])
-    expert, weight = route(gate(tokens))
+    choices, weight, _ = route(gate(tokens), k)
     width = experts[0](tokens[:0]).shape[-1]
     out = tokens.new_zeros(len(tokens), width)
     for e, module in enumerate(experts):
-        rows = torch.nonzero(expert == e).flatten()
-        out = out.index_put((rows,), module(tokens[rows]))
-    out = out * weight.unsqueeze(-1)
+        picked = choices == e  # (T, k): where token t chose e
+        rows = torch.nonzero(picked.any(dim=1)).flatten()
+        w = (weight * picked).sum(dim=1)[rows]  # e's weight for those tokens
+        out = out.index_add(0, rows, module(tokens[rows]) * w.unsqueeze(-1))
     return out.reshape(x.shape[:-1] + out.shape[-1:])
