@@ -37,9 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", help="directory with MNIST IDX files or CIFAR-10 binary batches")
     g.add_argument("--samples", type=int, default=5000, help="MNIST-1D samples to generate (80%% train, 20%% test)")
     g.add_argument("--data-seed", type=int, default=42, help="seed of the generated MNIST-1D data")
-    g.add_argument("--model", default="auto", choices=["auto", "cnn", "cnn-bn", "mlp", "linear", "convnet"],
+    g.add_argument("--model", default="auto", choices=["auto", "cnn", "cnn-bn", "mlp", "moe", "linear", "convnet"],
                    help="auto: cnn for mnist1d, convnet for mnist and cifar10; cnn-bn: cnn with a BatchNorm after "
-                        "each convolution")
+                        "each convolution; moe: an MLP with a mixture-of-experts layer (--mode dp spreads the experts "
+                        "over the ranks: expert parallelism)")
+    g.add_argument("--moe-experts", type=int, default=8, help="moe: experts in the mixture (a multiple of the ranks "
+                                                                   "in --mode dp)")
+    g.add_argument("--moe-k", type=int, default=1, help="moe: experts per token (1: Switch, 2: GShard)")
+    g.add_argument("--moe-aux", type=float, default=0.01,
+                   help="moe: weight of the load-balancing loss added to the training loss (0: none)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=30, help="passes over the training set")
     g.add_argument("--batch-size", type=int, default=64, help="global batch size, split over the ranks")
@@ -413,10 +419,33 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size:
             check_available()
         except ElasticUnavailable as exc:
             parser.error(str(exc))
+    if args.model == "moe":
+        check_moe(parser, args, world_size)
     if args.dataset != "mnist1d" and not args.data_dir:
         parser.error(f"--dataset {args.dataset} reads files: give --data-dir")
     if args.dataset == "mnist1d" and args.samples < 10:
         parser.error(f"--samples {args.samples} is too few to split into train and test")
+
+
+def check_moe(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size: int) -> None:
+    """--model moe: a mixture that splits over the data-parallel ranks, and what expert parallelism cannot do yet."""
+    if args.moe_experts < 1 or not 1 <= args.moe_k <= args.moe_experts:
+        parser.error(f"--model moe needs --moe-experts >= 1 and 1 <= --moe-k <= --moe-experts, got "
+                     f"--moe-experts {args.moe_experts} --moe-k {args.moe_k}")
+    if args.moe_aux < 0:
+        parser.error(f"--moe-aux must not be negative, got {args.moe_aux}")
+    if args.mode != "dp":
+        return  # elsewhere every rank holds the whole mixture (a plain model)
+    if args.moe_experts % world_size:
+        parser.error(f"--model moe in --mode dp spreads the experts over the ranks: --moe-experts {args.moe_experts} "
+                     f"does not split over {world_size} ranks (use a multiple of {world_size})")
+    unsupported = [(args.zero, f"--zero {args.zero}"), (args.elastic, "--elastic"),
+                   (args.clip_grad_norm, "--clip-grad-norm"), (args.reduction != "mean", f"--reduction {args.reduction}"),
+                   (args.compression == "powersgd", "--compression powersgd")]
+    for used, option in unsupported:
+        if used and world_size > 1:
+            parser.error(f"--model moe in --mode dp (expert parallelism) does not work with {option} yet: each rank's "
+                         f"experts are its own")
 
 
 def describe(args: argparse.Namespace) -> dict[str, Any]:

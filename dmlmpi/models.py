@@ -42,6 +42,24 @@ def mlp(inputs: int, hidden: tuple[int, ...] = (256, 256), classes: int = 10) ->
     return nn.Sequential(*layers)
 
 
+def moe_mlp(inputs: int, hidden: int = 64, experts: int = 8, k: int = 1, classes: int = 10) -> nn.Sequential:
+    """An MLP whose middle layer is a top-k mixture of `experts` MLPs (hidden -> 2 hidden -> hidden).
+
+    Built whole, on one rank (every expert here); data-parallel training spreads the experts over the
+    ranks (parallel/experts.py: spread).
+    """
+    from mpi4py import MPI
+
+    from dmlmpi.parallel.experts import ExpertParallelMoE
+
+    gate = nn.Linear(hidden, experts)
+    mixture = [nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, hidden))
+               for _ in range(experts)]
+    return nn.Sequential(nn.Flatten(), nn.Linear(inputs, hidden), nn.ReLU(),
+                         ExpertParallelMoE(gate, mixture, experts, MPI.COMM_SELF, k), nn.ReLU(),
+                         nn.Linear(hidden, classes))
+
+
 def convnet(channels: int, height: int, width: int, classes: int = 10) -> nn.Sequential:
     """A small 2-D CNN for MNIST (1x28x28, given flat) and CIFAR-10 (3x32x32)."""
     return nn.Sequential(
@@ -54,8 +72,12 @@ def convnet(channels: int, height: int, width: int, classes: int = 10) -> nn.Seq
     )
 
 
-def build(name: str, seed: int, sample_shape: tuple[int, ...], dataset: str = "mnist1d") -> nn.Sequential:
-    """The named model for inputs of `sample_shape`, with weights drawn from `seed` (same on every rank)."""
+def build(name: str, seed: int, sample_shape: tuple[int, ...], dataset: str = "mnist1d", experts: int = 8,
+          k: int = 1) -> nn.Sequential:
+    """The named model for inputs of `sample_shape`, with weights drawn from `seed` (same on every rank).
+
+    experts, k: the mixture of model `moe`.
+    """
     name = DEFAULT_FOR.get(dataset, "mlp") if name == "auto" else name
     torch.manual_seed(seed)
     if name in ("cnn", "cnn-bn"):
@@ -64,6 +86,8 @@ def build(name: str, seed: int, sample_shape: tuple[int, ...], dataset: str = "m
         return mnist1d_cnn(batchnorm=name == "cnn-bn")
     if name == "mlp":
         return mlp(math.prod(sample_shape))
+    if name == "moe":
+        return moe_mlp(math.prod(sample_shape), experts=experts, k=k)
     if name == "linear":
         return mlp(math.prod(sample_shape), hidden=())  # logistic regression: the tiny federated benchmark model
     if name == "convnet":
@@ -72,4 +96,4 @@ def build(name: str, seed: int, sample_shape: tuple[int, ...], dataset: str = "m
         if len(sample_shape) == 3:
             return convnet(*sample_shape)
         raise ValueError(f"model 'convnet' needs images (784 = 28x28, or CxHxW); inputs here are {sample_shape}")
-    raise ValueError(f"unknown model {name!r}; choose from auto, cnn, cnn-bn, mlp, linear, convnet")
+    raise ValueError(f"unknown model {name!r}; choose from auto, cnn, cnn-bn, mlp, moe, linear, convnet")

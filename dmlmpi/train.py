@@ -55,6 +55,11 @@ def fresh_run_dir(out: str, world: MPI.Comm) -> None:
     world.Barrier()  # nobody writes into `out` before it is clean
 
 
+def model_of(args: argparse.Namespace, data: Dataset) -> nn.Sequential:
+    """The --model for the data's inputs, drawn from --seed (the same on every rank)."""
+    return build(args.model, args.seed, data.x_train.shape[1:], args.dataset, experts=args.moe_experts, k=args.moe_k)
+
+
 def make_trainer(args: argparse.Namespace, model: nn.Module, data: Dataset, world: MPI.Comm, device: torch.device,
                  tl: Timeline, previous: Trainer | None = None) -> Trainer:
     """The Trainer of --mode, with the learning-rate schedule sized to the whole run.
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None, signals: S
     data = load_dataset(args.dataset, world, args.data_dir, args.data_seed, args.samples)
     if args.mode == "fl":
         return train_federated(args, world, data, device, log, tl, signals)
-    trainer = make_trainer(args, build(args.model, args.seed, data.x_train.shape[1:], args.dataset).to(device),
+    trainer = make_trainer(args, model_of(args, data).to(device),
                            data, world, device, tl)
     team = trainer.comm  # the ranks that run the training loop (all but the servers)
     share_rank = team.Get_rank() if trainer.data_rank is None else trainer.data_rank
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None, comm: MPI.Comm | None = None, signals: S
         carry = trainer.carry()
         state["trainer"] = rec.comm.bcast(carry if source else None, root=rec.source) if trainer.shared_state else carry
         world = rec.comm
-        trainer = make_trainer(args, build(args.model, args.seed, data.x_train.shape[1:], args.dataset).to(device),
+        trainer = make_trainer(args, model_of(args, data).to(device),
                                data, world, device, tl, previous=trainer)
         trainer.restore(state["trainer"])
         team = trainer.comm
@@ -323,7 +328,7 @@ def train_federated(args: argparse.Namespace, world: MPI.Comm, data: Dataset, de
     """--mode fl: rounds of the federated simulation, one metrics record per round, checkpoint, summary."""
     from dmlmpi.federated.simulation import FLConfig, Simulation  # federated imports stay out of the other modes
     cfg = FLConfig.from_args(args)
-    sim = Simulation(build(args.model, args.seed, data.x_train.shape[1:], args.dataset), data, cfg, world, device, tl)
+    sim = Simulation(model_of(args, data), data, cfg, world, device, tl)
     wall_before = 0.0
     if args.resume and (path := checkpoint.latest_path(args.out)) is not None:
         state = checkpoint.load(path, world)
@@ -382,7 +387,7 @@ def train_federated(args: argparse.Namespace, world: MPI.Comm, data: Dataset, de
             # broadcast: the server's state after its last completed round, to every survivor
             state = rec.comm.bcast(sim.server_state(completed, {}) if sim.is_server else None, root=rec.source)
             world = rec.comm
-            sim = Simulation(build(args.model, args.seed, data.x_train.shape[1:], args.dataset), data, cfg, world,
+            sim = Simulation(model_of(args, data), data, cfg, world,
                              device, tl)
             sim.load_state(state)
             sim.lost |= lost
@@ -440,6 +445,9 @@ def describe_mode(args: argparse.Namespace, size: int) -> str:
                 f"clients, {args.rounds} rounds" + (", secure aggregation" if args.secagg else "")
                 + (f", DP clip {args.dp_clip}{' (adaptive)' if args.dp_adaptive else ''} noise {args.dp_noise}"
                    if args.dp_clip else ""))
+    if args.model == "moe" and size > 1:
+        return (f"data parallel on {size} ranks, expert parallel: {args.moe_experts // size} of the {args.moe_experts} "
+                f"experts on each rank (top-{args.moe_k})")
     return f"data parallel on {size} ranks"
 
 

@@ -23,6 +23,7 @@ from dmlmpi.grid import ProcessGrid
 from dmlmpi.parallel import (DataParallel, FullyShardedDataParallel, ParameterServer, Pipeline, ShardedDataParallel,
                              SyncBatchNorm, ZeroRedundancyOptimizer, clip_grad_norm)
 from dmlmpi.parallel.amp import DynamicLossScaler, autocast
+from dmlmpi.parallel.experts import ExpertNames, ExpertParallelMoE, local_state_dict, spread, whole_state_dict
 from dmlmpi.parallel.named_state import by_name, layer_names, load_by_name
 from dmlmpi.telemetry import Timeline
 
@@ -193,6 +194,12 @@ class DPTrainer(Trainer):
         self.comm, self.data, self.device, self.tl = world, data, device, tl
         if args.sync_bn:  # BatchNorm statistics over every rank's samples, on this trainer's communicator
             model = SyncBatchNorm.convert_sync_batchnorm(model, comm=world)
+        # --model moe: each rank keeps its share of the experts (expert parallelism); DataParallel leaves
+        # them out, and checkpoints gather them, with optimizer state by parameter name
+        self.mixtures = [m for m in model.modules() if isinstance(m, ExpertParallelMoE)]
+        self.n_params = sum(p.numel() for p in model.parameters())  # the whole model's, before the experts spread
+        experts = spread(model, world) if self.mixtures and world.Get_size() > 1 else []
+        self.moe_aux = args.moe_aux
         self.sharded = args.zero >= 2  # each rank holds the averaged gradient of its shard only
         self.sharded_checkpoints = args.checkpoint_format == "sharded"  # each rank saves its own pieces
         self.zero3 = args.zero == 3
@@ -213,7 +220,7 @@ class DPTrainer(Trainer):
                                       powersgd_warmup=args.powersgd_warmup, reduction=args.reduction,
                                       # an elastic recovery closes this on a communicator that lost a rank:
                                       # shared buckets would need a collective free there
-                                      shared_buckets=not args.elastic)
+                                      shared_buckets=not args.elastic, local_params=experts)
         if args.zero == 1:  # each rank keeps and updates 1/n of the optimizer state (ZeRO stage 1)
             cls, settings = optimizer_spec(args)
             self.optimizer = ZeroRedundancyOptimizer(self.model.parameters(), cls, comm=world, **settings)
@@ -241,7 +248,11 @@ class DPTrainer(Trainer):
                     share = batch_loss(self.model, self.data, part, 1.0 / batch, self.device, self.tl)
                 with self.tl.span("backward"):
                     # DataParallel averages over ranks; scaled by the world size the average is the global mean
-                    (share * (self.comm.Get_size() * loss_scale)).backward()
+                    scaled = share * (self.comm.Get_size() * loss_scale)
+                    if self.mixtures:  # --model moe: this rank's share of the balancing loss, scaled like `share`
+                        weight = self.moe_aux * self.comm.Get_size() * loss_scale / len(parts)
+                        scaled = scaled + sum(m.aux_loss for m in self.mixtures) * weight
+                    scaled.backward()
             total += share.item()
         if self.sharded:  # each rank holds the averaged gradient of its shard: norms add up over the ranks
             self.finish_step(self.optimizer.shard_parameters(), clip_comm=self.comm)
@@ -267,6 +278,14 @@ class DPTrainer(Trainer):
 
     def state(self) -> dict[str, Any]:
         """Model, optimizer and schedule state (what a checkpoint or an elastic recovery carries)."""
+        if self.mixtures:  # every rank's experts gathered on rank 0 (collective), the optimizer's state by name
+            names = ExpertNames(self.model.module)
+            keys = [[names.whole(n)] for n, _ in self.model.module.named_parameters()]
+            mine = by_name(self.optimizer, list(self.model.module.parameters()), keys)
+            return dict(model=whole_state_dict(self.model.module, self.comm),
+                        optimizer_by_name=self.comm.gather(mine, root=0), schedule=self.schedule.state_dict(),
+                        comm_state=self.model.comm_state(),
+                        loss_scaler=None if self.scaler is None else self.scaler.state_dict())
         # ZeRO-3: the whole model gathered (collective); the parameters hold no data between steps
         model = self.model.full_state_dict() if self.zero3 else self.model.module.state_dict()
         return dict(model=model, optimizer=self.optimizer.state_dict(),
@@ -318,6 +337,16 @@ class DPTrainer(Trainer):
         """Model, optimizer and schedule from a checkpoint (full or sharded, whichever it is)."""
         if "shards" in state:
             self._load_shards(state)
+        elif self.mixtures:  # the whole model's state: this rank takes its experts and their optimizer state
+            if "optimizer_by_name" not in state:
+                raise ValueError("this checkpoint holds no mixture of experts: resume it with the model it was "
+                                 "saved with")
+            module = self.model.module
+            module.load_state_dict(local_state_dict(state["model"], module))
+            names = ExpertNames(module)
+            load_by_name(self.optimizer, list(module.parameters()), [[names.whole(n)] for n, _ in
+                                                                      module.named_parameters()],
+                         state["optimizer_by_name"])
         else:
             if self.zero3:
                 self.model.load_full_state_dict(state["model"])  # into the shards (collective)

@@ -103,15 +103,23 @@ def test_balance_loss() -> None:
     assert balance_loss(probs[:0], choices[:0, 0], 4).item() == 0.0
 
 
-def test_aux_loss_after_forward() -> None:
-    gate, experts = build(2 * SIZE)
-    moe = ExpertParallelMoE(gate, experts[2 * RANK:2 * RANK + 2], 2 * SIZE, WORLD)
-    x = rank_tokens(RANK, (9,))
-    moe(x)
+def test_aux_loss_shares_add_up_to_the_whole_batch() -> None:
     from dmlmpi.parallel.experts import balance_loss, route
 
-    choices, _, probs = route(gate(x))
-    torch.testing.assert_close(moe.aux_loss, balance_loss(probs, choices[:, 0], 2 * SIZE))
+    gate, experts = build(2 * SIZE)
+    ref_gate = copy.deepcopy(gate)
+    moe = ExpertParallelMoE(gate, experts[2 * RANK:2 * RANK + 2], 2 * SIZE, WORLD)
+    moe(rank_tokens(RANK, (5 + RANK,)))  # ranks with different numbers of tokens
+    moe.aux_loss.backward()
+    total = comm.allreduce(moe.aux_loss.detach().reshape(1).double(), comm=WORLD)
+    # one process, every rank's tokens
+    xs = torch.cat([rank_tokens(r, (5 + r,)) for r in range(SIZE)])
+    choices, _, probs = route(ref_gate(xs))
+    whole = balance_loss(probs, choices[:, 0], 2 * SIZE)
+    whole.backward()
+    torch.testing.assert_close(total, whole.detach().reshape(1).double(), rtol=1e-6, atol=1e-7)
+    for p, q in zip(gate.parameters(), ref_gate.parameters()):  # the gradients add up too
+        torch.testing.assert_close(comm.allreduce(p.grad.clone(), comm=WORLD), q.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_setup_errors() -> None:

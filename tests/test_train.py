@@ -106,6 +106,30 @@ def test_sync_bn_same_losses_on_one_and_three_ranks(tmp_path) -> None:
         assert runs[3][step] == pytest.approx(runs[1][step], rel=1e-4, abs=1e-6), step
 
 
+def test_moe_expert_parallel_equals_one_process_and_resumes_on_another_world_size(tmp_path) -> None:
+    """--model moe: the experts spread over 4 ranks train what one process trains (balancing loss included);
+    stopped after 11 steps and resumed on 2 ranks (each takes its experts and their optimizer state), it
+    goes on as the uninterrupted run."""
+    runs = {}
+    for n in (1, 4):
+        result = train(n, tmp_path / f"r{n}", "--epochs", "2", "--model", "moe")
+        assert result.returncode == 0, result.stdout
+        runs[n] = losses(tmp_path / f"r{n}")
+    assert "expert parallel" in result.stdout  # the 4-rank run says how it splits the model
+    assert runs[1].keys() == runs[4].keys() and len(runs[1]) == 30
+    for step in runs[1]:
+        assert runs[4][step] == pytest.approx(runs[1][step], rel=1e-5, abs=1e-6), step
+    split = tmp_path / "split"
+    assert train(4, split, "--epochs", "2", "--model", "moe", "--max-steps", "11").returncode == 0
+    second = train(2, split, "--epochs", "2", "--model", "moe", "--resume")
+    assert second.returncode == 0, second.stdout
+    assert "resumed from" in second.stdout and "at step 11" in second.stdout
+    resumed = losses(split)
+    assert sorted(resumed) == list(range(1, 31))
+    for step in range(12, 31):
+        assert resumed[step] == pytest.approx(runs[4][step], rel=1e-5, abs=1e-6), step
+
+
 def test_resume_continues_where_it_stopped(three_rank_run, tmp_path) -> None:
     """Stopped after 11 steps (mid-epoch), resumed: later losses equal the uninterrupted run's."""
     full, _ = three_rank_run

@@ -185,6 +185,12 @@ def test_sample_orders_balance_first_place_and_predecessors(k: int) -> None:
     (["--initial-scale-power", "-1"], "--initial-scale-power must be in 0..100, got -1"),
     (["--grad-accum", "2", "--mode", "pipeline"], "not pipeline (a pipeline accumulates over --microbatches)"),
     (["--grad-accum", "20"], "--grad-accum 20: --batch-size 64 gives each of the 4 ranks fewer samples than micro-steps"),
+    (["--model", "moe", "--moe-experts", "6"], "--moe-experts 6 does not split over 4 ranks (use a multiple of 4)"),
+    (["--model", "moe", "--moe-k", "9"], "1 <= --moe-k <= --moe-experts, got --moe-experts 8 --moe-k 9"),
+    (["--model", "moe", "--moe-aux", "-1"], "--moe-aux must not be negative, got -1.0"),
+    (["--model", "moe", "--zero"], "(expert parallelism) does not work with --zero 1 yet"),
+    (["--model", "moe", "--clip-grad-norm", "1"], "does not work with --clip-grad-norm yet"),
+    (["--model", "moe", "--compression", "powersgd"], "does not work with --compression powersgd yet"),
 ])
 def test_sync_bn_zero_and_powersgd_settings_are_checked(argv: list[str], message: str, capsys) -> None:
     """--sync-bn, --zero, PowerSGD, clipping and accumulation outside what they support: refused before training, saying why."""

@@ -68,16 +68,25 @@ def route(logits: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor,
     return expert, weight, probs
 
 
-def balance_loss(probs: torch.Tensor, first: torch.Tensor, num_experts: int) -> torch.Tensor:
+def balance_loss(probs: torch.Tensor, first: torch.Tensor, num_experts: int,
+                 comm: MPI.Comm | None = None) -> torch.Tensor:
     """Switch Transformer's load-balancing loss E * sum_e f_e P_e (1 when balanced, up to E when not).
 
     f_e: the share of the tokens whose first choice is expert e; P_e: the gate's mean probability
     for e. Only P_e carries a gradient; it pushes probability away from the crowded experts.
+    With comm, the tokens are every rank's and the result is this rank's share of the loss: summed
+    over the ranks it is the loss of all their tokens (so n ranks train what one process trains).
     """
-    if len(first) == 0:
-        return probs.sum() * 0.0  # no tokens: nothing to balance (and a gradient of zeros)
-    share = torch.bincount(first, minlength=num_experts).to(probs.dtype) / len(first)
-    return num_experts * torch.sum(share * probs.mean(dim=0))
+    counts = torch.cat([torch.bincount(first, minlength=num_experts).double(),
+                        torch.tensor([float(len(first))], dtype=torch.float64, device=first.device)])
+    if comm is not None and comm.Get_size() > 1:
+        # every rank's first choices and token count (the probabilities stay here: their sum is this rank's share)
+        counts = dcomm.allreduce(counts, comm=comm)
+    total = float(counts[-1])
+    if total == 0:
+        return probs.sum() * 0.0  # no tokens anywhere: nothing to balance (and a gradient of zeros)
+    share = (counts[:-1] / total).to(probs.dtype)
+    return num_experts * torch.sum(share * probs.sum(dim=0)) / total
 
 
 def experts_of(rank: int, num_experts: int, size: int) -> range:
@@ -91,8 +100,10 @@ def experts_of(rank: int, num_experts: int, size: int) -> range:
 class ExpertParallelMoE(nn.Module):
     """A top-k mixture-of-experts layer with this rank's share of the experts; forward is collective over comm.
 
-    After each forward, `aux_loss` holds the load-balancing loss of this rank's tokens (add it to the
-    training loss, times a small coefficient such as 0.01, to keep the experts evenly used).
+    After each forward, `aux_loss` holds this rank's share of the load-balancing loss of all ranks'
+    tokens (balance_loss; the shares add up to the whole batch's). Added to the training loss times
+    a small coefficient such as 0.01, scaled like the rank's share of the main loss, it keeps the
+    experts evenly used.
     """
 
     def __init__(self, gate: nn.Linear, local_experts: Sequence[nn.Module], num_experts: int,
@@ -112,7 +123,17 @@ class ExpertParallelMoE(nn.Module):
         self.gate, self.experts = gate, nn.ModuleList(local_experts)
         self.num_experts, self.first, self.per_rank, self.k = num_experts, mine.start, len(mine), k
         self.last_counts: list[int] = []  # tokens each local expert served in the last forward (all ranks')
-        self.aux_loss: torch.Tensor | None = None  # the last forward's balance_loss
+        self.aux_loss: torch.Tensor | None = None  # the last forward's balance_loss (this rank's share)
+
+    def keep_only(self, comm: MPI.Comm) -> list[nn.Parameter]:
+        """Keep this rank's share of the experts and route over comm (the layer was built with all of them,
+        alone); returns the parameters of the experts kept."""
+        if self.comm.Get_size() != 1 or self.per_rank != self.num_experts:
+            raise ValueError("keep_only: the layer must hold every expert, on one rank")
+        mine = experts_of(comm.Get_rank(), self.num_experts, comm.Get_size())
+        self.experts = nn.ModuleList(self.experts[e] for e in mine)
+        self.comm, self.first, self.per_rank = comm, mine.start, len(mine)
+        return list(self.experts.parameters())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Route x's tokens (rows) to their experts wherever they live and bring the results back."""
@@ -121,7 +142,8 @@ class ExpertParallelMoE(nn.Module):
         # 1. gate: each token's k experts and weights; one row per (token, choice), sorted by expert,
         # so by destination rank
         choices, weight, probs = route(self.gate(tokens), self.k)
-        self.aux_loss = balance_loss(probs, choices[:, 0], self.num_experts)
+        # (one small all-reduce: every rank's first choices, for the balancing loss)
+        self.aux_loss = balance_loss(probs, choices[:, 0], self.num_experts, self.comm)
         expert = choices.reshape(-1)
         rows = tokens.repeat_interleave(self.k, dim=0) if self.k > 1 else tokens
         order = torch.argsort(expert, stable=True)
@@ -161,3 +183,58 @@ def moe_reference(x: torch.Tensor, gate: nn.Linear, experts: Sequence[nn.Module]
         w = (weight * picked).sum(dim=1)[rows]  # e's weight for those tokens
         out = out.index_add(0, rows, module(tokens[rows]) * w.unsqueeze(-1))
     return out.reshape(x.shape[:-1] + out.shape[-1:])
+
+
+def spread(model: nn.Module, comm: MPI.Comm) -> list[nn.Parameter]:
+    """Every ExpertParallelMoE of `model` (built whole, on one rank) keeps this rank's experts of comm; their parameters."""
+    return [p for m in model.modules() if isinstance(m, ExpertParallelMoE) for p in m.keep_only(comm)]
+
+
+class ExpertNames:
+    """Model keys as this rank's spread model says them (local expert numbers) and as the whole model does."""
+
+    def __init__(self, model: nn.Module) -> None:
+        """Find where each expert-parallel layer's experts are, and which of them this rank holds."""
+        # "4.experts." -> (first expert here, experts here), for every expert-parallel layer
+        self.layers = {(f"{name}." if name else "") + "experts.": (m.first, m.per_rank)
+                       for name, m in model.named_modules() if isinstance(m, ExpertParallelMoE)}
+
+    def whole(self, key: str) -> str:
+        """The whole model's key for this rank's key ('4.experts.0.w' on rank 1 of 2, 2 experts each: '4.experts.2.w')."""
+        for prefix, (first, _) in self.layers.items():
+            if key.startswith(prefix):
+                index, rest = key[len(prefix):].split(".", 1)
+                return f"{prefix}{first + int(index)}.{rest}"
+        return key
+
+    def here(self, key: str) -> str | None:
+        """This rank's key for a key of the whole model; None for an expert held elsewhere."""
+        for prefix, (first, count) in self.layers.items():
+            if key.startswith(prefix):
+                index, rest = key[len(prefix):].split(".", 1)
+                e = int(index) - first
+                return f"{prefix}{e}.{rest}" if 0 <= e < count else None
+        return key
+
+    def is_expert(self, key: str) -> bool:
+        """Whether the key belongs to an expert (held by one rank only)."""
+        return any(key.startswith(prefix) for prefix in self.layers)
+
+
+def whole_state_dict(model: nn.Module, comm: MPI.Comm) -> dict[str, Any] | None:
+    """The whole model's state (every expert, under its own number) on rank 0 of comm, None elsewhere (collective)."""
+    names = ExpertNames(model)
+    mine = {names.whole(k): v.detach().clone() for k, v in model.state_dict().items()}
+    # each rank's experts to rank 0 (what is not an expert is the same everywhere: rank 0's)
+    parts = comm.gather({k: v for k, v in mine.items() if names.is_expert(k)}, root=0)
+    if parts is None:
+        return None
+    for part in parts:
+        mine.update(part)
+    return mine
+
+
+def local_state_dict(whole: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """The entries of a whole model's state that this rank's spread model holds, under its own keys."""
+    names = ExpertNames(model)
+    return {here: v for k, v in whole.items() if (here := names.here(k)) is not None}
