@@ -279,10 +279,9 @@ class DPTrainer(Trainer):
     def state(self) -> dict[str, Any]:
         """Model, optimizer and schedule state (what a checkpoint or an elastic recovery carries)."""
         if self.mixtures:  # every rank's experts gathered on rank 0 (collective), the optimizer's state by name
-            names = ExpertNames(self.model.module)
-            keys = [[names.whole(n)] for n, _ in self.model.module.named_parameters()]
-            mine = by_name(self.optimizer, list(self.model.module.parameters()), keys)
-            return dict(model=whole_state_dict(self.model.module, self.comm),
+            module = self.model.module
+            mine = by_name(self.optimizer, list(module.parameters()), ExpertNames(module).parameter_keys(module))
+            return dict(model=whole_state_dict(module, self.comm),
                         optimizer_by_name=self.comm.gather(mine, root=0), schedule=self.schedule.state_dict(),
                         comm_state=self.model.comm_state(),
                         loss_scaler=None if self.scaler is None else self.scaler.state_dict())
@@ -343,9 +342,7 @@ class DPTrainer(Trainer):
                                  "saved with")
             module = self.model.module
             module.load_state_dict(local_state_dict(state["model"], module))
-            names = ExpertNames(module)
-            load_by_name(self.optimizer, list(module.parameters()), [[names.whole(n)] for n, _ in
-                                                                      module.named_parameters()],
+            load_by_name(self.optimizer, list(module.parameters()), ExpertNames(module).parameter_keys(module),
                          state["optimizer_by_name"])
         else:
             if self.zero3:

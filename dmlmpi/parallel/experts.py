@@ -216,6 +216,10 @@ class ExpertNames:
                 return f"{prefix}{e}.{rest}" if 0 <= e < count else None
         return key
 
+    def parameter_keys(self, model: nn.Module) -> list[list[str]]:
+        """Each parameter's whole-model key, in model.parameters() order (named_state's `names`)."""
+        return [[self.whole(name)] for name, _ in model.named_parameters()]
+
     def is_expert(self, key: str) -> bool:
         """Whether the key belongs to an expert (held by one rank only)."""
         return any(key.startswith(prefix) for prefix in self.layers)
