@@ -440,7 +440,7 @@ def check_moe(parser: argparse.ArgumentParser, args: argparse.Namespace, world_s
         parser.error(f"--model moe in --mode dp spreads the experts over the ranks: --moe-experts {args.moe_experts} "
                      f"does not split over {world_size} ranks (use a multiple of {world_size})")
     unsupported = [(args.zero, f"--zero {args.zero}"), (args.elastic, "--elastic"),
-                   (args.clip_grad_norm, "--clip-grad-norm"), (args.reduction != "mean", f"--reduction {args.reduction}"),
+                   (args.reduction != "mean", f"--reduction {args.reduction}"),
                    (args.compression == "powersgd", "--compression powersgd")]
     for used, option in unsupported:
         if used and world_size > 1:

@@ -199,6 +199,10 @@ class DPTrainer(Trainer):
         self.mixtures = [m for m in model.modules() if isinstance(m, ExpertParallelMoE)]
         self.n_params = sum(p.numel() for p in model.parameters())  # the whole model's, before the experts spread
         experts = spread(model, world) if self.mixtures and world.Get_size() > 1 else []
+        # the gradient norm: the experts' on every rank, the rest (the same everywhere) once, on rank 0
+        mine = {id(p) for p in experts}
+        dense = [p for p in model.parameters() if id(p) not in mine] if world.Get_rank() == 0 else []
+        self.norm_params = experts + dense if experts else None
         self.moe_aux = args.moe_aux
         self.sharded = args.zero >= 2  # each rank holds the averaged gradient of its shard only
         self.sharded_checkpoints = args.checkpoint_format == "sharded"  # each rank saves its own pieces
@@ -228,8 +232,10 @@ class DPTrainer(Trainer):
             self.optimizer = make_optimizer(args)(self.model.parameters())
         self.schedule = make_schedule(args, total_steps)(self.optimizer)
         self.clip, self.grad_accum, self.amp = args.clip_grad_norm, args.grad_accum, args.amp
-        # fp16 with ZeRO-2 or 3: each rank unscales only its shard, so an overflow is all-reduced over the ranks
-        self.scaler = (DynamicLossScaler(2.0 ** args.initial_scale_power, comm=world if self.sharded else None)
+        # fp16 with ZeRO-2 or 3, or with experts spread: each rank unscales gradients the others do not hold,
+        # so an overflow is all-reduced over the ranks
+        self.scaler = (DynamicLossScaler(2.0 ** args.initial_scale_power,
+                                         comm=world if self.sharded or self.norm_params else None)
                        if args.amp == "fp16" else None)
 
     def step(self, idx: np.ndarray, batch: int) -> float:
@@ -256,6 +262,8 @@ class DPTrainer(Trainer):
             total += share.item()
         if self.sharded:  # each rank holds the averaged gradient of its shard: norms add up over the ranks
             self.finish_step(self.optimizer.shard_parameters(), clip_comm=self.comm)
+        elif self.norm_params is not None:  # experts spread: their norms add up over the ranks, the rest counts once
+            self.finish_step(list(self.model.parameters()), clip_comm=self.comm, norm_params=self.norm_params)
         else:  # every rank holds the same averaged gradients: local norms and overflows are the whole model's
             self.finish_step(list(self.model.parameters()), clip_comm=None)
         return total

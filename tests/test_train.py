@@ -106,6 +106,21 @@ def test_sync_bn_same_losses_on_one_and_three_ranks(tmp_path) -> None:
         assert runs[3][step] == pytest.approx(runs[1][step], rel=1e-4, abs=1e-6), step
 
 
+def test_moe_clipping_over_spread_experts_equals_one_process(tmp_path) -> None:
+    """The gradient norm counts every rank's experts, and the layers every rank holds once."""
+    runs = {}
+    for n in (1, 4):
+        result = train(n, tmp_path / f"r{n}", "--epochs", "1", "--model", "moe", "--clip-grad-norm", "0.2")
+        assert result.returncode == 0, result.stdout
+        runs[n] = {r["step"]: r for r in records(tmp_path / f"r{n}") if "loss" in r}
+    one, four = runs[1], runs[4]
+    assert one.keys() == four.keys() and len(one) == 15
+    for step in one:
+        assert four[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5, abs=1e-6), step
+        assert four[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-5), step
+    assert any(r["grad_norm"] > 0.2 for r in one.values())  # the clip acted
+
+
 def test_moe_expert_parallel_equals_one_process_and_resumes_on_another_world_size(tmp_path) -> None:
     """--model moe: the experts spread over 4 ranks train what one process trains (balancing loss included);
     stopped after 11 steps and resumed on 2 ranks (each takes its experts and their optimizer state), it

@@ -189,7 +189,7 @@ def test_sample_orders_balance_first_place_and_predecessors(k: int) -> None:
     (["--model", "moe", "--moe-k", "9"], "1 <= --moe-k <= --moe-experts, got --moe-experts 8 --moe-k 9"),
     (["--model", "moe", "--moe-aux", "-1"], "--moe-aux must not be negative, got -1.0"),
     (["--model", "moe", "--zero"], "(expert parallelism) does not work with --zero 1 yet"),
-    (["--model", "moe", "--clip-grad-norm", "1"], "does not work with --clip-grad-norm yet"),
+    (["--model", "moe", "--reduction", "adasum"], "does not work with --reduction adasum yet"),
     (["--model", "moe", "--compression", "powersgd"], "does not work with --compression powersgd yet"),
 ])
 def test_sync_bn_zero_and_powersgd_settings_are_checked(argv: list[str], message: str, capsys) -> None:
