@@ -33,16 +33,18 @@ def rank_tokens(rank: int, shape_lead: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(*shape_lead, D_IN, generator=g)
 
 
+@pytest.mark.parametrize("capacity", [None, 0.6], ids=["dropless", "capacity0.6"])
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("per_rank", [1, 2])
 @pytest.mark.parametrize("lead", [(0,), (7,), (3, 4)], ids=["no-tokens", "tokens", "batch-seq"])
-def test_forward_and_gradients_equal_one_process(per_rank: int, lead: tuple[int, ...], k: int) -> None:
+def test_forward_and_gradients_equal_one_process(per_rank: int, lead: tuple[int, ...], k: int,
+                                                 capacity: float | None) -> None:
     E = per_rank * SIZE
     k = min(k, E)  # (one expert in all: top-1 only)
     gate, experts = build(E)
     ref_gate, ref_experts = copy.deepcopy(gate), copy.deepcopy(experts)
     mine = experts_of(RANK, E, SIZE)
-    moe = ExpertParallelMoE(gate, [experts[e] for e in mine], E, WORLD, k=k)
+    moe = ExpertParallelMoE(gate, [experts[e] for e in mine], E, WORLD, k=k, capacity_factor=capacity)
     # ranks hold different numbers of tokens (rank r: lead with its first dimension + r)
     leads = [(lead[0] + (r if lead[0] else 0),) + lead[1:] for r in range(SIZE)]
     x = rank_tokens(RANK, leads[RANK]).requires_grad_()
@@ -54,7 +56,7 @@ def test_forward_and_gradients_equal_one_process(per_rank: int, lead: tuple[int,
     xs = [rank_tokens(r, leads[r]).requires_grad_() for r in range(SIZE)]
     ref_loss = 0
     for r, xr in enumerate(xs):
-        yr = moe_reference(xr, ref_gate, ref_experts, k)
+        yr = moe_reference(xr, ref_gate, ref_experts, k, capacity)  # (a capacity counts each rank's tokens)
         if r == RANK:
             torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-6)
         ref_loss = ref_loss + (yr * torch.randn(yr.shape, generator=torch.Generator().manual_seed(99 + r))).sum()
@@ -66,8 +68,35 @@ def test_forward_and_gradients_equal_one_process(per_rank: int, lead: tuple[int,
     # the gate's gradient on each rank covers its own tokens: summed over the ranks, the whole batch's
     for p, q in zip(gate.parameters(), ref_gate.parameters()):
         torch.testing.assert_close(comm.allreduce(p.grad.clone(), comm=WORLD), q.grad, rtol=1e-5, atol=1e-6)
-    served = WORLD.allreduce(sum(moe.last_counts))
-    assert served == k * sum(int(np.prod(lead_r)) for lead_r in leads)
+    served, dropped = WORLD.allreduce(sum(moe.last_counts)), WORLD.allreduce(moe.last_dropped)
+    assert served + dropped == k * sum(int(np.prod(lead_r)) for lead_r in leads)
+    if capacity is None:
+        assert dropped == 0
+
+
+def test_kept_rows_follow_gshard_priority() -> None:
+    from dmlmpi.parallel.experts import kept_rows
+
+    # top-1, 6 tokens, 2 experts, capacity ceil(1.0 * 6 / 2) = 3: expert 0's fourth token is dropped
+    assert kept_rows(torch.tensor([[0], [0], [1], [0], [0], [1]]), 2, 1.0).tolist() == [0, 1, 2, 3, 5]
+    # top-2, capacity ceil(0.5 * 2 * 4 / 2) = 2: first choices first (t0, t1 to expert 0; t2's is
+    # dropped; t3 to expert 1), then second choices (t0's to expert 1 fits; the rest do not)
+    assert kept_rows(torch.tensor([[0, 1], [0, 1], [0, 1], [1, 0]]), 2, 0.5).tolist() == [0, 1, 2, 6]
+    assert kept_rows(torch.tensor([[1, 0]]), 2, None).tolist() == [0, 1]
+    assert kept_rows(torch.zeros(0, 2, dtype=torch.long), 2, 1.0).tolist() == []
+
+
+def test_a_capacity_drops_rows_on_every_layout() -> None:
+    gate, experts = build(2 * SIZE)
+    with torch.no_grad():
+        gate.bias[0] = 50.0  # every token's first choice is expert 0: all but its capacity are dropped
+    moe = ExpertParallelMoE(gate, experts[2 * RANK:2 * RANK + 2], 2 * SIZE, WORLD, capacity_factor=1.0)
+    y = moe(rank_tokens(RANK, (8,)))
+    capacity = -(-8 // (2 * SIZE))
+    assert moe.last_dropped == 8 - capacity
+    assert int((y.abs().sum(dim=1) == 0).sum()) == 8 - capacity  # the dropped tokens' outputs are zero
+    with pytest.raises(ValueError, match="capacity_factor must be positive"):
+        ExpertParallelMoE(gate, experts[2 * RANK:2 * RANK + 2], 2 * SIZE, WORLD, capacity_factor=0)
 
 
 def test_all_to_all_backward_sends_gradients_back() -> None:

@@ -19,6 +19,7 @@ averages (or sums) it over the ranks like any replicated parameter.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -89,6 +90,26 @@ def balance_loss(probs: torch.Tensor, first: torch.Tensor, num_experts: int,
     return num_experts * torch.sum(share * probs.sum(dim=0)) / total
 
 
+def kept_rows(choices: torch.Tensor, num_experts: int, capacity_factor: float | None) -> torch.Tensor:
+    """Which (token, choice) rows an expert takes (token-major indices, ascending) when each takes at most
+    ceil(capacity_factor * k * T / E) of a rank's rows; None: all of them.
+
+    Priority as in GShard: every token's first choice before any second choice, then token order;
+    the rows past an expert's capacity are dropped (their results count as zero).
+    """
+    tokens, k = choices.shape
+    every = torch.arange(tokens * k, device=choices.device)
+    if capacity_factor is None:
+        return every
+    capacity = math.ceil(capacity_factor * k * tokens / num_experts)
+    by_priority = choices.t().reshape(-1)  # row i: choice i // T of token i % T
+    # each row's place among the rows for the same expert, in priority order
+    seen = torch.nn.functional.one_hot(by_priority, num_experts).cumsum(dim=0)
+    place = seen.gather(1, by_priority.unsqueeze(1)).squeeze(1) - 1 if len(by_priority) else by_priority
+    token_major = (every % tokens) * k + every // tokens if tokens else every
+    return torch.sort(token_major[place < capacity]).values
+
+
 def experts_of(rank: int, num_experts: int, size: int) -> range:
     """The experts rank `rank` holds: a contiguous E/n of them."""
     if num_experts % size:
@@ -107,11 +128,19 @@ class ExpertParallelMoE(nn.Module):
     """
 
     def __init__(self, gate: nn.Linear, local_experts: Sequence[nn.Module], num_experts: int,
-                 comm: MPI.Comm | None = None, k: int = 1) -> None:
-        """gate: d -> num_experts scores (the same on every rank); local_experts: this rank's, in expert order."""
+                 comm: MPI.Comm | None = None, k: int = 1, capacity_factor: float | None = None) -> None:
+        """gate: d -> num_experts scores (the same on every rank); local_experts: this rank's, in expert order.
+
+        capacity_factor: each expert takes at most ceil(factor * k * T / E) of a rank's T tokens' rows
+        (kept_rows: DeepSpeed's and Switch's dropping); None: every row, nothing dropped.
+        """
         super().__init__()
         if not 1 <= k <= num_experts:
             raise ValueError(f"top-k routing needs 1 <= k <= {num_experts} experts, got k={k}")
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be positive (or None: no limit), got {capacity_factor}")
+        self.capacity_factor = capacity_factor
+        self.last_dropped = 0  # this rank's (token, choice) rows past their expert's capacity in the last forward
         self.comm = MPI.COMM_WORLD if comm is None else comm
         n, r = self.comm.Get_size(), self.comm.Get_rank()
         if gate.out_features != num_experts:
@@ -144,8 +173,11 @@ class ExpertParallelMoE(nn.Module):
         choices, weight, probs = route(self.gate(tokens), self.k)
         # (one small all-reduce: every rank's first choices, for the balancing loss)
         self.aux_loss = balance_loss(probs, choices[:, 0], self.num_experts, self.comm)
-        expert = choices.reshape(-1)
-        rows = tokens.repeat_interleave(self.k, dim=0) if self.k > 1 else tokens
+        # (with a capacity, only the rows their experts still take)
+        kept = kept_rows(choices, self.num_experts, self.capacity_factor)
+        self.last_dropped = choices.numel() - len(kept)
+        expert = choices.reshape(-1)[kept]
+        rows = (tokens.repeat_interleave(self.k, dim=0) if self.k > 1 else tokens)[kept]
         order = torch.argsort(expert, stable=True)
         sorted_expert = expert[order]
         splits = torch.bincount(sorted_expert // self.per_rank, minlength=n).tolist()
@@ -163,11 +195,15 @@ class ExpertParallelMoE(nn.Module):
         # 4. combine: every result back to its token's rank, in the order it was sent; a token's k
         # results, weighted, add up
         back, _ = all_to_all(done, received, self.comm)
-        out = (back[torch.argsort(order)] * weight.reshape(-1, 1)).reshape(len(tokens), self.k, back.shape[-1]).sum(1)
+        results = back[torch.argsort(order)]
+        if self.last_dropped:  # a dropped row's result is zero
+            results = results.new_zeros(choices.numel(), results.shape[-1]).index_copy(0, kept, results)
+        out = (results * weight.reshape(-1, 1)).reshape(len(tokens), self.k, back.shape[-1]).sum(1)
         return out.reshape(x.shape[:-1] + out.shape[-1:])
 
 
-def moe_reference(x: torch.Tensor, gate: nn.Linear, experts: Sequence[nn.Module], k: int = 1) -> torch.Tensor:
+def moe_reference(x: torch.Tensor, gate: nn.Linear, experts: Sequence[nn.Module], k: int = 1,
+                  capacity_factor: float | None = None) -> torch.Tensor:
     """The same layer in one process with every expert: each token's weighted results of its k experts, added.
 
     Every expert runs, on no token too, as in the layer (its gradient is then zero rather than None,
@@ -175,10 +211,12 @@ def moe_reference(x: torch.Tensor, gate: nn.Linear, experts: Sequence[nn.Module]
     """
     tokens = x.reshape(-1, x.shape[-1])
     choices, weight, _ = route(gate(tokens), k)
+    taken = torch.zeros(choices.numel(), dtype=torch.bool)
+    taken[kept_rows(choices, len(experts), capacity_factor)] = True  # the rows within their experts' capacity
     width = experts[0](tokens[:0]).shape[-1]
     out = tokens.new_zeros(len(tokens), width)
     for e, module in enumerate(experts):
-        picked = choices == e  # (T, k): where token t chose e
+        picked = (choices == e) & taken.reshape(choices.shape)  # (T, k): where token t chose e, and e took it
         rows = torch.nonzero(picked.any(dim=1)).flatten()
         w = (weight * picked).sum(dim=1)[rows]  # e's weight for those tokens
         out = out.index_add(0, rows, module(tokens[rows]) * w.unsqueeze(-1))
