@@ -151,7 +151,53 @@ def test_aux_loss_shares_add_up_to_the_whole_batch() -> None:
         torch.testing.assert_close(comm.allreduce(p.grad.clone(), comm=WORLD), q.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(SIZE % 2 or SIZE < 4, reason="two expert-parallel groups of at least two ranks")
+def test_expert_groups_smaller_than_the_world_train_as_one_process() -> None:
+    """ep_size = n/2: experts spread over half the ranks, replicated twice; replicas add their gradients."""
+    from dmlmpi.parallel import DataParallel
+    from dmlmpi.parallel.experts import expert_groups, sum_expert_grads
+
+    ep_size = SIZE // 2
+    ep, replicas = expert_groups(WORLD, ep_size)
+    E = 2 * ep_size
+    gate, experts = build(E)
+    ref = Net(moe=None)  # type: ignore[arg-type]
+    ref_gate, ref_experts = copy.deepcopy(gate), copy.deepcopy(experts)
+    mine = experts_of(ep.Get_rank(), E, ep_size)
+    moe = ExpertParallelMoE(gate, [experts[e] for e in mine], E, ep)
+    model = DataParallel(Net(moe), WORLD, local_params=moe.experts.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    ref_opt = torch.optim.SGD(list(ref.parameters()) + list(ref_gate.parameters())
+                              + [p for e in ref_experts for p in e.parameters()], lr=0.5, momentum=0.9)
+    try:
+        for step in range(3):
+            x, y = batch(step, RANK)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            sum_expert_grads(list(moe.experts.parameters()), replicas)
+            opt.step()
+            xs, ys = zip(*(batch(step, r) for r in range(SIZE)))
+            ref_opt.zero_grad()
+            logits = ref.out(torch.relu(moe_reference(torch.tanh(ref.inp(torch.cat(xs))), ref_gate, ref_experts)))
+            nn.functional.cross_entropy(logits, torch.cat(ys)).backward()
+            ref_opt.step()
+        for local, e in zip(moe.experts, mine):
+            for p, q in zip(local.parameters(), ref_experts[e].parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for p, q in zip(gate.parameters(), ref_gate.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    finally:
+        model.close()
+        ep.Free()
+        replicas.Free()
+
+
 def test_setup_errors() -> None:
+    from dmlmpi.parallel.experts import expert_groups
+
+    if SIZE > 1:
+        with pytest.raises(ValueError, match=f"ep_size {SIZE + 1} does not split a {SIZE}-rank communicator"):
+            expert_groups(WORLD, SIZE + 1)
     gate, experts = build(2 * SIZE)
     for k in (0, 2 * SIZE + 1):
         with pytest.raises(ValueError, match=f"top-k routing needs 1 <= k <= {2 * SIZE} experts, got k={k}"):

@@ -27,6 +27,7 @@ from mpi4py import MPI
 from torch import nn
 
 from dmlmpi import comm as dcomm
+from dmlmpi.comm.fusion import allreduce_fused
 
 
 class _AllToAll(torch.autograd.Function):
@@ -221,6 +222,27 @@ def moe_reference(x: torch.Tensor, gate: nn.Linear, experts: Sequence[nn.Module]
         w = (weight * picked).sum(dim=1)[rows]  # e's weight for those tokens
         out = out.index_add(0, rows, module(tokens[rows]) * w.unsqueeze(-1))
     return out.reshape(x.shape[:-1] + out.shape[-1:])
+
+
+def expert_groups(comm: MPI.Comm, ep_size: int) -> tuple[MPI.Comm, MPI.Comm]:
+    """DeepSpeed's ep_size: the expert-parallel group of ep_size consecutive ranks this rank routes tokens in,
+    and its replica group (the ranks, one per expert-parallel group, that hold the same experts) (collective)."""
+    n, r = comm.Get_size(), comm.Get_rank()
+    if ep_size < 1 or n % ep_size:
+        raise ValueError(f"ep_size {ep_size} does not split a {n}-rank communicator into equal groups")
+    return comm.Split(r // ep_size, r), comm.Split(r % ep_size, r)
+
+
+def sum_expert_grads(params: Sequence[nn.Parameter], replicas: MPI.Comm) -> None:
+    """Add up the experts' gradients over their replicas (collective over `replicas`).
+
+    Each replica served the tokens of its own expert-parallel group; with DataParallel's 1/n scaling
+    (local_params), the sum is the gradient of the mean loss over every rank.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if replicas.Get_size() > 1 and grads:
+        # all-reduce (sum): one replica's gradient per expert from every expert-parallel group
+        allreduce_fused(grads, op="sum", comm=replicas, inplace=True)
 
 
 def spread(model: nn.Module, comm: MPI.Comm) -> list[nn.Parameter]:
