@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-experts", type=int, default=8, help="moe: experts in the mixture (a multiple of the ranks "
                                                                    "in --mode dp)")
     g.add_argument("--moe-k", type=int, default=1, help="moe: experts per token (1: Switch, 2: GShard)")
+    g.add_argument("--moe-ep-size", type=int, default=0,
+                   help="moe, --mode dp: ranks per expert-parallel group (DeepSpeed's ep_size; the experts are "
+                        "replicated over the groups); 0: all the ranks")
     g.add_argument("--moe-aux", type=float, default=0.01,
                    help="moe: weight of the load-balancing loss added to the training loss (0: none)")
     g = p.add_argument_group("optimisation")
@@ -436,9 +439,13 @@ def check_moe(parser: argparse.ArgumentParser, args: argparse.Namespace, world_s
         parser.error(f"--moe-aux must not be negative, got {args.moe_aux}")
     if args.mode != "dp":
         return  # elsewhere every rank holds the whole mixture (a plain model)
-    if args.moe_experts % world_size:
-        parser.error(f"--model moe in --mode dp spreads the experts over the ranks: --moe-experts {args.moe_experts} "
-                     f"does not split over {world_size} ranks (use a multiple of {world_size})")
+    if args.moe_ep_size < 0 or world_size % (args.moe_ep_size or world_size):
+        parser.error(f"--moe-ep-size {args.moe_ep_size} must divide the {world_size} ranks into equal "
+                     f"expert-parallel groups (0: one group of all of them)")
+    group = args.moe_ep_size or world_size
+    if args.moe_experts % group:
+        parser.error(f"--model moe in --mode dp spreads the experts over each group of {group} ranks: --moe-experts "
+                     f"{args.moe_experts} does not split over {group} ranks (use a multiple of {group})")
     unsupported = [(args.zero, f"--zero {args.zero}"), (args.elastic, "--elastic"),
                    (args.reduction != "mean", f"--reduction {args.reduction}"),
                    (args.compression == "powersgd", "--compression powersgd")]

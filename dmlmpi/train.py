@@ -445,9 +445,10 @@ def describe_mode(args: argparse.Namespace, size: int) -> str:
                 f"clients, {args.rounds} rounds" + (", secure aggregation" if args.secagg else "")
                 + (f", DP clip {args.dp_clip}{' (adaptive)' if args.dp_adaptive else ''} noise {args.dp_noise}"
                    if args.dp_clip else ""))
-    if args.model == "moe" and size > 1:
-        return (f"data parallel on {size} ranks, expert parallel: {args.moe_experts // size} of the {args.moe_experts} "
-                f"experts on each rank (top-{args.moe_k})")
+    group = args.moe_ep_size or size
+    if args.model == "moe" and args.mode == "dp" and group > 1:
+        return (f"data parallel on {size} ranks, expert parallel: {args.moe_experts // group} of the "
+                f"{args.moe_experts} experts on each rank, {size // group} group(s) of {group} (top-{args.moe_k})")
     return f"data parallel on {size} ranks"
 
 

@@ -23,7 +23,8 @@ from dmlmpi.grid import ProcessGrid
 from dmlmpi.parallel import (DataParallel, FullyShardedDataParallel, ParameterServer, Pipeline, ShardedDataParallel,
                              SyncBatchNorm, ZeroRedundancyOptimizer, clip_grad_norm)
 from dmlmpi.parallel.amp import DynamicLossScaler, autocast
-from dmlmpi.parallel.experts import ExpertNames, ExpertParallelMoE, local_state_dict, spread, whole_state_dict
+from dmlmpi.parallel.experts import (ExpertNames, ExpertParallelMoE, expert_groups, local_state_dict, spread,
+                                     sum_expert_grads, whole_state_dict)
 from dmlmpi.parallel.named_state import by_name, layer_names, load_by_name
 from dmlmpi.telemetry import Timeline
 
@@ -198,11 +199,18 @@ class DPTrainer(Trainer):
         # them out, and checkpoints gather them, with optimizer state by parameter name
         self.mixtures = [m for m in model.modules() if isinstance(m, ExpertParallelMoE)]
         self.n_params = sum(p.numel() for p in model.parameters())  # the whole model's, before the experts spread
-        experts = spread(model, world) if self.mixtures and world.Get_size() > 1 else []
-        # the gradient norm: the experts' on every rank, the rest (the same everywhere) once, on rank 0
+        for m in self.mixtures:  # the balancing loss over every rank's tokens, whatever the groups
+            m.balance_comm = world
+        # --moe-ep-size: experts spread over groups of that many ranks, replicated over the groups
+        ep_size = getattr(args, "moe_ep_size", 0) or world.Get_size()
+        self.ep, self.replicas = ((world, None) if ep_size == world.Get_size() else expert_groups(world, ep_size))
+        experts = spread(model, self.ep) if self.mixtures and ep_size > 1 else []
+        self.experts = experts
+        # the gradient norm: each expert once (on its first replica), the rest (the same everywhere) on rank 0
         mine = {id(p) for p in experts}
         dense = [p for p in model.parameters() if id(p) not in mine] if world.Get_rank() == 0 else []
-        self.norm_params = experts + dense if experts else None
+        first_replica = self.replicas is None or self.replicas.Get_rank() == 0
+        self.norm_params = (experts if first_replica else []) + dense if experts else None
         self.moe_aux = args.moe_aux
         self.sharded = args.zero >= 2  # each rank holds the averaged gradient of its shard only
         self.sharded_checkpoints = args.checkpoint_format == "sharded"  # each rank saves its own pieces
@@ -260,6 +268,9 @@ class DPTrainer(Trainer):
                         scaled = scaled + sum(m.aux_loss for m in self.mixtures) * weight
                     scaled.backward()
             total += share.item()
+        if self.replicas is not None and self.experts:
+            # each expert's replicas served their own groups' tokens: their gradients add up
+            sum_expert_grads(self.experts, self.replicas)
         if self.sharded:  # each rank holds the averaged gradient of its shard: norms add up over the ranks
             self.finish_step(self.optimizer.shard_parameters(), clip_comm=self.comm)
         elif self.norm_params is not None:  # experts spread: their norms add up over the ranks, the rest counts once
@@ -289,7 +300,8 @@ class DPTrainer(Trainer):
         if self.mixtures:  # every rank's experts gathered on rank 0 (collective), the optimizer's state by name
             module = self.model.module
             mine = by_name(self.optimizer, list(module.parameters()), ExpertNames(module).parameter_keys(module))
-            return dict(model=whole_state_dict(module, self.comm),
+            # (the first expert-parallel group holds every expert: its rank 0 is the world's)
+            return dict(model=whole_state_dict(module, self.ep),
                         optimizer_by_name=self.comm.gather(mine, root=0), schedule=self.schedule.state_dict(),
                         comm_state=self.model.comm_state(),
                         loss_scaler=None if self.scaler is None else self.scaler.state_dict())
@@ -367,8 +379,11 @@ class DPTrainer(Trainer):
                   flush=True)
 
     def close(self) -> None:
-        """Stop DataParallel's communication thread."""
+        """Stop DataParallel's communication thread (and free --moe-ep-size's groups)."""
         self.model.close()
+        if self.replicas is not None:
+            self.ep.Free()
+            self.replicas.Free()
 
     def carry(self) -> dict[str, Any]:
         """Model, optimizer and schedule (the same on every rank after a completed step)."""

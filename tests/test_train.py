@@ -121,6 +121,27 @@ def test_moe_clipping_over_spread_experts_equals_one_process(tmp_path) -> None:
     assert any(r["grad_norm"] > 0.2 for r in one.values())  # the clip acted
 
 
+def test_moe_expert_groups_equal_one_process_and_resume_as_one_group(tmp_path) -> None:
+    """--moe-ep-size 2 on 4 ranks: two groups of two, the experts replicated over them, give one process's
+    losses; stopped after 7 steps and resumed on 2 ranks as one group, the run goes on as before."""
+    one = train(1, tmp_path / "one", "--epochs", "1", "--model", "moe")
+    assert one.returncode == 0, one.stdout
+    grouped = train(4, tmp_path / "grouped", "--epochs", "1", "--model", "moe", "--moe-ep-size", "2")
+    assert grouped.returncode == 0, grouped.stdout
+    assert "4 of the 8 experts on each rank, 2 group(s) of 2" in grouped.stdout
+    ref, got = losses(tmp_path / "one"), losses(tmp_path / "grouped")
+    assert ref.keys() == got.keys() and len(ref) == 15
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), step
+    cut = tmp_path / "cut"
+    assert train(4, cut, "--epochs", "1", "--model", "moe", "--moe-ep-size", "2", "--max-steps", "7").returncode == 0
+    second = train(2, cut, "--epochs", "1", "--model", "moe", "--resume")
+    assert second.returncode == 0 and "at step 7" in second.stdout, second.stdout
+    resumed = losses(cut)
+    for step in range(8, 16):
+        assert resumed[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), step
+
+
 def test_moe_expert_parallel_equals_one_process_and_resumes_on_another_world_size(tmp_path) -> None:
     """--model moe: the experts spread over 4 ranks train what one process trains (balancing loss included);
     stopped after 11 steps and resumed on 2 ranks (each takes its experts and their optimizer state), it

@@ -188,6 +188,8 @@ def test_sample_orders_balance_first_place_and_predecessors(k: int) -> None:
     (["--model", "moe", "--moe-experts", "6"], "--moe-experts 6 does not split over 4 ranks (use a multiple of 4)"),
     (["--model", "moe", "--moe-k", "9"], "1 <= --moe-k <= --moe-experts, got --moe-experts 8 --moe-k 9"),
     (["--model", "moe", "--moe-aux", "-1"], "--moe-aux must not be negative, got -1.0"),
+    (["--model", "moe", "--moe-ep-size", "3"], "--moe-ep-size 3 must divide the 4 ranks into equal expert-parallel groups"),
+    (["--model", "moe", "--moe-ep-size", "2", "--moe-experts", "3"], "--moe-experts 3 does not split over 2 ranks"),
     (["--model", "moe", "--zero"], "(expert parallelism) does not work with --zero 1 yet"),
     (["--model", "moe", "--reduction", "adasum"], "does not work with --reduction adasum yet"),
     (["--model", "moe", "--compression", "powersgd"], "does not work with --compression powersgd yet"),

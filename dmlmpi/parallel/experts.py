@@ -141,6 +141,8 @@ class ExpertParallelMoE(nn.Module):
         if capacity_factor is not None and capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be positive (or None: no limit), got {capacity_factor}")
         self.capacity_factor = capacity_factor
+        # the ranks whose tokens the balancing loss covers (DeepSpeed's ep_size < n: set it to all of them)
+        self.balance_comm: MPI.Comm | None = None
         self.last_dropped = 0  # this rank's (token, choice) rows past their expert's capacity in the last forward
         self.comm = MPI.COMM_WORLD if comm is None else comm
         n, r = self.comm.Get_size(), self.comm.Get_rank()
@@ -173,7 +175,7 @@ class ExpertParallelMoE(nn.Module):
         # so by destination rank
         choices, weight, probs = route(self.gate(tokens), self.k)
         # (one small all-reduce: every rank's first choices, for the balancing loss)
-        self.aux_loss = balance_loss(probs, choices[:, 0], self.num_experts, self.comm)
+        self.aux_loss = balance_loss(probs, choices[:, 0], self.num_experts, self.balance_comm or self.comm)
         # (with a capacity, only the rows their experts still take)
         kept = kept_rows(choices, self.num_experts, self.capacity_factor)
         self.last_dropped = choices.numel() - len(kept)
