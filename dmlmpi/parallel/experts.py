@@ -1,13 +1,14 @@
 """Expert parallelism: a mixture-of-experts layer whose experts are spread over the ranks (DeepSpeed-MoE style).
 
-Each of the n ranks holds E/n of the E experts (expert e lives on rank e // (E/n)) and a copy of
-the gate. A forward on a rank's tokens:
+Each of the n ranks of the layer's communicator holds E/n of the E experts (expert e lives on
+rank e // (E/n)) and a copy of the gate. A forward on a rank's tokens:
 
 1. the gate scores every token and picks its top-k experts with their weights (k = 1: Switch
    Transformer; k = 2: GShard); one row per (token, choice), sorted by expert, so each destination
    rank's rows are one block;
-2. dispatch: one all-to-all sends every token to the rank of its expert (uneven blocks: no
-   capacity limit, no token dropped), a second one its expert's number;
+2. dispatch: one all-to-all sends every row to the rank of its expert (uneven blocks; with a
+   capacity factor the rows past an expert's capacity are dropped first: kept_rows), a second one
+   its expert's number;
 3. each local expert runs on the tokens it received, from every rank at once;
 4. combine: the all-to-all back returns each result to the rank its token came from, in the
    order sent; unsorted, weighted and added up over a token's k choices, it is the layer's output.
@@ -15,7 +16,9 @@ the gate. A forward on a rank's tokens:
 The all-to-alls are differentiable (`all_to_all`): the backward of one sends the gradients back
 along the same blocks, reversed. An expert's parameters get the gradient of every rank's tokens
 it served; the gate's gradient on each rank covers its own tokens only, so a data-parallel gate
-averages (or sums) it over the ranks like any replicated parameter.
+averages (or sums) it over the ranks like any replicated parameter. With expert-parallel groups
+smaller than the world (expert_groups), each expert has a replica per group, whose gradients add
+up (sum_expert_grads).
 """
 from __future__ import annotations
 
