@@ -202,9 +202,14 @@ class DPTrainer(Trainer):
         for m in self.mixtures:  # the balancing loss over every rank's tokens, whatever the groups
             m.balance_comm = world
         # --moe-ep-size: experts spread over groups of that many ranks, replicated over the groups
-        ep_size = getattr(args, "moe_ep_size", 0) or world.Get_size()
-        self.ep, self.replicas = ((world, None) if ep_size == world.Get_size() else expert_groups(world, ep_size))
-        experts = spread(model, self.ep) if self.mixtures and ep_size > 1 else []
+        ep_size = (args.moe_ep_size or world.Get_size()) if self.mixtures else 1
+        if ep_size == world.Get_size():
+            self.ep, self.replicas = world, None
+        elif ep_size == 1:  # (or no mixture) every rank holds every expert: DataParallel averages them
+            self.ep, self.replicas = MPI.COMM_SELF, None
+        else:
+            self.ep, self.replicas = expert_groups(world, ep_size)
+        experts = spread(model, self.ep) if ep_size > 1 else []
         self.experts = experts
         # the gradient norm: each expert once (on its first replica), the rest (the same everywhere) on rank 0
         mine = {id(p) for p in experts}

@@ -27,7 +27,8 @@ from torch import nn
 from dmlmpi.parallel import DataParallel, ExpertParallelMoE
 from dmlmpi.parallel.experts import experts_of
 
-from .common import balanced_orders, calls_per_sample, close_gloo, format_table, init_gloo, timed_sample, write_json
+from .common import balanced_orders, close_gloo, format_table, init_gloo, timed_sample, write_json
+from .dp import calibrate
 
 VARIANTS = ("local", "dmlmpi-ep", "dmlmpi-dp", "ddp")
 
@@ -102,11 +103,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)  # ranks share the cores
     dist = init_gloo(world)
     built = {v: make_step(v, world, dist.group.WORLD, args) for v in VARIANTS}
-    for _, step in built.values():
-        for _ in range(2):
-            step()  # warm up: allocations, buckets, connections
-    steps = int(statistics.median(max(3, calls_per_sample(step, world, args.sample_seconds))
-                                  for _, step in built.values()))
+    steps = int(statistics.median(calibrate(step, world, args) for _, step in built.values()))
     per_step: dict[str, list[float]] = {v: [] for v in built}
     for order in balanced_orders(list(built), args.samples):
         for v in order:

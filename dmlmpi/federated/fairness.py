@@ -5,16 +5,11 @@ its average, its variance and the average of the worst and best 10% of clients. 
 is shared, so a client's accuracy is estimated from its label mix: the model's accuracy on each
 class of the test set, weighted by the share of that class in the client's training samples
 (exact in expectation when the clients differ in their labels only, as the partitions here do).
+The clients' label mixes are partition.class_counts.
 """
 from __future__ import annotations
 
 import numpy as np
-
-
-def class_counts(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
-    """(clients, classes) matrix: how many samples of each class each client holds."""
-    labels = np.asarray(labels, dtype=np.int64)
-    return np.stack([np.bincount(labels[np.asarray(p, dtype=np.int64)], minlength=num_classes) for p in parts])
 
 
 def per_class_accuracy(predicted: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:

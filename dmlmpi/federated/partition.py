@@ -75,17 +75,19 @@ def shards(labels: np.ndarray, clients: int, shards_per_client: int = 2, seed: i
     return [np.sort(np.concatenate([pieces[s] for s in row])).astype(np.int64) for row in deal]
 
 
-def stats(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> list[dict[str, Any]]:
-    """Per-client size and label counts as JSON-friendly ints (classes with zero samples are omitted)."""
+def class_counts(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
+    """(clients, classes) matrix: how many samples of each class each client holds."""
     labels = _labels(labels)
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), got range [{labels.min()}, {labels.max()}]")
-    out = []
-    for i, part in enumerate(parts):
-        counts = np.bincount(labels[np.asarray(part, dtype=np.int64)], minlength=num_classes)
-        out.append({"client": i, "size": int(len(part)),
-                    "classes": {int(c): int(n) for c, n in enumerate(counts) if n > 0}})
-    return out
+    rows = [np.bincount(labels[np.asarray(part, dtype=np.int64)], minlength=num_classes) for part in parts]
+    return np.stack(rows) if rows else np.zeros((0, num_classes), dtype=np.int64)
+
+
+def stats(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> list[dict[str, Any]]:
+    """Per-client size and label counts as JSON-friendly ints (classes with zero samples are omitted)."""
+    return [{"client": i, "size": int(len(part)), "classes": {int(c): int(n) for c, n in enumerate(counts) if n > 0}}
+            for i, (part, counts) in enumerate(zip(parts, class_counts(labels, parts, num_classes)))]
 
 
 PARTITIONERS: dict[str, Callable[..., list[np.ndarray]]] = {"iid": iid, "dirichlet": dirichlet, "shards": shards}

@@ -218,7 +218,7 @@ class Simulation:
         self.parts = client_partition(cfg, data.y_train)
         self.sizes = np.array([len(p) for p in self.parts])
         classes = int(max(data.y_train.max(), data.y_test.max())) + 1
-        self.class_counts = fairness.class_counts(data.y_train, self.parts, classes)
+        self.class_counts = fl_partition.class_counts(data.y_train, self.parts, classes)
         self.trainer = LocalTrainer(model, data.x_train, data.y_train, self.group, self.device, cfg.client_lr,
                                     cfg.client_momentum, cfg.mu if cfg.strategy == "fedprox" else 0.0)
         self.size = self.trainer.size

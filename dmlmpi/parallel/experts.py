@@ -217,7 +217,7 @@ def moe_reference(x: torch.Tensor, gate: nn.Linear, experts: Sequence[nn.Module]
     """
     tokens = x.reshape(-1, x.shape[-1])
     choices, weight, _ = route(gate(tokens), k)
-    taken = torch.zeros(choices.numel(), dtype=torch.bool)
+    taken = torch.zeros(choices.numel(), dtype=torch.bool, device=choices.device)
     taken[kept_rows(choices, len(experts), capacity_factor)] = True  # the rows within their experts' capacity
     width = experts[0](tokens[:0]).shape[-1]
     out = tokens.new_zeros(len(tokens), width)
@@ -264,22 +264,29 @@ class ExpertNames:
         self.layers = {(f"{name}." if name else "") + "experts.": (m.first, m.per_rank)
                        for name, m in model.named_modules() if isinstance(m, ExpertParallelMoE)}
 
-    def whole(self, key: str) -> str:
-        """The whole model's key for this rank's key ('4.experts.0.w' on rank 1 of 2, 2 experts each: '4.experts.2.w')."""
-        for prefix, (first, _) in self.layers.items():
-            if key.startswith(prefix):
-                index, rest = key[len(prefix):].split(".", 1)
-                return f"{prefix}{first + int(index)}.{rest}"
-        return key
-
-    def here(self, key: str) -> str | None:
-        """This rank's key for a key of the whole model; None for an expert held elsewhere."""
+    def _split(self, key: str) -> tuple[str, int, str, int, int] | None:
+        """An expert's key as (layer prefix, expert number, rest, first expert here, experts here); None otherwise."""
         for prefix, (first, count) in self.layers.items():
             if key.startswith(prefix):
                 index, rest = key[len(prefix):].split(".", 1)
-                e = int(index) - first
-                return f"{prefix}{e}.{rest}" if 0 <= e < count else None
-        return key
+                return prefix, int(index), rest, first, count
+        return None
+
+    def whole(self, key: str) -> str:
+        """The whole model's key for this rank's key ('4.experts.0.w' on rank 1 of 2, 2 experts each: '4.experts.2.w')."""
+        found = self._split(key)
+        if found is None:
+            return key
+        prefix, index, rest, first, _ = found
+        return f"{prefix}{first + index}.{rest}"
+
+    def here(self, key: str) -> str | None:
+        """This rank's key for a key of the whole model; None for an expert held elsewhere."""
+        found = self._split(key)
+        if found is None:
+            return key
+        prefix, index, rest, first, count = found
+        return f"{prefix}{index - first}.{rest}" if 0 <= index - first < count else None
 
     def parameter_keys(self, model: nn.Module) -> list[list[str]]:
         """Each parameter's whole-model key, in model.parameters() order (named_state's `names`)."""
@@ -287,7 +294,7 @@ class ExpertNames:
 
     def is_expert(self, key: str) -> bool:
         """Whether the key belongs to an expert (held by one rank only)."""
-        return any(key.startswith(prefix) for prefix in self.layers)
+        return self._split(key) is not None
 
 
 def whole_state_dict(model: nn.Module, comm: MPI.Comm) -> dict[str, Any] | None:
